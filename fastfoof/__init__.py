@@ -1,0 +1,6 @@
+"""fastfoof: the FOOF optimizer ("gradient descent on neurons", Benzing 2022) for PyTorch."""
+from . import ops
+from .optimizer import FOOF
+
+__all__ = ["FOOF", "ops"]
+__version__ = "0.1.0"

@@ -1,0 +1,86 @@
+"""Which layers FOOF preconditions and how their inputs become patch vectors (DESIGN §1.1)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LAYER_TYPES = (nn.Linear,) + CONV_TYPES
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    """Implicit im2col of one input: patch vectors of length `dim` (bias row excluded) per group.
+
+    Linear layers are the 0-d case: no spatial dims, one patch per row of the flattened input.
+    For convolutions, `padding` is the zero padding before each spatial dim (after any non-zeros
+    padding mode was applied to the input), `out_size` the number of output positions per dim.
+    """
+
+    channels: int  # input channels (Linear: in_features)
+    groups: int
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    padding: tuple[int, ...]
+    in_size: tuple[int, ...]
+    out_size: tuple[int, ...]
+
+    @property
+    def dim(self) -> int:
+        return self.channels // self.groups * math.prod(self.kernel)
+
+    @property
+    def positions(self) -> int:
+        return math.prod(self.out_size)
+
+
+def patch_dim(module: nn.Module) -> tuple[int, int]:
+    """(groups, D) of a layer's weight matrix Ŵ = W.reshape(O, D) per group."""
+    if isinstance(module, nn.Linear):
+        return 1, module.in_features
+    if isinstance(module, CONV_TYPES):
+        return module.groups, module.in_channels // module.groups * math.prod(module.kernel_size)
+    raise TypeError(f"FOOF preconditions Linear and Conv1d/2d/3d layers, not {type(module).__name__}")
+
+
+def batch_size(x: torch.Tensor, module: nn.Module) -> int:
+    """B of DESIGN §1.2: the leading dim of a batched input, 1 for an unbatched one."""
+    spatial = len(module.kernel_size) if isinstance(module, CONV_TYPES) else 0
+    return x.shape[0] if x.dim() > spatial + 1 else 1
+
+
+def patch_input(x: torch.Tensor, module: nn.Module) -> tuple[torch.Tensor, PatchGeometry]:
+    """The tensor whose zero-padded patches are the layer's patch vectors, and their geometry.
+
+    Linear inputs are flattened to [N, in_features]; conv inputs get a batch dim if unbatched and
+    are padded here only for non-`zeros` padding modes (zero padding stays implicit).
+    """
+    if isinstance(module, nn.Linear):
+        x = x.reshape(-1, module.in_features)
+        return x, PatchGeometry(module.in_features, 1, (), (), (), (), (), ())
+    if not isinstance(module, CONV_TYPES):
+        raise TypeError(f"FOOF preconditions Linear and Conv1d/2d/3d layers, not {type(module).__name__}")
+    nd = len(module.kernel_size)
+    if x.dim() == nd + 1:
+        x = x.unsqueeze(0)
+    # reversed_padding_repeated_twice is [left_last, right_last, ..., left_first, right_first],
+    # and resolves string padding ("same" pads the odd extra on the right) as the module does.
+    pads = module._reversed_padding_repeated_twice
+    left = tuple(pads[2 * (nd - 1 - i)] for i in range(nd))
+    right = tuple(pads[2 * (nd - 1 - i) + 1] for i in range(nd))
+    if module.padding_mode != "zeros":
+        x = F.pad(x, pads, mode=module.padding_mode)
+        left = right = (0,) * nd
+    in_size = tuple(x.shape[2:])
+    out_size = tuple(
+        (n + lo + hi - d * (k - 1) - 1) // s + 1
+        for n, lo, hi, k, s, d in zip(in_size, left, right, module.kernel_size, module.stride, module.dilation)
+    )
+    geom = PatchGeometry(module.in_channels, module.groups, tuple(module.kernel_size), tuple(module.stride),
+                         tuple(module.dilation), left, in_size, out_size)
+    return x, geom

@@ -1,0 +1,115 @@
+"""The one dispatch point between the reference operations and their Triton kernels (DESIGN §2).
+
+Triton runs CUDA tensors when it is importable; the reference runs everything else.
+`FASTFOOF_BACKEND=reference|triton` or a `backend=` argument forces one; `TRITON_INTERPRET=1`
+lets the Triton kernels run on CPU tensors (that is how the tests exercise them).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from . import reference
+from .geometry import patch_dim
+
+BACKENDS = ("auto", "reference", "triton")
+
+# op name -> module of fastfoof.kernels that defines a function of the same name and signature
+TRITON_KERNELS: dict[str, str] = {}
+
+
+def check_backend(backend: str | None) -> str:
+    backend = "auto" if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+@lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """'reference' or 'triton' for tensors on `device`."""
+    backend = check_backend(backend)
+    if backend == "auto":
+        backend = check_backend(os.environ.get("FASTFOOF_BACKEND", "auto"))
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton_available() else "reference"
+    return backend
+
+
+def implementation(op: str, backend: str | None, device: torch.device):
+    """The function that runs `op` for tensors on `device`: the Triton kernel or the reference."""
+    chosen = resolve_backend(backend, device)
+    if chosen == "triton" and op in TRITON_KERNELS:
+        return getattr(importlib.import_module(TRITON_KERNELS[op]), op)
+    if chosen == "triton" and check_backend(backend) == "triton":
+        raise NotImplementedError(f"{op} has no Triton kernel yet")
+    return getattr(reference, op)
+
+
+def patch_gram_(out: torch.Tensor, x: torch.Tensor, module: nn.Module, *, alpha: float = 1.0,
+                beta: float = 0.0, bias: bool | None = None, backend: str | None = None) -> torch.Tensor:
+    """out ← β·out + α·Σ a aᵀ over the patch vectors of input `x` of `module` ([groups, D', D']).
+
+    `bias=None` appends the constant-1 bias row iff the module has a bias.
+    """
+    if bias is None:
+        bias = getattr(module, "bias", None) is not None
+    groups, dim = patch_dim(module)
+    expected = (groups, dim + bias, dim + bias)
+    if tuple(out.shape) != expected:
+        raise ValueError(f"out: expected shape {expected} for {type(module).__name__}, got {tuple(out.shape)}")
+    fn = implementation("patch_gram_", backend, x.device)
+    return fn(out, x, module, alpha=alpha, beta=beta, bias=bias)
+
+
+def patch_gram(x: torch.Tensor, module: nn.Module, *, bias: bool | None = None,
+               backend: str | None = None) -> torch.Tensor:
+    """Σ a aᵀ over the patch vectors of input `x` of `module`: [groups, D', D'], float32
+    (float64 for float64 inputs)."""
+    if bias is None:
+        bias = getattr(module, "bias", None) is not None
+    groups, dim = patch_dim(module)
+    out = torch.empty(groups, dim + bias, dim + bias, dtype=reference.stat_dtype(x.dtype), device=x.device)
+    return patch_gram_(out, x, module, bias=bias, backend=backend)
+
+
+def fold_statistics_(emas, counts, stats, scales, decay, *, backend=None) -> torch.Tensor:
+    """EMA fold of many layers' statistics with the non-finite drop of DESIGN §1.3."""
+    if not emas:
+        return torch.zeros((), dtype=torch.int64)
+    return implementation("fold_statistics_", backend, emas[0].device)(emas, counts, stats, scales, decay)
+
+
+def damped_inverse_with_status(mats, damping, *, scales=None, previous=None, backend=None):
+    """(inverses, status per matrix): `reference.damped_inverse` through the dispatch."""
+    if not mats:
+        return [], []
+    return implementation("damped_inverse", backend, mats[0].device)(mats, damping, scales=scales,
+                                                                      previous=previous)
+
+
+def damped_inverse(mats: list[torch.Tensor], damping: float, *, backend: str | None = None) -> list[torch.Tensor]:
+    """(M + λI)⁻¹ for each [groups, D, D] symmetric matrix, same shapes and order."""
+    if not damping > 0:
+        raise ValueError(f"damping: must be > 0, got {damping}")
+    return damped_inverse_with_status(mats, damping, backend=backend)[0]
+
+
+def preconditioned_update_(blocks, momentum_buffers, *, damping, grad_scale=None, backend=None) -> None:
+    """DESIGN §1.4 for all blocks: U = Ĝ·P (G/λ without P), then each parameter's SGD epilogue."""
+    if not blocks:
+        return
+    fn = implementation("preconditioned_update_", backend, blocks[0].params[0].device)
+    fn(blocks, momentum_buffers, damping=damping, grad_scale=grad_scale)

@@ -1,0 +1,1 @@
+"""Triton kernels of fastfoof's hot operations, installed as `fastfoof.kernels`."""

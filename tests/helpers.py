@@ -1,0 +1,52 @@
+"""Independent float64 computations the tests compare against (never the code under test)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (DESIGN §4)."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def patches64(x: torch.Tensor, module: nn.Module, bias: bool) -> torch.Tensor:
+    """[groups, N, D'] patch vectors in float64, built by convolving with identity filters."""
+    x = x.double()
+    if isinstance(module, nn.Linear):
+        a = x.reshape(-1, module.in_features).unsqueeze(0)
+    else:
+        nd = len(module.kernel_size)
+        if x.dim() == nd + 1:
+            x = x.unsqueeze(0)
+        padding = module.padding
+        if module.padding_mode != "zeros" or isinstance(padding, str):
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+            padding = 0
+        g = module.groups
+        cg = module.in_channels // g
+        k = int(torch.tensor(module.kernel_size).prod())
+        eye = torch.eye(cg * k, dtype=torch.float64).reshape(cg * k, cg, *module.kernel_size)
+        weight = eye.repeat(g, *([1] * (nd + 1)))  # group j's filters see channels of group j
+        cols = CONV[nd](x, weight, None, module.stride, padding, module.dilation, g)
+        a = cols.reshape(x.shape[0], g, cg * k, -1).permute(1, 0, 3, 2).reshape(g, -1, cg * k)
+    if bias:
+        a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=torch.float64)], -1)
+    return a
+
+
+def gram64(x: torch.Tensor, module: nn.Module, bias: bool) -> torch.Tensor:
+    """Σ a aᵀ over samples and positions, [groups, D', D'], float64."""
+    a = patches64(x, module, bias)
+    return a.transpose(1, 2) @ a
+
+
+def damped_inverse64(m: torch.Tensor, damping: float) -> torch.Tensor:
+    """(M + λI)⁻¹ by torch.linalg.inv in float64."""
+    m = m.double()
+    return torch.linalg.inv(m + damping * torch.eye(m.shape[-1], dtype=torch.float64))
