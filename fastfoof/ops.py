@@ -50,12 +50,9 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 def implementation(op: str, backend: str | None, device: torch.device):
     """The function that runs `op` for tensors on `device`: the Triton kernel or the reference."""
-    chosen = resolve_backend(backend, device)
-    if chosen == "triton" and op in TRITON_KERNELS:
+    if resolve_backend(backend, device) == "triton" and op in TRITON_KERNELS:
         return getattr(importlib.import_module(TRITON_KERNELS[op]), op)
-    if chosen == "triton" and check_backend(backend) == "triton":
-        raise NotImplementedError(f"{op} has no Triton kernel yet")
-    return getattr(reference, op)
+    return getattr(reference, op)  # also for ops that have no kernel (small elementwise work)
 
 
 def patch_gram_(out: torch.Tensor, x: torch.Tensor, module: nn.Module, *, alpha: float = 1.0,
@@ -107,6 +104,7 @@ def damped_inverse(mats: list[torch.Tensor], damping: float, *, backend: str | N
     return damped_inverse_with_status(mats, damping, backend=backend)[0]
 
 
+@torch.no_grad()
 def preconditioned_update_(blocks, momentum_buffers, *, damping, grad_scale=None, backend=None) -> None:
     """DESIGN §1.4 for all blocks: U = Ĝ·P (G/λ without P), then each parameter's SGD epilogue."""
     if not blocks:
