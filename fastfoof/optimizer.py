@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from . import ops
+from . import distributed, ops
 from .geometry import batch_size
 from .layers import Block, Layer, Skip, find_layers, in_backward
 from .reference import KEPT_PREVIOUS, OK, stat_dtype
@@ -35,13 +35,15 @@ class FOOF(Optimizer):
         precondition_bias: treat a layer's bias as the last column of [Ŵ | b].
         skip: module names, module types, or a predicate(name, module) not to precondition.
         backend: "auto", "reference" or "triton" (see `fastfoof.ops`).
+        process_group: the torch.distributed group whose ranks share statistics and inversions
+            (default: the default group, when one is initialised).
     """
 
     def __init__(self, model: nn.Module, params=None, *, lr: float, damping: float = 1.0,
                  momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, ema_decay: float = 0.95, inv_period: int = 100,
                  stats_steps: int = 10, precondition_bias: bool = True, skip: Skip = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", process_group=None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
         if not damping > 0:
@@ -64,6 +66,7 @@ class FOOF(Optimizer):
         self.inv_period = inv_period
         self.stats_steps = stats_steps
         self.precondition_bias = precondition_bias
+        self.process_group = process_group
         self.layers = find_layers(model, skip)
         self._hooks = [layer.module.register_forward_hook(partial(self._observe, layer)) for layer in self.layers]
         self._steps = 0  # t of DESIGN §1.5: step() calls so far
@@ -140,10 +143,7 @@ class FOOF(Optimizer):
         observed = [layer for layer in self._active if layer.samples]
         emas, counts = [], []
         for layer in observed:
-            state = self.state[layer.weight]
-            if "ema" not in state or state["ema"].shape != layer.stat.shape:
-                state["ema"] = torch.zeros_like(layer.stat)
-                state["ema_count"] = torch.zeros((), dtype=layer.stat.dtype, device=layer.stat.device)
+            state = self._layer_state(layer)
             emas.append(state["ema"])
             counts.append(state["ema_count"])
         if observed:
@@ -157,28 +157,42 @@ class FOOF(Optimizer):
         for layer in self.layers:
             layer.clear()
 
+    def _layer_state(self, layer: Layer) -> dict:
+        """The layer's optimizer state, with a zero EMA (weight n = 0) if it has none yet."""
+        state = self.state[layer.weight]
+        dim = layer.dim + layer.bias_row
+        if "ema" not in state or state["ema"].shape != (layer.groups, dim, dim):
+            dtype, device = stat_dtype(layer.weight.dtype), layer.weight.device
+            state["ema"] = torch.zeros(layer.groups, dim, dim, dtype=dtype, device=device)
+            state["ema_count"] = torch.zeros((), dtype=dtype, device=device)
+            state.pop("precond", None)
+        return state
+
     def _invert(self) -> None:
-        """P = (Σ/n + λI)⁻¹ for every preconditioned layer, all at once (DESIGN §1.3)."""
-        mats, scales, previous, states = [], [], [], []
-        for layer in self._active:
-            state = self.state[layer.weight]
-            dim = layer.dim + layer.bias_row
-            if "ema" not in state or state["ema"].shape[-1] != dim:
-                state["ema"] = torch.zeros(layer.groups, dim, dim, dtype=stat_dtype(layer.weight.dtype),
-                                           device=layer.weight.device)
-                state["ema_count"] = torch.zeros((), dtype=state["ema"].dtype, device=state["ema"].device)
-            count = state["ema_count"]
-            mats.append(state["ema"])
-            scales.append(torch.where(count > 0, 1 / count, torch.zeros_like(count)))
-            previous.append(state.get("precond") if state.get("precond") is not None and
-                            state["precond"].shape == state["ema"].shape else None)
-            states.append(state)
-        inverses, status = ops.damped_inverse_with_status(mats, self.damping, scales=scales, previous=previous,
-                                                          backend=self.backend)
-        for state, inverse in zip(states, inverses):
-            state["precond"] = inverse
-        if status:
-            codes = torch.cat(status)
+        """P = (Σ/n + λI)⁻¹ for every preconditioned layer, all at once (DESIGN §1.3).
+
+        Across ranks, the EMAs are averaged first and each rank inverts its share of the layers.
+        """
+        states = [self._layer_state(layer) for layer in self._active]
+        group = distributed.active_group(self.process_group)
+        if group is not None:
+            distributed.average_(chain.from_iterable((s["ema"], s["ema_count"]) for s in states), group)
+        owner = distributed.owners([s["ema"].shape[0] * s["ema"].shape[-1] ** 3 for s in states], group)
+        mine = [i for i, r in enumerate(owner) if r == distributed.rank(group)]
+        counts = [states[i]["ema_count"] for i in mine]
+        inverses, status = ops.damped_inverse_with_status(
+            [states[i]["ema"] for i in mine], self.damping,
+            scales=[torch.where(n > 0, 1 / n, torch.zeros_like(n)) for n in counts],
+            previous=[states[i].get("precond") for i in mine], backend=self.backend)
+        codes = [torch.zeros(s["ema"].shape[0], dtype=torch.int8, device=s["ema"].device) for s in states]
+        for i, inverse, code in zip(mine, inverses, status):
+            states[i]["precond"], codes[i] = inverse, code
+        if group is not None:
+            for s in states:
+                s.setdefault("precond", torch.empty_like(s["ema"]))
+            distributed.share_([s["precond"] for s in states] + codes, owner + owner, group)
+        if codes:
+            codes = torch.cat(codes)
             self._count("cholesky_retries", (codes != OK).sum())
             self._count("cholesky_failures", (codes == KEPT_PREVIOUS).sum())
         self._inverted = True

@@ -1,0 +1,141 @@
+"""FOOF on torch.distributed: 2 gloo ranks on CPU equal one process on the union of their batches."""
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import fastfoof
+
+WORLD = 2
+STEPS, RESUME_AT = 7, 4  # inversions at t = 1, 3, 6 (T = 3); the checkpoint is taken after step 3
+KW = dict(lr=0.2, damping=0.5, momentum=0.9, weight_decay=0.01, inv_period=3, stats_steps=2, backend="reference")
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, 8, 3, stride=2, groups=2),
+                         nn.Tanh(), nn.Flatten(), nn.Linear(8 * 2 * 3, 10), nn.Tanh(), nn.Linear(10, 4)).double()
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(2 * WORLD, 3, 6, 8, generator=g, dtype=torch.float64),
+             torch.randint(0, 4, (2 * WORLD,), generator=g)) for _ in range(STEPS)]
+
+
+def shard(batch, rank, world):
+    x, y = batch
+    n = x.shape[0] // world
+    return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+
+
+def train(model, opt, data, rank, world, allreduce_grads=False):
+    for batch in data:
+        x, y = shard(batch, rank, world)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if allreduce_grads:  # what users do without DDP's wrapper
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        opt.step()
+
+
+def count_inversions(log):
+    original = fastfoof.ops.damped_inverse_with_status
+
+    def counting(mats, *args, **kwargs):
+        log.append(len(mats))
+        return original(mats, *args, **kwargs)
+
+    fastfoof.ops.damped_inverse_with_status = counting
+
+
+def worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    inverted = []
+    count_inversions(inverted)
+    data = batches()
+    # the whole run with DDP, checkpointing on rank 0 after the inversion of step RESUME_AT - 1
+    model = make_model()
+    ddp = DistributedDataParallel(model)
+    opt = fastfoof.FOOF(ddp, **KW)
+    train(ddp, opt, data[:RESUME_AT - 1], rank, world)
+    if rank == 0:
+        torch.save((model.state_dict(), opt.state_dict()), os.path.join(out_dir, "checkpoint.pt"))
+    train(ddp, opt, data[RESUME_AT - 1:], rank, world)
+    results = {"ddp": [p.detach().clone() for p in model.parameters()], "inverted": list(inverted)}
+    # the same without the wrapper, gradients all-reduced by hand
+    bare = make_model()
+    train(bare, fastfoof.FOOF(bare, **KW), data, rank, world, allreduce_grads=True)
+    results["bare"] = [p.detach().clone() for p in bare.parameters()]
+    # resume the rank-0 checkpoint in this world
+    dist.barrier()
+    model_state, opt_state = torch.load(os.path.join(out_dir, "checkpoint.pt"))
+    resumed = make_model()
+    resumed.load_state_dict(model_state)
+    ddp = DistributedDataParallel(resumed)
+    opt = fastfoof.FOOF(ddp, **KW)
+    opt.load_state_dict(opt_state)
+    train(ddp, opt, data[RESUME_AT - 1:], rank, world)
+    results["resumed"] = [p.detach().clone() for p in resumed.parameters()]
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    sys.path.insert(0, os.path.dirname(__file__))  # spawned workers import this module by name
+    mp.spawn(worker, args=(WORLD, str(out / "init"), str(out)), nprocs=WORLD, join=True)
+    return out, [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def single_process(data, opt_state=None, model_state=None):
+    model = make_model()
+    if model_state is not None:
+        model.load_state_dict(model_state)
+    opt = fastfoof.FOOF(model, **KW)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    train(model, opt, data, 0, 1)
+    return [p.detach() for p in model.parameters()]
+
+
+def assert_close(params, expected, tol=1e-6):
+    for p, q in zip(params, expected):
+        assert ((p - q).norm() / q.norm()).item() <= tol
+
+
+def test_two_ranks_equal_one_process_on_the_union(two_ranks):
+    _, ranks = two_ranks
+    expected = single_process(batches())
+    for r in ranks:
+        assert_close(r["ddp"], expected)
+        assert_close(r["bare"], expected)
+    for p, q in zip(ranks[0]["ddp"], ranks[1]["ddp"]):
+        assert torch.equal(p, q)  # every rank applies the same update
+
+
+def test_inversions_are_split_between_ranks(two_ranks):
+    _, ranks = two_ranks
+    layers = 4
+    rounds = [r["inverted"] for r in ranks]
+    assert len(rounds[0]) == len(rounds[1]) == 3  # t = 1, 3, 6
+    for per_rank in zip(*rounds):
+        assert sum(per_rank) == layers and all(0 < n < layers for n in per_rank)
+
+
+def test_rank0_checkpoint_resumes_on_any_world_size(two_ranks):
+    out, ranks = two_ranks
+    model_state, opt_state = torch.load(out / "checkpoint.pt")
+    resumed_alone = single_process(batches()[RESUME_AT - 1:], opt_state, model_state)
+    assert_close(resumed_alone, ranks[0]["ddp"])
+    for r in ranks:
+        assert_close(r["resumed"], r["ddp"])
