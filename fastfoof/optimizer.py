@@ -68,7 +68,8 @@ class FOOF(Optimizer):
         self.precondition_bias = precondition_bias
         self.process_group = process_group
         self.layers = find_layers(model, skip)
-        self._hooks = [layer.module.register_forward_hook(partial(self._observe, layer)) for layer in self.layers]
+        self._hooks = [layer.module.register_forward_hook(partial(self._observe, layer), with_kwargs=True)
+                       for layer in self.layers]
         self._steps = 0  # t of DESIGN §1.5: step() calls so far
         self._inverted = False  # a preconditioner exists
         self._warming_up = False
@@ -117,7 +118,7 @@ class FOOF(Optimizer):
         r = (self._steps + 1) % self.inv_period
         return r == 0 or r > self.inv_period - self.stats_steps
 
-    def _observe(self, layer: Layer, module: nn.Module, inputs, output) -> None:
+    def _observe(self, layer: Layer, module: nn.Module, args, kwargs, output) -> None:
         if not (module.training and torch.is_grad_enabled()) or layer not in self._active:
             return
         if not self._observing():
@@ -129,13 +130,14 @@ class FOOF(Optimizer):
                 return
         else:
             layer.seen_in_forward = True
-        x = inputs[0].detach()
+        x = (args[0] if args else kwargs["input"]).detach()
         if layer.stat is None:
             dim = layer.dim + layer.bias_row
             layer.stat = torch.empty(layer.groups, dim, dim, dtype=stat_dtype(layer.weight.dtype),
                                      device=layer.weight.device)
-        ops.patch_gram_(layer.stat, x, module, beta=1.0 if layer.samples else 0.0, bias=layer.bias_row,
-                        backend=self.backend)
+        with torch.autocast(x.device.type, enabled=False):  # statistics stay in float32
+            ops.patch_gram_(layer.stat, x, module, beta=1.0 if layer.samples else 0.0, bias=layer.bias_row,
+                            backend=self.backend)
         layer.samples += batch_size(x, module)
 
     def _fold_statistics(self) -> None:

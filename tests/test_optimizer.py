@@ -476,3 +476,20 @@ def test_closure_is_evaluated_with_grad():
 
     loss = opt.step(closure)
     assert loss.requires_grad and opt._steps == 1 and "precond" in opt.state[model[0].weight]
+
+
+def test_statistics_under_autocast_stay_float32():
+    torch.set_default_dtype(torch.float32)
+    try:
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 5 * 7, 3))
+        x = torch.randn(4, 3, 7, 9)
+        opt = fastfoof.FOOF(model, lr=0.1, backend="reference")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = model[0](input=x).flatten(1)  # inputs passed by keyword reach the hooks too
+            model[2](input=h)
+        for layer, inp in zip(opt.layers, (x, h)):
+            assert layer.stat.dtype == torch.float32
+            ref = gram64(inp.float(), layer.module, True)
+            assert ((layer.stat - ref).norm() / ref.norm()).item() <= 1e-5
+    finally:
+        torch.set_default_dtype(torch.float64)
