@@ -73,7 +73,7 @@ class FOOF(Optimizer):
         self._steps = 0  # t of DESIGN §1.5: step() calls so far
         self._inverted = False  # a preconditioner exists
         self._warming_up = False
-        self._counters = {name: torch.zeros((), dtype=torch.int64) for name in DIAGNOSTICS}
+        self._counters = torch.zeros(len(DIAGNOSTICS), dtype=torch.int64)  # on the device: read once per round
         self._warned: set[str] = set()
         self._build_blocks()
 
@@ -201,8 +201,8 @@ class FOOF(Optimizer):
         self._warn_new_diagnostics()
 
     def _count(self, name: str, value: torch.Tensor) -> None:
-        counter = self._counters[name]
-        self._counters[name] = counter.to(value.device) + value
+        self._counters = self._counters.to(value.device)
+        self._counters[DIAGNOSTICS.index(name)] += value
 
     def _warn_new_diagnostics(self) -> None:
         for name, value in self.diagnostics.items():
@@ -214,7 +214,7 @@ class FOOF(Optimizer):
     @property
     def diagnostics(self) -> dict[str, int]:
         """Counters of DESIGN §5: dropped_stats, cholesky_retries, cholesky_failures."""
-        return {name: int(value) for name, value in self._counters.items()}
+        return dict(zip(DIAGNOSTICS, self._counters.tolist()))
 
     # ---- the step ---------------------------------------------------------------------------
 
@@ -292,7 +292,7 @@ class FOOF(Optimizer):
                     self.state[p][key] = value.to(p.device, copy=True)
         self._steps = foof["steps"]
         self._inverted = foof["inverted"]
-        self._counters = {name: torch.tensor(foof["diagnostics"].get(name, 0)) for name in DIAGNOSTICS}
+        self._counters = torch.tensor([foof["diagnostics"].get(name, 0) for name in DIAGNOSTICS])
         self._warned = {name for name, value in foof["diagnostics"].items() if value}
         self._build_blocks()
         self._clear_statistics()

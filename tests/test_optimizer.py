@@ -11,7 +11,14 @@ from torch.utils.checkpoint import checkpoint
 import fastfoof
 from helpers import gram64
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def make_model(seed=0):
@@ -425,29 +432,26 @@ def test_failed_factorisation_keeps_previous_preconditioner():
 
 
 def test_grad_scaler_skipped_step_touches_nothing():
-    torch.set_default_dtype(torch.float32)
-    try:
-        model, twin = make_model().float(), make_model().float()
-        (x, y), (x2, y2) = make_batches(2)
-        x, x2 = x.float(), x2.float()
-        opt = fastfoof.FOOF(model, lr=0.1, momentum=0.9, backend="reference")
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
-        (loss_fn(model, x, y) * float("inf")).backward()  # overflow: the scaler must skip this step
-        scaler.scale(torch.zeros((), requires_grad=True)).backward()
-        scaler.step(opt)
-        scaler.update()
-        assert opt._steps == 0 and not opt.state[model[0].weight]
-        opt.zero_grad()
-        scaler.scale(loss_fn(model, x2, y2)).backward()
-        scaler.step(opt)
-        scaler.update()
-        ref = fastfoof.FOOF(twin, lr=0.1, momentum=0.9, backend="reference")
-        loss_fn(twin, x2, y2).backward()
-        ref.step()
-        for p, q in zip(model.parameters(), twin.parameters()):
-            assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
-    finally:
-        torch.set_default_dtype(torch.float64)
+    torch.set_default_dtype(torch.float32)  # restored by the fixture
+    model, twin = make_model().float(), make_model().float()
+    (x, y), (x2, y2) = make_batches(2)
+    x, x2 = x.float(), x2.float()
+    opt = fastfoof.FOOF(model, lr=0.1, momentum=0.9, backend="reference")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    (loss_fn(model, x, y) * float("inf")).backward()  # overflow: the scaler must skip this step
+    scaler.scale(torch.zeros((), requires_grad=True)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert opt._steps == 0 and not opt.state[model[0].weight]
+    opt.zero_grad()
+    scaler.scale(loss_fn(model, x2, y2)).backward()
+    scaler.step(opt)
+    scaler.update()
+    ref = fastfoof.FOOF(twin, lr=0.1, momentum=0.9, backend="reference")
+    loss_fn(twin, x2, y2).backward()
+    ref.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
 
 
 def test_unsupported_layers_are_updated_without_preconditioner():
@@ -479,17 +483,14 @@ def test_closure_is_evaluated_with_grad():
 
 
 def test_statistics_under_autocast_stay_float32():
-    torch.set_default_dtype(torch.float32)
-    try:
-        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 5 * 7, 3))
-        x = torch.randn(4, 3, 7, 9)
-        opt = fastfoof.FOOF(model, lr=0.1, backend="reference")
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            h = model[0](input=x).flatten(1)  # inputs passed by keyword reach the hooks too
-            model[2](input=h)
-        for layer, inp in zip(opt.layers, (x, h)):
-            assert layer.stat.dtype == torch.float32
-            ref = gram64(inp.float(), layer.module, True)
-            assert ((layer.stat - ref).norm() / ref.norm()).item() <= 1e-5
-    finally:
-        torch.set_default_dtype(torch.float64)
+    torch.set_default_dtype(torch.float32)  # restored by the fixture
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 5 * 7, 3))
+    x = torch.randn(4, 3, 7, 9)
+    opt = fastfoof.FOOF(model, lr=0.1, backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model[0](input=x).flatten(1)  # inputs passed by keyword reach the hooks too
+        model[2](input=h)
+    for layer, inp in zip(opt.layers, (x, h)):
+        assert layer.stat.dtype == torch.float32
+        ref = gram64(inp.float(), layer.module, True)
+        assert ((layer.stat - ref).norm() / ref.norm()).item() <= 1e-5
