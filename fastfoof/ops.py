@@ -19,7 +19,11 @@ from .geometry import patch_dim
 BACKENDS = ("auto", "reference", "triton")
 
 # op name -> module of fastfoof.kernels that defines a function of the same name and signature
-TRITON_KERNELS: dict[str, str] = {}
+TRITON_KERNELS: dict[str, str] = {
+    "patch_gram_": "fastfoof.kernels.patch_gram",
+    "damped_inverse": "fastfoof.kernels.damped_inverse",
+    "preconditioned_update_": "fastfoof.kernels.update",
+}
 
 
 def check_backend(backend: str | None) -> str:
