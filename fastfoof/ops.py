@@ -23,6 +23,7 @@ TRITON_KERNELS: dict[str, str] = {
     "patch_gram_": "fastfoof.kernels.patch_gram",
     "damped_inverse": "fastfoof.kernels.damped_inverse",
     "preconditioned_update_": "fastfoof.kernels.update",
+    "fold_statistics_": "fastfoof.kernels.fold_statistics",
 }
 
 

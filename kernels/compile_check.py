@@ -2,7 +2,8 @@
 
 `python -m fastfoof.kernels.compile_check [--json]` compiles each spec of each module in
 KERNEL_MODULES (its `compile_specs()`, see the helpers' contract) with `triton.compile` for a
-`GPUTarget("cuda", cc, 32)`, then reads the cubin with the `cuobjdump` shipped in Triton's wheel:
+`GPUTarget("cuda", cc, 32)` (with the spec's optional
+"options", e.g. `enable_fp_fusion`, as the launcher passes them), then reads the cubin with the `cuobjdump` shipped in Triton's wheel:
 registers, spilled (local/stack) bytes, shared memory, and whether the SASS holds tensor-core
 instructions. It exits non-zero if a build fails, spills, needs more shared memory than the arch
 has, or lacks the MMA instructions its spec expects. Works on Triton 3.1 through 3.9.
@@ -30,7 +31,8 @@ import tempfile  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-KERNEL_MODULES = ("fastfoof.kernels.patch_gram", "fastfoof.kernels.damped_inverse", "fastfoof.kernels.update")
+KERNEL_MODULES = ("fastfoof.kernels.patch_gram", "fastfoof.kernels.damped_inverse", "fastfoof.kernels.update",
+                  "fastfoof.kernels.fold_statistics")
 ARCHS = (80, 90)
 # Largest dynamic shared memory one block may opt into (CUDA programming guide, per compute capability).
 SHARED_LIMIT = {80: 166912, 90: 232448}
@@ -76,7 +78,8 @@ def check(index: int, arch: int) -> dict:
            "regs": None, "spills": None, "shared_bytes": None, "mma": None}
     try:
         kernel = triton.compile(ast_source(spec), target=GPUTarget("cuda", arch, 32),
-                                options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+                                options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"],
+                                         **spec.get("options", {})})
         with tempfile.TemporaryDirectory() as tmp:
             cubin = os.path.join(tmp, "kernel.cubin")
             with open(cubin, "wb") as f:

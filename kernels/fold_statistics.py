@@ -1,0 +1,199 @@
+"""Triton kernel: the EMA fold of every layer's statistic with the non-finite drop (DESIGN §1.2, §1.3).
+
+Two launches per (device, dtype), over a tile schedule of (layer, block) pairs read from device
+tables of addresses, so that the separately allocated EMAs, counts and statistics need no copy:
+
+1. `nonfinite_flags_kernel`: every tile of a statistic that holds a NaN or an infinity writes the
+   call's number (`epoch`) into its layer's flag. All writers of a flag write the same value, so
+   plain stores are race-free and deterministic, and a flag from an earlier call never equals the
+   current epoch: the flags need no reset launch. Tile 0 also zeroes the dropped counter.
+2. `fold_kernel`: tiles of layers whose flag is not the current epoch apply
+   `Σ ← m·Σ + (s·(1−m))·C`; block 0 of each layer updates `n ← m·n + (1−m)`, or, for a dropped
+   layer, adds 1 to the dropped counter (an integer atomic: deterministic).
+
+The formula and its rounding follow `fastfoof.reference.fold_statistics_`: `m`, `1−m` and each
+`s·(1−m)` are formed in Python float64, then rounded to the statistics' dtype, and the fold is
+compiled without FMA contraction (`enable_fp_fusion=False`): each product is rounded as in the
+reference's separate PyTorch operations (bitwise equal under the interpreter; the sm_80/sm_90
+builds hold no FFMA). The scalars travel
+in a small device table, rebuilt (one asynchronous host-to-device copy) only when a scale or the
+decay changes; the address tables are rebuilt only when a tensor's address or size changes. Nothing
+synchronises with the host. float32 and float64 statistics have their own launches; a layer whose
+tensors are not contiguous takes the reference.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastfoof import reference
+
+BLOCK = 2048
+NUM_WARPS = 4
+KERNEL_DTYPES = {torch.float32: False, torch.float64: True}  # dtype -> FP64 constexpr
+
+# Layer table: one int64 row per layer. Column indices are shared with the kernels.
+LAYER_COLUMNS = ("ema", "stat", "count", "numel")
+LAYER_FIELDS = tl.constexpr(len(LAYER_COLUMNS))
+# Scalar table (statistics' dtype): decay, 1 − decay, then s·(1 − decay) per layer.
+SCALAR_HEADER = tl.constexpr(2)
+
+
+@triton.jit
+def _stat_pointer(address, FP64: tl.constexpr):
+    if FP64:
+        return address.to(tl.pointer_type(tl.float64))
+    else:
+        return address.to(tl.pointer_type(tl.float32))
+
+
+# epoch changes every call: not specialised, so that no value of it triggers a new compilation.
+@triton.jit(do_not_specialize=["epoch"])
+def nonfinite_flags_kernel(layers_ptr, tiles_ptr, flags_ptr, dropped_ptr, epoch,
+                           FP64: tl.constexpr, BLOCK: tl.constexpr):
+    """flags[layer] ← epoch if this tile of the layer's statistic has a non-finite entry."""
+    tile = tl.program_id(0)
+    if tile == 0:
+        tl.store(dropped_ptr, 0)  # fold_kernel, launched next, counts into it
+    layer = tl.load(tiles_ptr + 2 * tile)
+    offsets = tl.load(tiles_ptr + 2 * tile + 1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    row = layers_ptr + layer * LAYER_FIELDS
+    stat = _stat_pointer(tl.load(row + 1), FP64)
+    x = tl.load(stat + offsets, mask=offsets < tl.load(row + 3), other=0.0)
+    nonfinite = (x != x) | (tl.abs(x) == float("inf"))
+    if tl.max(nonfinite.to(tl.int32), axis=0) != 0:
+        tl.store(flags_ptr + layer, epoch)
+
+
+@triton.jit(do_not_specialize=["epoch"])
+def fold_kernel(layers_ptr, tiles_ptr, flags_ptr, dropped_ptr, scalars_ptr, epoch,
+                FP64: tl.constexpr, BLOCK: tl.constexpr):
+    """Σ ← m·Σ + (s·(1−m))·C on one tile of a layer with a finite statistic; n and the drop count
+    by the layer's block 0."""
+    tile = tl.program_id(0)
+    layer = tl.load(tiles_ptr + 2 * tile)
+    block = tl.load(tiles_ptr + 2 * tile + 1)
+    row = layers_ptr + layer * LAYER_FIELDS
+    finite = tl.load(flags_ptr + layer) != epoch
+    if finite:
+        decay = tl.load(scalars_ptr)
+        coefficient = tl.load(scalars_ptr + SCALAR_HEADER + layer)
+        offsets = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < tl.load(row + 3)
+        ema = _stat_pointer(tl.load(row + 0), FP64)
+        stat = _stat_pointer(tl.load(row + 1), FP64)
+        old = tl.load(ema + offsets, mask=mask, other=0.0)
+        c = tl.load(stat + offsets, mask=mask, other=0.0)
+        tl.store(ema + offsets, old * decay + c * coefficient, mask=mask)
+        if block == 0:
+            count = _stat_pointer(tl.load(row + 2), FP64)
+            tl.store(count, tl.load(count) * decay + tl.load(scalars_ptr + 1))
+    elif block == 0:
+        tl.atomic_add(dropped_ptr, 1)
+
+
+def compile_specs() -> list[dict]:
+    """Every configuration the launcher can pick, for fastfoof.kernels.compile_check."""
+    specs = []
+    for dtype_name, fp64 in (("fp32", False), ("fp64", True)):
+        common = {"layers_ptr": "*i64", "tiles_ptr": "*i32", "flags_ptr": "*i64", "dropped_ptr": "*i64"}
+        kernels = ((nonfinite_flags_kernel, {**common, "epoch": "i32"}),
+                   (fold_kernel, {**common, "scalars_ptr": f"*{dtype_name}", "epoch": "i32"}))
+        for fn, signature in kernels:
+            specs.append(dict(kernel=fn.__name__, config=f"{dtype_name},BLOCK={BLOCK},w{NUM_WARPS}", fn=fn,
+                              signature={**signature, "FP64": "constexpr", "BLOCK": "constexpr"},
+                              constexprs=dict(FP64=fp64, BLOCK=BLOCK), num_warps=NUM_WARPS, num_stages=1,
+                              options=dict(enable_fp_fusion=False), mma=False))
+    return specs
+
+
+# ---- host side --------------------------------------------------------------------------------
+
+class _Plan:
+    """Device tables for one set of layers: addresses, tile schedule, flags, and the call counter."""
+
+    def __init__(self, key: tuple, device: torch.device, rows: list[tuple]):
+        self.key = key
+        tiles = [(i, b) for i, row in enumerate(rows) for b in range(triton.cdiv(row[3], BLOCK))]
+        self.layers = _to_device(torch.tensor(rows, dtype=torch.int64), device)
+        self.tiles = _to_device(torch.tensor(tiles, dtype=torch.int32).reshape(-1, 2), device)
+        self.flags = torch.zeros(len(rows), dtype=torch.int64, device=device)
+        self.epoch = 0
+        self.scalar_key: tuple | None = None
+        self.scalars: torch.Tensor | None = None
+
+
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return table
+    # Pinned staging makes the copy asynchronous; torch's host allocator keeps it alive until done.
+    return table.pin_memory().to(device, non_blocking=True)
+
+
+# (device, dtype) -> the plan of the last call; the optimizer folds the same layers every step.
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _plan(device: torch.device, dtype: torch.dtype, rows: list[tuple]) -> _Plan:
+    key = tuple(rows)
+    plan = _PLANS.get((device, dtype))
+    if plan is None or plan.key != key:
+        plan = _PLANS[(device, dtype)] = _Plan(key, device, rows)
+    return plan
+
+
+def _fusable(ema: torch.Tensor, count: torch.Tensor, stat: torch.Tensor) -> bool:
+    return (ema.dtype in KERNEL_DTYPES and stat.dtype == ema.dtype and count.dtype == ema.dtype
+            and ema.shape == stat.shape and count.numel() == 1 and ema.numel() > 0
+            and ema.is_contiguous() and stat.is_contiguous() and ema.device == stat.device == count.device)
+
+
+def fold_statistics_(emas: list[torch.Tensor], counts: list[torch.Tensor], stats: list[torch.Tensor],
+                     scales: list[float], decay: float) -> torch.Tensor:
+    """EMA fold of DESIGN §1.2 for many layers: Σ ← mΣ + (1−m)·s·S, n ← m·n + (1−m).
+
+    Same contract as `fastfoof.reference.fold_statistics_`: a statistic with a non-finite entry is
+    not folded; returns the number dropped as an int64 device tensor, without host synchronisation.
+    """
+    grouped: dict[tuple, list[int]] = {}
+    rest = []
+    for i, (ema, count, stat) in enumerate(zip(emas, counts, stats)):
+        if _fusable(ema, count, stat):
+            grouped.setdefault((ema.device, ema.dtype), []).append(i)
+        else:
+            rest.append(i)
+    dropped = None
+    for (device, dtype), members in grouped.items():
+        found = _launch(device, dtype, [emas[i] for i in members], [counts[i] for i in members],
+                        [stats[i] for i in members], [scales[i] for i in members], decay)
+        dropped = found if dropped is None else dropped + found
+    if rest:
+        found = reference.fold_statistics_([emas[i] for i in rest], [counts[i] for i in rest],
+                                           [stats[i] for i in rest], [scales[i] for i in rest], decay)
+        dropped = found if dropped is None else dropped + found.to(dropped.device)
+    if dropped is None:
+        return torch.zeros((), dtype=torch.int64)
+    return dropped
+
+
+def _launch(device: torch.device, dtype: torch.dtype, emas: list[torch.Tensor], counts: list[torch.Tensor],
+            stats: list[torch.Tensor], scales: list[float], decay: float) -> torch.Tensor:
+    plan = _plan(device, dtype, [(e.data_ptr(), s.data_ptr(), c.data_ptr(), e.numel())
+                                 for e, c, s in zip(emas, counts, stats)])
+    decay = float(decay)
+    scalar_key = (decay,) + tuple(float(s) for s in scales)
+    if plan.scalar_key != scalar_key:
+        # Python float64 products, rounded once to the table's dtype: the reference's rounding.
+        values = [decay, 1 - decay] + [s * (1 - decay) for s in scalar_key[1:]]
+        plan.scalars = _to_device(torch.tensor(values, dtype=dtype), device)
+        plan.scalar_key = scalar_key
+    plan.epoch += 1
+    dropped = torch.empty((), dtype=torch.int64, device=device)  # zeroed by the first kernel
+    grid = (plan.tiles.shape[0],)
+    fp64 = KERNEL_DTYPES[dtype]
+    nonfinite_flags_kernel[grid](plan.layers, plan.tiles, plan.flags, dropped, plan.epoch,
+                                 FP64=fp64, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    fold_kernel[grid](plan.layers, plan.tiles, plan.flags, dropped, plan.scalars, plan.epoch,
+                      FP64=fp64, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    return dropped

@@ -1,0 +1,163 @@
+"""The fused EMA fold (fastfoof.kernels.fold_statistics) against float64 and the reference (DESIGN §1.2, §1.3)."""
+import pytest
+import torch
+
+from fastfoof import ops, reference
+from fastfoof.kernels import fold_statistics
+from helpers import rel_error
+
+# CPU runs the kernel in Triton's interpreter (conftest); a GPU runs it compiled.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# [groups, D', D'] of odd sizes; (3, 41, 41) spans three blocks of fold_statistics.BLOCK.
+SHAPES = [(1, 7, 7), (3, 41, 41), (2, 5, 5), (1, 1, 1), (4, 13, 13)]
+SCALES = [1 / 3, 1 / 7, 0.25, 1 / 11, 1 / 96]
+DECAY = 0.95
+
+
+def make_layers(dtype, gen, shapes=SHAPES):
+    """Random EMAs (symmetric, as the optimizer's), counts in (0, 1), statistics of another scale."""
+    emas, counts, stats = [], [], []
+    for shape in shapes:
+        e = torch.randn(shape, generator=gen, dtype=torch.float64)
+        s = torch.randn(shape, generator=gen, dtype=torch.float64)
+        emas.append((e + e.mT).to(DEVICE, dtype))
+        stats.append((5 * (s + s.mT)).to(DEVICE, dtype))
+        counts.append(torch.rand((), generator=gen, dtype=torch.float64).to(DEVICE, dtype))
+    return emas, counts, stats
+
+
+def clone(tensors):
+    return [t.clone() for t in tensors]
+
+
+def fold64(emas, counts, stats, scales, decay):
+    """The fold in float64, written from DESIGN §1.2 independently of both implementations."""
+    out_emas, out_counts = [], []
+    for ema, count, stat, scale in zip(emas, counts, stats, scales):
+        ema, count, stat = ema.double().cpu(), count.double().cpu(), stat.double().cpu()
+        if torch.isfinite(stat).all():
+            ema = decay * ema + (1 - decay) * scale * stat
+            count = decay * count + (1 - decay)
+        out_emas.append(ema)
+        out_counts.append(count)
+    return out_emas, out_counts
+
+
+def test_fold_matches_reference_bitwise_and_float64():
+    gen = torch.Generator().manual_seed(1)
+    emas, counts, stats = make_layers(torch.float32, gen)
+    ref_emas, ref_counts = clone(emas), clone(counts)
+    exact_emas, exact_counts = fold64(emas, counts, stats, SCALES, DECAY)
+
+    dropped = fold_statistics.fold_statistics_(emas, counts, stats, SCALES, DECAY)
+    ref_dropped = reference.fold_statistics_(ref_emas, ref_counts, stats, SCALES, DECAY)
+
+    assert dropped.dtype == torch.int64 and dropped.shape == () and dropped.device.type == DEVICE
+    assert dropped.item() == ref_dropped.item() == 0
+    for out, ref, exact in zip(emas, ref_emas, exact_emas):
+        assert torch.equal(out, ref)  # same formula, same rounding of each product
+        assert rel_error(out, exact) <= 1e-6
+    for out, ref, exact in zip(counts, ref_counts, exact_counts):
+        assert torch.equal(out, ref)
+        assert rel_error(out, exact) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nonfinite_statistics_are_dropped(dtype):
+    gen = torch.Generator().manual_seed(2)
+    emas, counts, stats = make_layers(dtype, gen)
+    stats[1][2, 40, 3] = float("nan")  # in the layer's last block: the flag must reach block 0
+    stats[4][0, 12, 12] = -float("inf")
+    before_emas, before_counts = clone(emas), clone(counts)
+    ref_emas, ref_counts = clone(emas), clone(counts)
+    exact_emas, exact_counts = fold64(emas, counts, stats, SCALES, DECAY)
+
+    dropped = fold_statistics.fold_statistics_(emas, counts, stats, SCALES, DECAY)
+    ref_dropped = reference.fold_statistics_(ref_emas, ref_counts, stats, SCALES, DECAY)
+
+    assert dropped.item() == ref_dropped.item() == 2
+    for i in (1, 4):
+        assert torch.equal(emas[i], before_emas[i]) and torch.equal(counts[i], before_counts[i])
+    for i in (0, 2, 3):
+        assert not torch.equal(emas[i], before_emas[i])
+    for out, ref, exact in zip(emas + counts, ref_emas + ref_counts, exact_emas + exact_counts):
+        assert torch.equal(out, ref)
+        assert rel_error(out, exact) <= (1e-6 if dtype == torch.float32 else 1e-14)
+
+
+def test_repeated_calls_reuse_tables_and_forget_old_drops():
+    """Several steps on the same tensors: a layer dropped once is folded again once finite, the
+    counter restarts at 0 every call, and a changed scale or decay is picked up."""
+    gen = torch.Generator().manual_seed(3)
+    emas, counts, stats = make_layers(torch.float32, gen)
+    ref_emas, ref_counts = clone(emas), clone(counts)
+    bad = [{0, 1}, set(), {1}, set()]
+    decays = [DECAY, DECAY, 0.9, 0.9]
+    for step, (bad_layers, decay) in enumerate(zip(bad, decays)):
+        scales = [s * (step + 1) for s in SCALES]
+        for i, shape in enumerate(SHAPES):  # refill in place: the statistics' buffers are long-lived
+            stats[i].copy_(torch.randn(shape, generator=gen).to(DEVICE))
+            if i in bad_layers:
+                stats[i][0, 0, -1] = float("inf")
+        dropped = fold_statistics.fold_statistics_(emas, counts, stats, scales, decay)
+        ref_dropped = reference.fold_statistics_(ref_emas, ref_counts, stats, scales, decay)
+        assert dropped.item() == ref_dropped.item() == len(bad_layers)
+        for out, ref in zip(emas + counts, ref_emas + ref_counts):
+            assert torch.equal(out, ref)
+
+
+def test_deterministic():
+    gen = torch.Generator().manual_seed(4)
+    emas, counts, stats = make_layers(torch.float32, gen)
+    stats[2][1, 4, 0] = float("nan")
+    results = []
+    for _ in range(2):
+        e, c = clone(emas), clone(counts)
+        dropped = fold_statistics.fold_statistics_(e, c, stats, SCALES, DECAY)
+        results.append((e, c, dropped))
+    (e1, c1, d1), (e2, c2, d2) = results
+    assert d1.item() == d2.item() == 1
+    assert all(torch.equal(a, b) for a, b in zip(e1 + c1, e2 + c2))
+
+
+def test_mixed_dtypes_and_non_contiguous_layers_through_dispatch():
+    """ops.fold_statistics_ with backend="triton": float32 and float64 layers take one launch pair
+    each, a non-contiguous EMA the reference; the dropped counts of all of them add up."""
+    gen = torch.Generator().manual_seed(5)
+    emas32, counts32, stats32 = make_layers(torch.float32, gen, SHAPES[:2])
+    emas64, counts64, stats64 = make_layers(torch.float64, gen, SHAPES[2:4])
+    strided_ema = torch.randn(2, 9, 9, generator=gen).to(DEVICE).mT  # a transposed view
+    emas = emas32 + emas64 + [strided_ema]
+    counts = counts32 + counts64 + [torch.rand((), generator=gen).to(DEVICE)]
+    stats = stats32 + stats64 + [torch.randn(2, 9, 9, generator=gen).to(DEVICE)]
+    stats[0][0, 3, 3] = float("nan")
+    stats[3][0, 0, 0] = float("inf")
+    stats[4][1, 8, 2] = float("nan")
+    scales = SCALES[:4] + [0.5]
+    ref_emas, ref_counts = clone(emas), clone(counts)
+    exact_emas, exact_counts = fold64(emas, counts, stats, scales, DECAY)
+
+    dropped = ops.fold_statistics_(emas, counts, stats, scales, DECAY, backend="triton")
+    ref_dropped = reference.fold_statistics_(ref_emas, ref_counts, stats, scales, DECAY)
+
+    assert dropped.item() == ref_dropped.item() == 3
+    assert strided_ema.stride() != strided_ema.contiguous().stride()  # still the caller's view
+    for out, ref, exact in zip(emas + counts, ref_emas + ref_counts, exact_emas + exact_counts):
+        assert torch.equal(out, ref)
+        assert rel_error(out, exact) <= 1e-6
+
+
+def test_dispatch_picks_the_kernel():
+    assert ops.implementation("fold_statistics_", "triton", torch.device(DEVICE)) is fold_statistics.fold_statistics_
+
+
+def test_compile_specs_cover_the_launcher():
+    """Both kernels for both dtypes at the launcher's block size, elementwise (no tensor cores); the
+    build itself is checked for every module by test_compile_check."""
+    specs = fold_statistics.compile_specs()
+    configs = {(spec["kernel"], spec["constexprs"]["FP64"], spec["constexprs"]["BLOCK"], spec["num_warps"])
+               for spec in specs}
+    assert configs == {(name, fp64, fold_statistics.BLOCK, fold_statistics.NUM_WARPS)
+                       for name in ("nonfinite_flags_kernel", "fold_kernel") for fp64 in (False, True)}
+    assert not any(spec["mma"] for spec in specs)
