@@ -1,0 +1,228 @@
+"""Turn pytest-benchmark JSON files into the markdown of bench/RESULTS.md.
+
+    pytest bench/ --benchmark-json=bench/results/cpu.json
+    python bench/report.py bench/results/cpu.json [more.json ...] -o bench/RESULTS.md
+
+One section per JSON file (machine, device, torch/Triton versions, date), one table per benchmark
+function, one row per measured benchmark: every number comes from the files, none is typed here
+except the paper's reference ratio, which is labelled as the paper's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+
+E2E_TEST = "test_e2e_step"
+# Benzing (2022), "Gradient descent on neurons and its link to approximate second-order optimization":
+# FOOF with T=100, S=10 costs about 10% more per step than SGD on a ResNet. The paper's number, not ours.
+PAPER_STEP_RATIO = 1.10
+# extra_info keys that the e2e table shows in its own columns, or that say nothing per row
+E2E_SHOWN = {"model", "optimizer", "batch_size", "peak_memory_bytes", "ratio_median", "ratio_mean", "rounds",
+             "sgd_interleaved_median_s", "input_shape", "smoke"}
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "—"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def format_value(key: str, value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key.endswith("_bytes") and isinstance(value, (int, float)):
+        return f"{value / 2**20:.1f} MiB"
+    if key.endswith("_s") and isinstance(value, (int, float)):
+        return format_seconds(value)
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, list):
+        return "×".join(str(v) for v in value) if all(isinstance(v, int) for v in value) else \
+            ", ".join(format_value(key, v) for v in value)
+    if isinstance(value, dict):
+        return " ".join(f"{k}={format_value(k, v)}" for k, v in value.items())
+    return str(value).replace("|", "\\|")
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def test_function(bench: dict) -> str:
+    """'bench/test_bench_e2e.py::test_e2e_step' from the row's full name."""
+    return bench["fullname"].split("[")[0]
+
+
+def run_key(data: dict) -> tuple:
+    """Files measured on the same device with the same software and sizes share one section."""
+    info = data.get("machine_info", {})
+    ours = info.get("fastfoof", {})
+    return (ours.get("cuda_device") or info.get("cpu", {}).get("brand_raw", "?"), info.get("node"), ours.get("torch"),
+            ours.get("triton"), ours.get("bench_smoke"))
+
+
+def machine_lines(runs: list[tuple[Path, dict]]) -> list[str]:
+    data = runs[0][1]
+    info = data.get("machine_info", {})
+    ours = info.get("fastfoof", {})
+    cpu = info.get("cpu", {})
+    dates = sorted(datetime.fromisoformat(d["datetime"]) for _, d in runs)
+    date = dates[0].strftime("%Y-%m-%d %H:%M")
+    if dates[-1] != dates[0]:
+        date += " to " + dates[-1].strftime("%Y-%m-%d %H:%M")
+    device = ours.get("cuda_device") or f"CPU only ({cpu.get('brand_raw', info.get('processor') or '?')})"
+    if ours.get("driver"):
+        device += f", driver {ours['driver']}"
+    if ours.get("cuda_device") and ours.get("cuda_runtime"):
+        device += f", CUDA {ours['cuda_runtime']}"
+    run = "smoke sizes (FASTFOOF_BENCH_SMOKE=1): checks that the suite runs, not speed" if ours.get("bench_smoke") \
+        else "full sizes"
+    return [
+        f"- date: {date} UTC",
+        f"- device: {device}",
+        f"- machine: {info.get('node', '?')}, {cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} CPU cores, "
+        f"{info.get('system', '?')} {info.get('release', '')}".rstrip(),
+        f"- torch {ours.get('torch', '?')} ({ours.get('torch_threads', '?')} threads), "
+        f"Triton {ours.get('triton') or 'not installed'}, Python {info.get('python_version', '?')}, "
+        f"pytest-benchmark {data.get('version', '?')}",
+        f"- run: {run}",
+        "- source: " + ", ".join(f"`{path.name}`" for path, _ in runs),
+    ]
+
+
+def e2e_section(benches: list[dict]) -> list[str]:
+    header = ["model", "optimizer", "batch", "median step", "mean step", "÷ SGD (median)", "÷ SGD (mean)",
+              "peak memory", "rounds", "notes"]
+    rows = []
+    for bench in benches:
+        info, stats = bench["extra_info"], bench["stats"]
+        notes = {k: v for k, v in info.items() if k not in E2E_SHOWN and k not in ("memory_note", "device")}
+        rows.append([
+            info.get("model", bench["param"]), info.get("optimizer", ""), format_value("batch", info.get("batch_size")),
+            format_seconds(stats["median"]), format_seconds(stats["mean"]),
+            format_value("ratio", info.get("ratio_median")), format_value("ratio", info.get("ratio_mean")),
+            format_value("peak_memory_bytes", info.get("peak_memory_bytes")), str(stats["rounds"]),
+            format_value("notes", notes),
+        ])
+    lines = table(header, rows)
+    lines += ["", "A row times one whole training step (forward, backward, optimizer step) over one FOOF period "
+              "of rounds: the mean is FOOF's amortised cost (its S observed steps and one inversion "
+              "included), the median a typical step. ÷ SGD divides by the median of the SGD steps "
+              "interleaved with that row's steps in the same process."]
+    memory_notes = {b["extra_info"].get("memory_note") for b in benches} - {None}
+    lines += [f"Peak memory: {note}." for note in sorted(memory_notes)]
+    ours = [b for b in benches if b["extra_info"].get("optimizer") == "foof_T100_S10" and not b["extra_info"].get("smoke")
+            and b["extra_info"].get("ratio_mean") is not None and "resnet" in b["extra_info"].get("model", "")]
+    for bench in ours:
+        info = bench["extra_info"]
+        lines.append(f"\n**FOOF (T=100, S=10) per step vs SGD, ResNet-18, batch {info['batch_size']}: ours "
+                     f"{info['ratio_mean']:.2f}× amortised ({info['ratio_median']:.2f}× median step); "
+                     f"the paper's reference number (Benzing 2022, not measured here): about "
+                     f"{PAPER_STEP_RATIO:.2f}× (+10%).**")
+    return lines
+
+
+def generic_section(benches: list[dict]) -> list[str]:
+    """Columns: the timing statistics, then every extra_info key; keys equal in all rows go above."""
+    keys = []
+    for bench in benches:
+        keys += [k for k in bench["extra_info"] if k not in keys]
+    constant = {k: benches[0]["extra_info"].get(k) for k in keys
+                if all(k in b["extra_info"] and b["extra_info"][k] == benches[0]["extra_info"][k] for b in benches)}
+    varying = [k for k in keys if k not in constant] if len(benches) > 1 else keys
+    lines = []
+    if len(benches) > 1 and constant:
+        lines += ["All rows: " + ", ".join(f"{k} = {format_value(k, v)}" for k, v in constant.items()), ""]
+    header = ["case", "median", "mean", "min", "rounds"] + varying
+    rows = [[bench["param"] or bench["name"], format_seconds(bench["stats"]["median"]),
+             format_seconds(bench["stats"]["mean"]), format_seconds(bench["stats"]["min"]),
+             str(bench["stats"]["rounds"])] + [format_value(k, bench["extra_info"].get(k)) for k in varying]
+            for bench in benches]
+    return lines + table(header, rows)
+
+
+def device_section(runs: list[tuple[Path, dict]]) -> list[str]:
+    title = runs[0][1].get("machine_info", {}).get("fastfoof", {}).get("cuda_device") or "CPU"
+    lines = [f"## {title}", ""] + machine_lines(runs)
+    groups = defaultdict(list)
+    for _, data in runs:
+        for bench in data["benchmarks"]:
+            groups[test_function(bench)].append(bench)
+    if not groups:
+        lines += ["", "No benchmark rows (a run with --benchmark-disable records none)."]
+    for name in sorted(groups, key=lambda n: (not n.endswith(E2E_TEST), n)):  # end-to-end first
+        benches = groups[name]
+        lines += ["", f"### `{name}`", ""]
+        lines += e2e_section(benches) if name.endswith(E2E_TEST) else generic_section(benches)
+    return lines
+
+
+def compile_check_section(path: Path) -> list[str]:
+    """The kernel builds of `python -m fastfoof.kernels.compile_check --json` (sm_80/sm_90 cubins)."""
+    rows = json.loads(path.read_text())
+    failed = sum(not row.get("ok") for row in rows)
+    lines = ["## Kernel builds", "",
+             f"`python -m fastfoof.kernels.compile_check --json` (`{path.name}`): {len(rows)} builds, "
+             f"{failed} failed. Registers per thread, spilled bytes, shared memory per block, and whether "
+             "the SASS holds tensor-core (MMA) instructions.", ""]
+    header = ["kernel", "config", "arch", "ok", "registers", "spilled bytes", "shared bytes", "mma"]
+    errors = any(row.get("error") for row in rows)
+    body = [[format_value("kernel", row.get("kernel")), format_value("config", row.get("config")),
+             format_value("arch", row.get("arch")), format_value("ok", row.get("ok")),
+             format_value("regs", row.get("regs")), format_value("spills", row.get("spills")),
+             format_value("shared", row.get("shared_bytes")), format_value("mma", row.get("mma"))]
+            + ([format_value("error", str(row.get("error") or "")[:120])] if errors else [])
+            for row in rows]
+    return lines + table(header + (["error"] if errors else []), body)
+
+
+def render(paths: list[Path], compile_check: Path | None = None, notes: list[str] = ()) -> str:
+    sections = defaultdict(list)
+    for path in paths:
+        data = json.loads(path.read_text())
+        sections[run_key(data)].append((path, data))
+    lines = ["# fastfoof benchmark results", "",
+             "Generated by `python bench/report.py " + " ".join(str(p) for p in paths)
+             + (f" --compile-check {compile_check}" if compile_check else "")
+             + "".join(f" --note {note!r}" for note in notes) + "` from the "
+             "pytest-benchmark JSON that `pytest bench/` wrote; do not edit by hand. Times are per call "
+             "(median, mean, min over `rounds` timed calls). On CPU the reference ops run "
+             "(no Triton), and rows marked `reduced` ran smaller sizes so that the suite finishes in minutes."]
+    lines += [f"\nNote: {note}" for note in notes]
+    for runs in sections.values():
+        lines += [""] + device_section(runs)
+    if compile_check is not None:
+        lines += [""] + compile_check_section(compile_check)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="pytest-benchmark JSON -> markdown tables")
+    parser.add_argument("json", nargs="+", type=Path, help="files written by pytest --benchmark-json")
+    parser.add_argument("-o", "--output", type=Path, help="markdown file to write (default: stdout)")
+    parser.add_argument("--compile-check", type=Path,
+                        help="also tabulate this output of `python -m fastfoof.kernels.compile_check --json`")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a sentence about the run to print under the title (repeatable)")
+    args = parser.parse_args(argv)
+    text = render(args.json, args.compile_check, args.note)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()
