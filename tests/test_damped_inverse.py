@@ -1,20 +1,10 @@
 """The reference damped inverse: buckets, identity padding, fallbacks, one synchronisation."""
-import pytest
 import torch
 
 from fastfoof import reference
 from fastfoof.reference import KEPT_PREVIOUS, OK, RETRIED, bucket_dim, bucket_inverses, damped_inverse
 
 from helpers import damped_inverse64, rel_error
-
-
-@pytest.fixture(autouse=True)
-def float32_default():
-    """Another test module sets the default dtype to float64 at import; these tests build float32 data."""
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(saved)
 
 
 def random_spd(groups: int, dim: int, generator, dtype=torch.float32) -> torch.Tensor:

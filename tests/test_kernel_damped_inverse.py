@@ -9,15 +9,6 @@ from fastfoof.reference import KEPT_PREVIOUS, OK, RETRIED
 from helpers import damped_inverse64, rel_error
 
 
-@pytest.fixture(autouse=True)
-def float32_default():
-    """Another test module sets the default dtype to float64 at import; these tests build float32 data."""
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(saved)
-
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: through TRITON_INTERPRET=1 (conftest)
 
 
