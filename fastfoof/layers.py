@@ -1,7 +1,7 @@
 """The layers FOOF preconditions, how they are found, and the blocks the update works on."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Union
 
 import torch
@@ -34,7 +34,8 @@ class Layer:
     stat: torch.Tensor | None = None  # Σ a aᵀ over the forwards observed since the last step
     samples: int = 0  # Σ B over those forwards
     seen_in_forward: bool = False  # observed outside backward since the last step
-    bias_row: bool = field(default=False)  # set from the optimizer's parameters
+    bias_row: bool = False  # these two are set from the optimizer's parameters
+    active: bool = False  # its weight is handed to the optimizer: preconditioned
 
     @property
     def weight(self) -> torch.Tensor:

@@ -71,7 +71,6 @@ class FOOF(Optimizer):
         self._hooks = [layer.module.register_forward_hook(partial(self._observe, layer), with_kwargs=True)
                        for layer in self.layers]
         self._steps = 0  # t of DESIGN §1.5: step() calls so far
-        self._inverted = False  # a preconditioner exists
         self._warming_up = False
         self._counters = torch.zeros(len(DIAGNOSTICS), dtype=torch.int64)  # on the device: read once per round
         self._warned: set[str] = set()
@@ -100,7 +99,8 @@ class FOOF(Optimizer):
         for layer in self.layers:
             weight, bias = layer.weight, layer.module.bias
             layer.bias_row = self.precondition_bias and bias is not None and bias in group_of
-            if weight not in group_of or not weight.requires_grad:
+            layer.active = weight in group_of and weight.requires_grad
+            if not layer.active:
                 continue
             params = [weight, bias] if layer.bias_row else [weight]
             in_layer.update(params)
@@ -111,17 +111,21 @@ class FOOF(Optimizer):
 
     # ---- statistics -------------------------------------------------------------------------
 
-    def _observing(self) -> bool:
-        """Whether forwards now feed the statistic of the coming step (DESIGN §1.5)."""
-        if self._warming_up or not self._inverted:
+    def _has_precond(self, layer: Layer) -> bool:
+        precond = self.state[layer.weight].get("precond")
+        return precond is not None and precond.shape[-1] == layer.dim + layer.bias_row
+
+    def _observing(self, layer: Layer) -> bool:
+        """Whether the layer's forwards now feed the statistic of the coming step (DESIGN §1.5)."""
+        if self._warming_up or not self._has_precond(layer):
             return True
         r = (self._steps + 1) % self.inv_period
         return r == 0 or r > self.inv_period - self.stats_steps
 
     def _observe(self, layer: Layer, module: nn.Module, args, kwargs, output) -> None:
-        if not (module.training and torch.is_grad_enabled()) or layer not in self._active:
+        if not (module.training and torch.is_grad_enabled() and layer.active):
             return
-        if not self._observing():
+        if not self._observing(layer):
             return
         if in_backward():
             # A checkpointed forward re-run during backward: count it only if the original forward
@@ -131,8 +135,8 @@ class FOOF(Optimizer):
         else:
             layer.seen_in_forward = True
         x = (args[0] if args else kwargs["input"]).detach()
-        if layer.stat is None:
-            dim = layer.dim + layer.bias_row
+        dim = layer.dim + layer.bias_row
+        if layer.stat is None or layer.stat.shape[-1] != dim:  # the bias row may come with a new group
             layer.stat = torch.empty(layer.groups, dim, dim, dtype=stat_dtype(layer.weight.dtype),
                                      device=layer.weight.device)
         with torch.autocast(x.device.type, enabled=False):  # statistics stay in float32
@@ -170,12 +174,12 @@ class FOOF(Optimizer):
             state.pop("precond", None)
         return state
 
-    def _invert(self) -> None:
-        """P = (Σ/n + λI)⁻¹ for every preconditioned layer, all at once (DESIGN §1.3).
+    def _invert(self, layers: list[Layer]) -> None:
+        """P = (Σ/n + λI)⁻¹ for the given layers, all at once (DESIGN §1.3).
 
         Across ranks, the EMAs are averaged first and each rank inverts its share of the layers.
         """
-        states = [self._layer_state(layer) for layer in self._active]
+        states = [self._layer_state(layer) for layer in layers]
         group = distributed.active_group(self.process_group)
         if group is not None:
             distributed.average_(chain.from_iterable((s["ema"], s["ema_count"]) for s in states), group)
@@ -197,7 +201,6 @@ class FOOF(Optimizer):
             codes = torch.cat(codes)
             self._count("cholesky_retries", (codes != OK).sum())
             self._count("cholesky_failures", (codes == KEPT_PREVIOUS).sum())
-        self._inverted = True
         self._warn_new_diagnostics()
 
     def _count(self, name: str, value: torch.Tensor) -> None:
@@ -223,7 +226,8 @@ class FOOF(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One FOOF step: fold this step's statistics, (first) invert, update, invert every T steps."""
+        """One FOOF step: fold this step's statistics, invert for layers without P, update, invert
+        every T steps."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -234,12 +238,12 @@ class FOOF(Optimizer):
             return loss
         self._steps += 1
         self._fold_statistics()
-        inverted_now = not self._inverted
-        if inverted_now:
-            self._invert()
+        fresh = [layer for layer in self._active if not self._has_precond(layer)]
+        if fresh:  # a layer's first P comes from its own first statistics, before its first update
+            self._invert(fresh)
         self._update(getattr(self, "grad_scale", None))
-        if self._steps % self.inv_period == 0 and not inverted_now:
-            self._invert()
+        if self._steps % self.inv_period == 0:
+            self._invert([layer for layer in self._active if layer not in fresh])
         return loss
 
     def _update(self, grad_scale: torch.Tensor | None) -> None:
@@ -266,7 +270,7 @@ class FOOF(Optimizer):
         finally:
             self._warming_up = False
         self._fold_statistics()
-        self._invert()
+        self._invert(self._active)
 
     def remove_hooks(self) -> None:
         """Detach the forward hooks: no statistic is observed afterwards."""
@@ -276,7 +280,7 @@ class FOOF(Optimizer):
 
     def state_dict(self) -> dict:
         state_dict = super().state_dict()
-        state_dict["foof"] = {"steps": self._steps, "inverted": self._inverted, "diagnostics": self.diagnostics}
+        state_dict["foof"] = {"steps": self._steps, "diagnostics": self.diagnostics}
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -291,7 +295,6 @@ class FOOF(Optimizer):
                 if isinstance(value, torch.Tensor):
                     self.state[p][key] = value.to(p.device, copy=True)
         self._steps = foof["steps"]
-        self._inverted = foof["inverted"]
         self._counters = torch.tensor([foof["diagnostics"].get(name, 0) for name in DIAGNOSTICS])
         self._warned = {name for name, value in foof["diagnostics"].items() if value}
         self._build_blocks()

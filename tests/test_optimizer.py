@@ -494,3 +494,18 @@ def test_statistics_under_autocast_stay_float32():
         assert layer.stat.dtype == torch.float32
         ref = gram64(inp.float(), layer.module, True)
         assert ((layer.stat - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+def test_bias_handed_later_joins_its_layer():
+    model = make_model()
+    opt = fastfoof.FOOF(model, [p for n, p in model.named_parameters() if n != "6.bias"], lr=0.1, inv_period=2,
+                        stats_steps=2, backend="reference")
+    x, y = make_batches(1)[0]
+    for step in range(3):
+        if step == 1:
+            opt.add_param_group({"params": [model[6].bias]})
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+    layer = opt.layers[-1]
+    assert layer.bias_row and opt.state[layer.weight]["precond"].shape == (1, 73, 73)
