@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastfoof.kernels.tables import to_device
 from fastfoof.reference import bucket_dim, bucket_inverses, resolve_failures
 
 KERNEL_MAX_DIM = 64
@@ -84,7 +85,8 @@ def _launch_plan(layout: tuple[tuple[int, int], ...], device: torch.device) -> l
             entries.setdefault(kernel_block(dim), []).append((offset, dim, layer, index))
             offset += dim * dim
             index += 1
-    return [(block, torch.tensor(rows, dtype=torch.int64).to(device)) for block, rows in sorted(entries.items())]
+    return [(block, to_device(torch.tensor(rows, dtype=torch.int64), device))
+            for block, rows in sorted(entries.items())]
 
 
 def _kernel_inverses(mats: list[torch.Tensor], damping: float, scales: list[torch.Tensor | None]

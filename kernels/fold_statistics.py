@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from fastfoof import reference
+from fastfoof.kernels.tables import to_device
 
 BLOCK = 2048
 NUM_WARPS = 4
@@ -116,19 +117,12 @@ class _Plan:
     def __init__(self, key: tuple, device: torch.device, rows: list[tuple]):
         self.key = key
         tiles = [(i, b) for i, row in enumerate(rows) for b in range(triton.cdiv(row[3], BLOCK))]
-        self.layers = _to_device(torch.tensor(rows, dtype=torch.int64), device)
-        self.tiles = _to_device(torch.tensor(tiles, dtype=torch.int32).reshape(-1, 2), device)
+        self.layers = to_device(torch.tensor(rows, dtype=torch.int64), device)
+        self.tiles = to_device(torch.tensor(tiles, dtype=torch.int32).reshape(-1, 2), device)
         self.flags = torch.zeros(len(rows), dtype=torch.int64, device=device)
         self.epoch = 0
         self.scalar_key: tuple | None = None
         self.scalars: torch.Tensor | None = None
-
-
-def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cpu":
-        return table
-    # Pinned staging makes the copy asynchronous; torch's host allocator keeps it alive until done.
-    return table.pin_memory().to(device, non_blocking=True)
 
 
 # (device, dtype) -> the plan of the last call; the optimizer folds the same layers every step.
@@ -186,7 +180,7 @@ def _launch(device: torch.device, dtype: torch.dtype, emas: list[torch.Tensor], 
     if plan.scalar_key != scalar_key:
         # Python float64 products, rounded once to the table's dtype: the reference's rounding.
         values = [decay, 1 - decay] + [s * (1 - decay) for s in scalar_key[1:]]
-        plan.scalars = _to_device(torch.tensor(values, dtype=dtype), device)
+        plan.scalars = to_device(torch.tensor(values, dtype=dtype), device)
         plan.scalar_key = scalar_key
     plan.epoch += 1
     dropped = torch.empty((), dtype=torch.int64, device=device)  # zeroed by the first kernel

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from fastfoof import reference
+from fastfoof.kernels.tables import to_device
 from fastfoof.reference import stat_dtype
 
 # tl.dot input precision for fp32 operands: TF32 on tensor cores by default; tests set "ieee".
@@ -158,10 +159,7 @@ def _device_table(name: tuple, key: tuple, build) -> torch.Tensor:
     cached = _TABLES.get(name)
     if cached is not None and cached[0] == key:
         return cached[1]
-    table = build()
-    if table.device != name[0]:
-        # Pinned staging makes the copy asynchronous; torch's host allocator keeps it alive until done.
-        table = table.pin_memory().to(name[0], non_blocking=True)
+    table = to_device(build(), name[0])
     _TABLES[name] = (key, table)
     return table
 
