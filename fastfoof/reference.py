@@ -54,7 +54,8 @@ def patch_gram_(out: torch.Tensor, x: torch.Tensor, module: nn.Module, *, alpha:
     chunks = x.split(max(1, CHUNK_ELEMENTS // max(per_sample, 1)))
     if not chunks or x.shape[0] == 0:
         return out.mul_(beta) if beta else out.zero_()
-    for i, chunk in enumerate(chunks):
+    total = None
+    for chunk in chunks:
         chunk = chunk.to(out.dtype)
         if geom.kernel:
             p = unfold_patches(chunk, geom)
@@ -64,8 +65,10 @@ def patch_gram_(out: torch.Tensor, x: torch.Tensor, module: nn.Module, *, alpha:
             a = chunk.t().unsqueeze(0)
         if bias:
             a = torch.cat([a, a.new_ones(groups, 1, a.shape[-1])], 1)
-        out.baddbmm_(a, a.transpose(1, 2), beta=beta if i == 0 else 1.0, alpha=alpha)
-    return out
+        total = torch.bmm(a, a.mT) if total is None else total.baddbmm_(a, a.mT)
+    # A BLAS gram need not be bitwise symmetric; Cholesky reads one triangle, so mirror it.
+    total = total.tril().add_(total.tril(-1).mT)
+    return out.mul_(beta).add_(total, alpha=alpha) if beta else torch.mul(total, alpha, out=out)
 
 
 def fold_statistics_(emas: list[torch.Tensor], counts: list[torch.Tensor], stats: list[torch.Tensor],

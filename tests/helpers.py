@@ -50,3 +50,14 @@ def damped_inverse64(m: torch.Tensor, damping: float) -> torch.Tensor:
     """(M + λI)⁻¹ by torch.linalg.inv in float64."""
     m = m.double()
     return torch.linalg.inv(m + damping * torch.eye(m.shape[-1], dtype=torch.float64))
+
+
+def random_spd(groups: int, dim: int, generator, dtype=torch.float32) -> torch.Tensor:
+    """[groups, dim, dim] symmetric positive definite, eigenvalues within about [0.1, 6].
+
+    Symmetrised explicitly: a batched a·aᵀ need not be bitwise symmetric (MKL), and Cholesky reads
+    one triangle only, while torch.linalg.inv reads both.
+    """
+    a = torch.randn(groups, dim, 2 * dim + 3, generator=generator, dtype=dtype)
+    m = a @ a.mT / dim
+    return 0.5 * (m + m.mT)

@@ -4,12 +4,8 @@ import torch
 from fastfoof import reference
 from fastfoof.reference import KEPT_PREVIOUS, OK, RETRIED, bucket_dim, bucket_inverses, damped_inverse
 
-from helpers import damped_inverse64, rel_error
+from helpers import damped_inverse64, random_spd, rel_error
 
-
-def random_spd(groups: int, dim: int, generator, dtype=torch.float32) -> torch.Tensor:
-    a = torch.randn(groups, dim, 2 * dim + 3, generator=generator, dtype=dtype)
-    return a @ a.mT / dim
 
 
 def test_bucket_sizes():

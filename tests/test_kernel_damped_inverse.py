@@ -6,7 +6,7 @@ from fastfoof import ops
 from fastfoof.kernels import damped_inverse as kernel
 from fastfoof.reference import KEPT_PREVIOUS, OK, RETRIED
 
-from helpers import damped_inverse64, rel_error
+from helpers import damped_inverse64, random_spd, rel_error
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: through TRITON_INTERPRET=1 (conftest)
@@ -26,10 +26,6 @@ def with_condition(groups: int, dim: int, cond: float, damping: float, generator
     m = (q * (eig - damping)) @ q.mT
     return (0.5 * (m + m.mT)).float()
 
-
-def random_spd(groups: int, dim: int, generator) -> torch.Tensor:
-    a = torch.randn(groups, dim, 2 * dim + 3, generator=generator)
-    return a @ a.mT / dim  # eigenvalues within about [0.1, 6]: conditioning stays near 60
 
 
 def bound(cond: float) -> float:
