@@ -1,7 +1,7 @@
 """The layers FOOF preconditions, how they are found, and the blocks the update works on."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Union
 
 import torch
@@ -25,25 +25,45 @@ class Block:
 
 @dataclass(eq=False)
 class Layer:
-    """A Linear/Conv module whose weight FOOF may precondition, with its pending statistic."""
+    """A Linear/Conv module whose weight FOOF may precondition, with what it observed since the last
+    step: the inputs its forward hook recorded, and the statistic made of them."""
 
     name: str
     module: nn.Module
     groups: int
     dim: int  # D, without the bias row
-    stat: torch.Tensor | None = None  # Σ a aᵀ over the forwards observed since the last step
-    samples: int = 0  # Σ B over those forwards
-    seen_in_forward: bool = False  # observed outside backward since the last step
-    bias_row: bool = False  # these two are set from the optimizer's parameters
-    active: bool = False  # its weight is handed to the optimizer: preconditioned
+    # (input, recomputed) of each training forward not yet turned into statistics; `recomputed`:
+    # a forward re-run by activation checkpointing during backward
+    inputs: list = field(default_factory=list)
+    stat: torch.Tensor | None = None  # Σ a aᵀ over the inputs taken since the last step
+    samples: int = 0  # Σ B over those inputs
+    handed: bool = False  # these two are set from the optimizer's parameters
+    bias_row: bool = False
 
     @property
     def weight(self) -> torch.Tensor:
         return self.module.weight
 
+    @property
+    def active(self) -> bool:
+        """Preconditioned at the coming step: its weight is handed to the optimizer and trains."""
+        return self.handed and self.weight.requires_grad
+
+    @property
+    def dim_out(self) -> int:
+        return self.dim + self.bias_row
+
+    def take_inputs(self) -> list[torch.Tensor]:
+        """The recorded inputs to count, now forgotten: the forwards outside backward if there are any,
+        else checkpointing's recomputes (reentrant checkpointing runs the original under no_grad)."""
+        records = list(self.inputs)
+        self.inputs.clear()  # in place: a compiled forward's side effects append to this very list
+        outside = [x for x, recomputed in records if not recomputed]
+        return outside or [x for x, _ in records]
+
     def clear(self) -> None:
+        self.inputs.clear()
         self.samples = 0
-        self.seen_in_forward = False
 
 
 def _skip_predicate(skip: Skip) -> Callable[[str, nn.Module], bool]:
@@ -61,11 +81,16 @@ def _skip_predicate(skip: Skip) -> Callable[[str, nn.Module], bool]:
     return lambda name, module: name in names or isinstance(module, types)
 
 
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a `torch.compile` wrapper compiles (its names are the user's names)."""
+    return getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
+
+
 def find_layers(model: nn.Module, skip: Skip) -> list[Layer]:
     """Every Linear/Conv layer of `model` not skipped, in `named_modules` order, each weight once."""
     skipped = _skip_predicate(skip)
     layers, claimed = [], set()
-    for name, module in model.named_modules():
+    for name, module in unwrap_compiled(model).named_modules():
         if not isinstance(module, LAYER_TYPES) or skipped(name, module):
             continue
         if not isinstance(module.weight, torch.Tensor) or id(module.weight) in claimed:

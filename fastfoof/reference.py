@@ -265,8 +265,12 @@ def sgd_step_(p: torch.Tensor, u: torch.Tensor, buf: torch.Tensor | None, group:
         else:
             buf.mul_(momentum).add_(u, alpha=1 - group["dampening"])
         u = u.add(buf, alpha=momentum) if group["nesterov"] else buf
-    if group["weight_decay"] != 0:
-        p.mul_(1 - lr * group["weight_decay"])
+    decay = 1 - lr * group["weight_decay"]
+    if p.dtype != u.dtype:  # a low-precision parameter: W·(1 − η·wd) − η·D in fp32, rounded once
+        p.copy_((p.to(u.dtype) * decay).add_(u, alpha=-lr))
+        return buf
+    if decay != 1:
+        p.mul_(decay)
     p.add_(u, alpha=-lr)
     return buf
 
