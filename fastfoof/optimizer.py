@@ -7,6 +7,7 @@ from functools import partial
 from itertools import chain
 
 import torch
+import torch._dynamo
 from torch import nn
 from torch.optim import Optimizer
 
@@ -71,6 +72,10 @@ class FOOF(Optimizer):
         self._hooks = [layer.module.register_forward_hook(partial(self._record, layer), with_kwargs=True)
                        for layer in self.layers]
         self._grad_hooks: dict[int, object] = {}  # id(layer) -> handle of its weight's grad hook
+        if torch._dynamo.config.skip_nnmodule_hook_guards and torch._dynamo.utils.counters["stats"]["unique_graphs"]:
+            # torch.compile does not guard on module hooks: code compiled before these hooks existed would
+            # run without them. Drop compiled code so that it is traced again, with the hooks.
+            torch.compiler.reset()
         self._steps = 0  # t of DESIGN §1.5: step() calls so far
         self._warming_up = False
         self._counters = torch.zeros(len(DIAGNOSTICS), dtype=torch.int64)  # on the device: read once per round
