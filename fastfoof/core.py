@@ -1,0 +1,460 @@
+"""What FOOF and KFAC share: layers observed through hooks, running statistics on DESIGN §1.5's
+schedule, batched inversions with their fallbacks, the grouped SGD-style update, state, GradScaler,
+DDP and warm-up. A subclass says which statistics it keeps and what preconditioner it makes of them.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from itertools import chain
+from typing import Callable
+
+import torch
+import torch._dynamo
+from torch import nn
+from torch.optim import Optimizer
+
+from . import distributed, ops
+from .geometry import batch_size
+from .layers import Block, Layer, Skip, find_layers, in_backward
+from .reference import KEPT_PREVIOUS, OK, stat_dtype
+
+DIAGNOSTICS = ("dropped_stats", "cholesky_retries", "cholesky_failures")
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A running second moment of a layer: its pending sum lives on the Layer (`stat`, `samples`
+    attributes), its EMA and weight n in the optimizer state (`ema`, `count` keys)."""
+
+    stat: str
+    samples: str
+    ema: str
+    count: str
+    shape: Callable[[Layer], tuple]  # [groups, d, d]
+
+
+# FOOF's Σ and KFAC's A: the layer's input patches (with the bias row)
+INPUTS = Statistic("stat", "samples", "ema", "ema_count", lambda layer: (layer.groups, layer.dim_out, layer.dim_out))
+
+
+class KroneckerOptimizer(Optimizer):
+    """The optimizer core shared by `fastfoof.FOOF` and `fastfoof.KFAC` (see those for the arguments).
+
+    A subclass sets `STATISTICS` and `KIND`, and implements `_preconditioners` (the inversion round's
+    math), `_ready` and `_prepare_block` (how a layer's block is preconditioned at the update).
+    """
+
+    STATISTICS: tuple[Statistic, ...] = (INPUTS,)
+    KIND = ""  # written into state_dict: a state dict loads only into the kind that saved it
+
+    def __init__(self, model: nn.Module, params=None, *, lr: float, damping: float = 1.0,
+                 momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0, ema_decay: float = 0.95, inv_period: int = 100,
+                 stats_steps: int = 10, precondition_bias: bool = True, skip: Skip = None,
+                 backend: str = "auto", process_group=None):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+        if not damping > 0:
+            raise ValueError(f"damping: must be > 0, got {damping}")
+        if not 0 <= ema_decay < 1:
+            raise ValueError(f"ema_decay: must be in [0, 1), got {ema_decay}")
+        if not (isinstance(inv_period, int) and inv_period >= 1):
+            raise ValueError(f"inv_period: must be an integer ≥ 1, got {inv_period}")
+        if not (isinstance(stats_steps, int) and 1 <= stats_steps <= inv_period):
+            raise ValueError(f"stats_steps: must be an integer in [1, inv_period={inv_period}], got {stats_steps}")
+        self.backend = ops.check_backend(backend)
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                        weight_decay=weight_decay)
+        super().__init__(model.parameters() if params is None else params, defaults)
+        devices = {p.device for group in self.param_groups for p in group["params"]}
+        if len(devices) > 1:
+            raise ValueError(f"params: {self.KIND} needs all parameters on one device, found {sorted(map(str, devices))}")
+        self.damping = damping
+        self.ema_decay = ema_decay
+        self.inv_period = inv_period
+        self.stats_steps = stats_steps
+        self.precondition_bias = precondition_bias
+        self.process_group = process_group
+        self.layers = find_layers(model, skip)
+        self._hooks = [layer.module.register_forward_hook(partial(self._record, layer), with_kwargs=True)
+                       for layer in self.layers]
+        self._grad_hooks: dict[int, object] = {}  # id(layer) -> handle of its weight's grad hook
+        if torch._dynamo.config.skip_nnmodule_hook_guards and torch._dynamo.utils.counters["stats"]["unique_graphs"]:
+            # torch.compile does not guard on module hooks: code compiled before these hooks existed would
+            # run without them. Drop compiled code so that it is traced again, with the hooks.
+            torch.compiler.reset()
+        self._steps = 0  # t of DESIGN §1.5: step() calls so far
+        self._warming_up = False
+        self._counters = torch.zeros(len(DIAGNOSTICS), dtype=torch.int64)  # on the device: read once per round
+        self._warned: set[str] = set()
+        self._blocks_key = None
+        self._assign_params()
+        self._refresh_blocks()
+
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        for name in ("lr", "momentum", "dampening", "weight_decay"):
+            if not group[name] >= 0:
+                raise ValueError(f"{name}: must be ≥ 0, got {group[name]}")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("nesterov: requires momentum > 0 and dampening = 0")
+
+    def add_param_group(self, param_group: dict) -> None:
+        self._check_group({**self.defaults, **param_group})  # before it joins param_groups
+        super().add_param_group(param_group)
+        if hasattr(self, "layers"):
+            self._assign_params()
+
+    def _assign_params(self) -> None:
+        """Which layers' weights (and biases, as the row of [Ŵ | b]) are handed to the optimizer."""
+        self._group_of = {p: group for group in self.param_groups for p in group["params"]}
+        for layer in self.layers:
+            bias = layer.module.bias
+            layer.handed = layer.weight in self._group_of
+            layer.bias_row = self.precondition_bias and bias is not None and bias in self._group_of
+        self._blocks_key = None
+
+    def _refresh_blocks(self) -> None:
+        """Pair each active layer's weight (and bias) in a block; the rest are single blocks. Rebuilt
+        only when the set of active layers changed (a weight frozen or unfrozen, a new param group)."""
+        key = tuple(layer.active for layer in self.layers)
+        if key == self._blocks_key:
+            return
+        self._blocks_key = key
+        self._active: list[Layer] = [layer for layer in self.layers if layer.active]
+        for layer in self._active:  # a weight that does not require grad cannot take the hook
+            if id(layer) not in self._grad_hooks and self._hooks:
+                self._grad_hooks[id(layer)] = layer.weight.register_post_accumulate_grad_hook(
+                    partial(self._take_statistics, layer))
+        self._blocks: list[Block] = []
+        in_layer = set()
+        for layer in self._active:
+            params = [layer.weight, layer.module.bias] if layer.bias_row else [layer.weight]
+            in_layer.update(params)
+            self._blocks.append(Block(params, [self._group_of[p] for p in params], layer.groups))
+        self._blocks += [Block([p], [group]) for p, group in self._group_of.items() if p not in in_layer]
+        self._layer_of_block = {id(b): layer for b, layer in zip(self._blocks, self._active)}
+
+    # ---- what a subclass defines ------------------------------------------------------------
+
+    def _ready(self, layer: Layer) -> bool:
+        """Whether the layer has a preconditioner computed from observed statistics of its shape."""
+        raise NotImplementedError
+
+    def _preconditioners(self, layers: list[Layer], states: list[dict]) -> tuple[list[dict], list[torch.Tensor]]:
+        """The inversion round's math for the given layers: their new preconditioner tensors (a dict
+        of state entries per layer) and a status code tensor per layer (OK, RETRIED, KEPT_PREVIOUS)."""
+        raise NotImplementedError
+
+    def _prepare_block(self, block: Block, layer: Layer, state: dict) -> None:
+        """Set what the update applies to a layer's block: `precond` (U = Ĝ·precond), and `grad`
+        when the gradient is transformed first."""
+        raise NotImplementedError
+
+    def _input_scale(self, x: torch.Tensor, module: nn.Module) -> float:
+        """Weight of one forward's Σ a aᵀ in the input statistic (FOOF: 1)."""
+        return 1.0
+
+    def _record_output(self, layer: Layer, output, batch: int) -> None:
+        """Forward hook's second half, for statistics of the layer's output (FOOF keeps none)."""
+
+    # ---- statistics -------------------------------------------------------------------------
+
+    def _observing(self, layer: Layer) -> bool:
+        """Whether the layer's forwards now feed the statistic of the coming step (DESIGN §1.5)."""
+        if self._warming_up or not self._ready(layer):
+            return True
+        r = (self._steps + 1) % self.inv_period
+        return r == 0 or r > self.inv_period - self.stats_steps
+
+    def _record(self, layer: Layer, module: nn.Module, args, kwargs, output) -> None:
+        """Forward hook: keep the input of a training forward for the statistics, computed later
+        (in backward or at step()), so that a compiled forward holds no statistics op and no
+        branch on t."""
+        if not (module.training and torch.is_grad_enabled() and layer.handed and module.weight.requires_grad):
+            return
+        x = args[0] if args else kwargs["input"]
+        layer.inputs.append((x.detach(), not torch.compiler.is_compiling() and in_backward()))
+        self._record_output(layer, output, batch_size(x, module))
+        if not torch.compiler.is_compiling() and self._warming_up:
+            self._take_statistics(layer)  # no backward follows: don't hold every warm-up batch
+
+    def _take_statistics(self, layer: Layer, weight: torch.Tensor | None = None) -> None:
+        """Turn the layer's recorded inputs into its pending statistic if the coming step observes
+        them, else drop them. Runs as the weight's post-accumulate-grad hook, so that the inputs are
+        released during backward, and at step() for forwards that had no backward."""
+        inputs = layer.take_inputs()
+        if not inputs or not (layer.active and self._observing(layer)):
+            return
+        for x in inputs:
+            self._accumulate(layer, INPUTS, x, layer.module, layer.bias_row, self._input_scale(x, layer.module),
+                             batch_size(x, layer.module))
+
+    def _accumulate(self, layer: Layer, statistic: Statistic, x: torch.Tensor, module: nn.Module, bias: bool,
+                    alpha: float, samples: int) -> None:
+        """Add α·Σ a aᵀ over the patch vectors of `x` (an input of `module`) to a pending statistic."""
+        dtype, device = stat_dtype(layer.weight.dtype), layer.weight.device
+        shape = statistic.shape(layer)
+        stat = getattr(layer, statistic.stat)
+        count = getattr(layer, statistic.samples)
+        if stat is None or tuple(stat.shape) != shape:
+            count = 0  # a bias row came or went since these samples: they are dropped
+        if not count:
+            if stat is None or tuple(stat.shape) != shape or stat.dtype != dtype or stat.device != device:
+                stat = torch.empty(shape, dtype=dtype, device=device)
+        elif stat.dtype != dtype or stat.device != device:
+            stat = stat.to(device, dtype)  # the model moved between two forwards
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # statistics stay in float32
+            ops.patch_gram_(stat, x.to(device), module, alpha=alpha, beta=1.0 if count else 0.0, bias=bias,
+                            backend=self.backend)
+        setattr(layer, statistic.stat, stat)
+        setattr(layer, statistic.samples, count + samples)
+
+    def _fold_statistics(self) -> int:
+        """Σ ← mΣ + (1−m)C for every statistic observed since the last step; C = Σ aaᵀ / Σ B.
+        Returns the number of statistics folded."""
+        for layer in self._active:
+            self._take_statistics(layer)  # forwards without a backward
+        emas, counts, stats, scales = [], [], [], []
+        for layer in self._active:
+            for statistic in self.STATISTICS:
+                samples, stat = getattr(layer, statistic.samples), getattr(layer, statistic.stat)
+                if samples and tuple(stat.shape) == statistic.shape(layer):
+                    state = self._layer_state(layer)
+                    emas.append(state[statistic.ema])
+                    counts.append(state[statistic.count])
+                    stats.append(stat)
+                    scales.append(1.0 / samples)
+        if emas:
+            self._count("dropped_stats", ops.fold_statistics_(emas, counts, stats, scales, self.ema_decay,
+                                                              backend=self.backend))
+        self._clear_statistics()
+        return len(emas)
+
+    def _clear_statistics(self) -> None:
+        for layer in self.layers:
+            layer.clear()
+
+    def _layer_state(self, layer: Layer) -> dict:
+        """The layer's optimizer state, with a zero EMA (weight n = 0) for each statistic it has none
+        of the layer's shape for (which also drops its preconditioner)."""
+        state = self.state[layer.weight]
+        dtype, device = stat_dtype(layer.weight.dtype), layer.weight.device
+        for statistic in self.STATISTICS:
+            shape = statistic.shape(layer)
+            if statistic.ema not in state or tuple(state[statistic.ema].shape) != shape:
+                state[statistic.ema] = torch.zeros(shape, dtype=dtype, device=device)
+                state[statistic.count] = torch.zeros((), dtype=dtype, device=device)
+                self._forget_preconditioner(layer)
+        return state
+
+    def _forget_preconditioner(self, layer: Layer) -> None:
+        state = self.state[layer.weight]
+        for key in [k for k in state if k not in self._statistic_keys() and k != "momentum_buffer"]:
+            del state[key]
+
+    def _statistic_keys(self) -> set[str]:
+        return {key for s in self.STATISTICS for key in (s.ema, s.count)}
+
+    def _follow_params(self) -> None:
+        """State tensors follow their parameter's device and dtype (DESIGN §1.2: float64 statistics for
+        float64 parameters) after `model.to(...)`, `model.double()` and the like: converted in place."""
+        for p, state in self.state.items():
+            dtype = stat_dtype(p.dtype)
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and \
+                        (value.dtype != dtype or value.device != p.device):
+                    state[key] = value.to(p.device, dtype)
+
+    # ---- inversion --------------------------------------------------------------------------
+
+    def _invert(self, layers: list[Layer]) -> None:
+        """Preconditioners of the given layers from their EMAs, all at once (DESIGN §1.3).
+
+        Across ranks, the EMAs are averaged first and each rank inverts its share of the layers,
+        then shares the results.
+        """
+        states = [self._layer_state(layer) for layer in layers]
+        group = distributed.active_group(self.process_group)
+        if group is not None:
+            distributed.average_(chain.from_iterable((s[st.ema], s[st.count]) for s in states
+                                                     for st in self.STATISTICS), group)
+        costs = [sum(s[st.ema].shape[0] * s[st.ema].shape[-1] ** 3 for st in self.STATISTICS) for s in states]
+        owner = distributed.owners(costs, group)
+        mine = [i for i, r in enumerate(owner) if r == distributed.rank(group)]
+        results, status = self._preconditioners([layers[i] for i in mine], [states[i] for i in mine])
+        codes: list[torch.Tensor | None] = [None] * len(layers)
+        for i, result, code in zip(mine, results, status):
+            states[i].update(result)
+            codes[i] = code
+        if group is not None:
+            # every rank holds buffers of the same shapes for what the others computed
+            template = self._preconditioners_like(layers, states)
+            for i in range(len(layers)):
+                if codes[i] is None:
+                    states[i].update(template[i][0])
+                    codes[i] = template[i][1]
+            keys = [sorted(template[i][0]) for i in range(len(layers))]
+            tensors = [states[i][k] for i in range(len(layers)) for k in keys[i]] + codes
+            owners = [owner[i] for i in range(len(layers)) for _ in keys[i]] + owner
+            distributed.share_(tensors, owners, group)
+        if codes:
+            codes = torch.cat(codes)
+            self._count("cholesky_retries", (codes != OK).sum())
+            self._count("cholesky_failures", (codes == KEPT_PREVIOUS).sum())
+        self._warn_new_diagnostics()
+
+    def _preconditioners_like(self, layers: list[Layer], states: list[dict]) -> list[tuple[dict, torch.Tensor]]:
+        """Empty tensors shaped as `_preconditioners`' results, for the layers another rank inverts."""
+        raise NotImplementedError
+
+    def _invert_observed(self, layers: list[Layer]) -> None:
+        """Preconditioners for layers that may have none yet; a layer with an empty EMA (nothing
+        observed, every statistic dropped, or a skipped step) stays without one and is observed
+        again (DESIGN §1.5)."""
+        self._invert(layers)
+        counts = torch.stack([self.state[layer.weight][st.count].to(self._counters.device)
+                              for layer in layers for st in self.STATISTICS]).reshape(len(layers), -1)
+        for layer, observed in zip(layers, (counts > 0).all(1).tolist()):
+            if not observed:
+                self._forget_preconditioner(layer)
+
+    # ---- diagnostics ------------------------------------------------------------------------
+
+    def _count(self, name: str, value: torch.Tensor) -> None:
+        self._counters = self._counters.to(value.device)
+        self._counters[DIAGNOSTICS.index(name)] += value
+
+    def _warn_once(self, name: str, message: str) -> None:
+        if name not in self._warned:
+            self._warned.add(name)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def _warn_new_diagnostics(self) -> None:
+        for name, value in self.diagnostics.items():
+            if value:
+                self._warn_once(name, f"{self.KIND}: {name} = {value} (see {self.KIND}.diagnostics and DESIGN §1.3)")
+
+    @property
+    def diagnostics(self) -> dict[str, int]:
+        """Counters of DESIGN §5: dropped_stats, cholesky_retries, cholesky_failures."""
+        return dict(zip(DIAGNOSTICS, self._counters.tolist()))
+
+    # ---- the step ---------------------------------------------------------------------------
+
+    # GradScaler hands this optimizer `grad_scale` and `found_inf` instead of unscaling the grads.
+    _step_supports_amp_scaling = True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step (the paper's Algorithm 1 with DESIGN §1.5's schedule): fold this step's
+        statistics, give layers their first preconditioner, update, invert every T steps."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and found_inf.item():
+            self._clear_statistics()  # a step the scaler skips leaves every state untouched
+            return loss
+        self._steps += 1
+        self._refresh_blocks()
+        self._follow_params()
+        first = self._first_inversions()
+        self._fold_statistics()
+        if first:  # a layer's first preconditioner comes from its own first statistics, before its first update
+            self._invert_observed(first)
+        self._update(getattr(self, "grad_scale", None))
+        if self._steps % self.inv_period == 0:
+            self._invert([layer for layer in self._active if layer not in first and self._ready(layer)])
+        return loss
+
+    def _first_inversions(self) -> list[Layer]:
+        """Layers without a preconditioner that get their first one at this step: those observed now.
+        Across ranks the set must agree before the statistics are averaged: every layer without one
+        whose weight has a gradient (the same on every rank under DDP)."""
+        waiting = [layer for layer in self._active if not self._ready(layer)]
+        if distributed.active_group(self.process_group) is None:
+            for layer in waiting:
+                self._take_statistics(layer)
+            return [layer for layer in waiting if all(getattr(layer, st.samples) for st in self.STATISTICS)]
+        return [layer for layer in waiting if layer.weight.grad is not None]
+
+    def _update(self, grad_scale: torch.Tensor | None) -> None:
+        blocks = []
+        for block in self._blocks:
+            layer = self._layer_of_block.get(id(block))
+            if layer is None:
+                blocks.append(block)
+            elif self._ready(layer) and block.params[0].grad is not None:
+                self._prepare_block(block, layer, self.state[layer.weight])
+                blocks.append(block)
+            else:  # no preconditioner yet (P = I/λ), or a weight without a gradient: U = G/λ per parameter
+                blocks += [Block([p], [group]) for p, group in zip(block.params, block.options)]
+        params = [p for block in blocks for p in block.params]
+        buffers = [self.state[p].get("momentum_buffer") for p in params]
+        ops.preconditioned_update_(blocks, buffers, damping=self.damping, grad_scale=grad_scale,
+                                   backend=self.backend)
+        for p, buf in zip(params, buffers):
+            if buf is not None:
+                self.state[p]["momentum_buffer"] = buf
+
+    # ---- the rest of the API ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def warm_up(self):
+        """Observe the training-mode forwards inside without stepping; compute the preconditioners on
+        exit (paper App. K). Eager forwards are turned into statistics at once; compiled ones keep
+        their inputs until exit."""
+        self._refresh_blocks()
+        self._follow_params()
+        self._clear_statistics()
+        self._warming_up = True
+        try:
+            yield self
+        finally:
+            self._warming_up = False
+        if not self._fold_statistics():
+            self._warn_once("warm_up", f"{self.KIND}.warm_up(): no training-mode forward with grad enabled was "
+                                       "observed, so no preconditioner was computed")
+        self._invert_observed(self._active)
+
+    def remove_hooks(self) -> None:
+        """Detach the hooks: no statistic is observed afterwards."""
+        for hook in self._hooks + list(self._grad_hooks.values()):
+            hook.remove()
+        self._hooks = []
+        self._grad_hooks = {}
+        self._clear_statistics()
+
+    def state_dict(self) -> dict:
+        state_dict = super().state_dict()
+        state_dict["foof"] = {"kind": self.KIND, "steps": self._steps, "diagnostics": self.diagnostics}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict saved by `state_dict()` of the same optimizer kind; any other (e.g. one
+        from torch.optim.SGD, whose momentum holds gradients rather than U) raises ValueError."""
+        state_dict = dict(state_dict)
+        foof = state_dict.pop("foof", None)
+        if foof is None:
+            raise ValueError(f"state_dict: no 'foof' entry; {self.KIND} loads only state dicts saved by "
+                             f"{self.KIND}.state_dict()")
+        if foof.get("kind", "FOOF") != self.KIND:
+            raise ValueError(f"state_dict: saved by {foof['kind']}, not {self.KIND}")
+        super().load_state_dict(state_dict)
+        # torch casts floating state to each parameter's dtype; the statistics keep their own.
+        ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
+        params = chain.from_iterable(group["params"] for group in self.param_groups)
+        for idx, p in zip(ids, params):
+            for key, value in state_dict["state"].get(idx, {}).items():
+                if isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.to(p.device, copy=True)
+        self._steps = foof["steps"]
+        self._counters = torch.tensor([foof["diagnostics"].get(name, 0) for name in DIAGNOSTICS])
+        self._warned = {name for name, value in foof["diagnostics"].items() if value}
+        self._assign_params()  # torch replaced the param group dicts the blocks read
+        self._clear_statistics()
