@@ -1,6 +1,7 @@
 """fastfoof: the FOOF optimizer ("gradient descent on neurons", Benzing 2022) for PyTorch."""
 from . import ops
+from .kfac import KFAC
 from .optimizer import FOOF
 
-__all__ = ["FOOF", "ops"]
+__all__ = ["FOOF", "KFAC", "ops"]
 __version__ = "0.1.0"

@@ -84,3 +84,19 @@ def patch_input(x: torch.Tensor, module: nn.Module) -> tuple[torch.Tensor, Patch
     geom = PatchGeometry(module.in_channels, module.groups, tuple(module.kernel_size), tuple(module.stride),
                          tuple(module.dilation), left, in_size, out_size)
     return x, geom
+
+
+def positions_per_sample(x: torch.Tensor, module: nn.Module) -> int:
+    """R of DESIGN §6: patch vectors per sample (output positions; rows per sample of a Linear input)."""
+    if isinstance(module, nn.Linear):
+        return x.numel() // (module.in_features * batch_size(x, module))
+    return patch_input(x, module)[1].positions
+
+
+def output_module(module: nn.Module) -> nn.Module:
+    """A stand-in whose patch vectors are the rows of the layer's output gradient: a 1×1 convolution
+    with the layer's groups (a Linear for a Linear), so that the patch gram computes KFAC's G."""
+    if isinstance(module, nn.Linear):
+        return nn.Linear(module.out_features, module.out_features, bias=False, device="meta")
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(module.kernel_size)]
+    return conv(module.out_channels, module.out_channels, 1, groups=module.groups, bias=False, device="meta")

@@ -21,6 +21,9 @@ class Block:
     options: list[dict]  # each parameter's param group: hyperparameters are read at step time
     groups: int = 1
     precond: torch.Tensor | None = None  # [groups, D', D']
+    # the gradient [Ĝ | g_b] already transformed from the left ([groups, rows, D']; KFAC), or None
+    # for the parameters' own gradients: U = grad·precond
+    grad: torch.Tensor | None = None
 
 
 @dataclass(eq=False)
@@ -37,6 +40,11 @@ class Layer:
     inputs: list = field(default_factory=list)
     stat: torch.Tensor | None = None  # Σ a aᵀ over the inputs taken since the last step
     samples: int = 0  # Σ B over those inputs
+    # KFAC: the output gradients' statistic since the last step, and (Monte Carlo Fisher) the outputs
+    # with their batch sizes, kept for `KFAC.backward_fisher`
+    grad_stat: torch.Tensor | None = None
+    grad_samples: int = 0
+    outputs: list = field(default_factory=list)
     handed: bool = False  # these two are set from the optimizer's parameters
     bias_row: bool = False
 
@@ -53,6 +61,11 @@ class Layer:
     def dim_out(self) -> int:
         return self.dim + self.bias_row
 
+    @property
+    def rows(self) -> int:
+        """Rows of Ŵ per group (output features or channels per group)."""
+        return self.weight.shape[0] // self.groups
+
     def take_inputs(self) -> list[torch.Tensor]:
         """The recorded inputs to count, now forgotten: the forwards outside backward if there are any,
         else checkpointing's recomputes (reentrant checkpointing runs the original under no_grad)."""
@@ -63,7 +76,8 @@ class Layer:
 
     def clear(self) -> None:
         self.inputs.clear()
-        self.samples = 0
+        self.outputs.clear()
+        self.samples = self.grad_samples = 0
 
 
 def _skip_predicate(skip: Skip) -> Callable[[str, nn.Module], bool]:

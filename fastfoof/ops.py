@@ -116,3 +116,12 @@ def preconditioned_update_(blocks, momentum_buffers, *, damping, grad_scale=None
         return
     fn = implementation("preconditioned_update_", backend, blocks[0].params[0].device)
     fn(blocks, momentum_buffers, damping=damping, grad_scale=grad_scale)
+
+
+def eigh_with_status(mats, *, scales=None, previous=None, backend=None):
+    """(w, Q) with s·M = Q diag(w) Qᵀ for each [groups, D, D] symmetric M, batched by size, with the
+    fallbacks of DESIGN §1.3 (KFAC's exact damping): `reference.eigh_with_status` on every backend
+    (torch.linalg.eigh calls cuSOLVER)."""
+    if not mats:
+        return [], []
+    return implementation("eigh_with_status", backend, mats[0].device)(mats, scales=scales, previous=previous)

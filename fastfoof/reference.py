@@ -275,6 +275,20 @@ def sgd_step_(p: torch.Tensor, u: torch.Tensor, buf: torch.Tensor | None, group:
     return buf
 
 
+def joint_gradient(block) -> torch.Tensor:
+    """[Ĝ | g_b] of a preconditioned block per group, [groups, rows, D'], in the statistics' dtype
+    (a bias without a gradient contributes zeros)."""
+    weight = block.params[0]
+    dtype = stat_dtype(weight.dtype)
+    groups, rows = block.groups, weight.shape[0] // block.groups
+    g = weight.grad.reshape(groups, rows, -1).to(dtype)
+    if len(block.params) == 2:  # the bias is the last column of [Ŵ | b]
+        bias = block.params[1]
+        gb = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+        g = torch.cat([g, gb.reshape(groups, rows, 1).to(dtype)], -1)
+    return g
+
+
 def block_updates(block, damping: float) -> list[torch.Tensor | None]:
     """U for each parameter of a block, in the statistics' dtype; None where the grad is None."""
     grads = [p.grad for p in block.params]
@@ -284,14 +298,66 @@ def block_updates(block, damping: float) -> list[torch.Tensor | None]:
     weight = block.params[0]
     if grads[0] is None:
         return [None] * len(grads)
-    groups, rows = block.groups, weight.shape[0] // block.groups
-    g = grads[0].reshape(groups, rows, -1).to(dtype)
-    if len(grads) == 2:  # the bias is the last column of [Ŵ | b]
-        gb = grads[1] if grads[1] is not None else torch.zeros_like(block.params[1])
-        g = torch.cat([g, gb.reshape(groups, rows, 1).to(dtype)], -1)
-    u = torch.bmm(g, block.precond)
+    u = torch.bmm(joint_gradient(block) if block.grad is None else block.grad, block.precond)
     dim = weight[0].numel()
     updates = [u[..., :dim].reshape(weight.shape)]
     if len(grads) == 2:
         updates.append(None if grads[1] is None else u[..., dim].reshape(block.params[1].shape))
     return updates
+
+
+def eigh_with_status(mats: list[torch.Tensor], *, scales: list[torch.Tensor] | None = None,
+                     previous: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
+                     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+    """Eigendecompositions s·M = Q diag(w) Qᵀ of symmetric [G, D, D] matrices, batched by size:
+    [(w, Q)] and a status per matrix ([G] int8, as `damped_inverse`). A decomposition that fails or
+    is non-finite is retried in float64, then keeps `previous` ((w, Q)), or (0, I) — no curvature —
+    where there is none. One host synchronisation per call, to decide the fallbacks."""
+    scales = scales if scales is not None else [None] * len(mats)
+    results: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(mats)  # type: ignore[list-item]
+    failed: list[torch.Tensor] = [None] * len(mats)  # type: ignore[list-item]
+    buckets: dict[tuple, list[int]] = {}
+    for i, m in enumerate(mats):
+        buckets.setdefault((m.shape[-1], m.dtype, m.device), []).append(i)
+    for members in buckets.values():
+        batch = torch.cat([mats[i] if scales[i] is None else mats[i] * scales[i].to(mats[i].dtype)
+                           for i in members])
+        values, vectors, bad = _eigh(batch)
+        sizes = [mats[i].shape[0] for i in members]
+        for i, w, q, f in zip(members, values.split(sizes), vectors.split(sizes), bad.split(sizes)):
+            results[i], failed[i] = (w, q), f
+    status = [torch.zeros(m.shape[0], dtype=torch.int8, device=m.device) for m in mats]
+    if not mats or not torch.cat([f.cpu() for f in failed]).any():
+        return results, status
+    previous = previous if previous is not None else [None] * len(mats)
+    for i, fails in enumerate(failed):
+        idx = fails.cpu().nonzero().squeeze(1).to(mats[i].device)
+        if not len(idx):
+            continue
+        m = mats[i][idx].double()
+        m = m if scales[i] is None else m * scales[i].double()
+        # one by one: LAPACK fails a whole batch for one bad matrix
+        w64, q64, bad64 = (torch.cat(parts) for parts in zip(*(_eigh(one) for one in m.split(1))))
+        w, q = results[i]
+        if previous[i] is not None:
+            kept_w, kept_q = (t[idx].to(w.dtype) for t in previous[i])
+        else:
+            kept_w = torch.zeros_like(w[idx])
+            kept_q = torch.eye(m.shape[-1], dtype=q.dtype, device=q.device).expand(len(idx), -1, -1)
+        retried = ~bad64
+        w[idx] = torch.where(retried[:, None], w64.to(w.dtype), kept_w)
+        q[idx] = torch.where(retried[:, None, None], q64.to(q.dtype), kept_q)
+        status[i][idx] = torch.where(retried, RETRIED, KEPT_PREVIOUS).to(torch.int8)
+    return results, status
+
+
+def _eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched symmetric eigendecomposition and a [batch] bool of failed (or non-finite) matrices."""
+    try:
+        values, vectors = torch.linalg.eigh(a)
+    except RuntimeError:  # LAPACK reports non-convergence as an error for the whole batch
+        values = torch.zeros(a.shape[:-1], dtype=a.dtype, device=a.device)
+        vectors = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a).clone()
+        return values, vectors, torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
+    bad = ~(torch.isfinite(values.sum(-1)) & torch.isfinite(vectors.sum((-2, -1))))
+    return values, vectors, bad

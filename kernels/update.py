@@ -324,6 +324,8 @@ def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | N
     for block in blocks:
         if block.precond is None:
             plain.append((block.params[0], slot, block.options[0]))
+        elif block.grad is not None:  # a gradient transformed from the left (KFAC): not in the kernel yet
+            _reference_block(block, slot, momentum_buffers, damping, grad_scale)
         elif block.params[0].grad is not None:
             weight = block.params[0]
             problems, scalar_rows = grouped.setdefault((weight.device, weight.dtype), ([], []))

@@ -1,6 +1,7 @@
-"""FOOF on torch.distributed: 2 gloo ranks on CPU equal one process on the union of their batches."""
+"""FOOF and KFAC on torch.distributed: 2 gloo ranks on CPU equal one process on the union of their batches."""
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 import fastfoof
 
 WORLD = 2
+SPAWN_TIMEOUT_S = 600
 STEPS, RESUME_AT = 7, 4  # inversions at t = 1, 3, 6 (T = 3); the checkpoint is taken after step 3
 KW = dict(lr=0.2, damping=0.5, momentum=0.9, weight_decay=0.01, inv_period=3, stats_steps=2, backend="reference")
 
@@ -85,6 +87,11 @@ def worker(rank, world, init_file, out_dir):
     opt.load_state_dict(opt_state)
     train(ddp, opt, data[RESUME_AT - 1:], rank, world)
     results["resumed"] = [p.detach().clone() for p in resumed.parameters()]
+    # KFAC: both factors averaged over the ranks once per round
+    kfac_model = make_model()
+    ddp = DistributedDataParallel(kfac_model)
+    train(ddp, fastfoof.KFAC(ddp, **KW), data, rank, world)
+    results["kfac"] = [p.detach().clone() for p in kfac_model.parameters()]
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -93,15 +100,21 @@ def worker(rank, world, init_file, out_dir):
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     sys.path.insert(0, os.path.dirname(__file__))  # spawned workers import this module by name
-    mp.spawn(worker, args=(WORLD, str(out / "init"), str(out)), nprocs=WORLD, join=True)
+    ranks = mp.spawn(worker, args=(WORLD, str(out / "init"), str(out)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not ranks.join(timeout=1):  # raises if a rank failed
+        if time.monotonic() > deadline:  # a rank that died silently leaves the other in a collective
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD} ranks did not finish within {SPAWN_TIMEOUT_S} s")
     return out, [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
-def single_process(data, opt_state=None, model_state=None):
+def single_process(data, opt_state=None, model_state=None, kind=fastfoof.FOOF):
     model = make_model()
     if model_state is not None:
         model.load_state_dict(model_state)
-    opt = fastfoof.FOOF(model, **KW)
+    opt = kind(model, **KW)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     train(model, opt, data, 0, 1)
@@ -139,3 +152,10 @@ def test_rank0_checkpoint_resumes_on_any_world_size(two_ranks):
     assert_close(resumed_alone, ranks[0]["ddp"])
     for r in ranks:
         assert_close(r["resumed"], r["ddp"])
+
+
+def test_kfac_two_ranks_equal_one_process_on_the_union(two_ranks):
+    _, ranks = two_ranks
+    expected = single_process(batches(), kind=fastfoof.KFAC)
+    for r in ranks:
+        assert_close(r["kfac"], expected)

@@ -1,0 +1,218 @@
+"""KFAC (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions, "expand" form) on FOOF's
+core and operations (DESIGN §6).
+
+Per preconditioned layer and group, with A its input patches (and bias row) and ĝ = B·∂L/∂s the
+scaled gradients of its output s at every output position:
+    every observed step      A ← EMA of A·Aᵀ/(B·R),   G ← EMA of Σ ĝĝᵀ/B          (core, `_record_output`)
+    every T steps            (G + d_G I)⁻¹ and (A + d_A I)⁻¹, or eigendecompositions ("exact")
+    every step               U = (G + d_G I)⁻¹ Ĝ (A + d_A I)⁻¹, then SGD with momentum on U
+Grouped convolutions are block-diagonal over their groups: each group has its own A and G.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .core import INPUTS, KroneckerOptimizer, Statistic
+from .geometry import output_module, positions_per_sample
+from .layers import Block, Layer, Skip, in_backward
+from .reference import joint_gradient
+
+DAMPING_MODES = ("heuristic", "exact", "factor")
+FISHERS = ("empirical", "mc")
+FISHER_LOSSES = ("cross_entropy", "mse")
+MIN_DAMPING = 1e-8  # Martens & Grosse's heuristic damping is clamped from below (as curvlinops does)
+
+# G: second moment of the scaled output gradients, [groups, O/groups, O/groups]
+OUTPUT_GRADS = Statistic("grad_stat", "grad_samples", "grad_ema", "grad_ema_count",
+                         lambda layer: (layer.groups, layer.rows, layer.rows))
+
+
+class KFAC(KroneckerOptimizer):
+    """KFAC with FOOF's schedule, statistics, fallbacks and update (DESIGN §6): U = (G + d_G I)⁻¹ Ĝ
+    (A + d_A I)⁻¹ per layer and group, then SGD with momentum and decoupled weight decay.
+
+    Args (beyond `fastfoof.FOOF`'s, which all apply):
+        damping_mode: "heuristic" (Martens & Grosse 2015 §6.3: π = sqrt((tr A/dim A)/(tr G/dim G)),
+            d_A = π√λ, d_G = √λ/π), "factor" (d_A = d_G = λ) or "exact" ((A ⊗ G + λI)⁻¹ through
+            eigendecompositions of both factors, recomputed every T steps).
+        fisher: "empirical" (G from the gradients of your own loss, recorded in your backward) or
+            "mc" (the paper's choice: G from a loss on labels sampled from the model; call
+            `backward_fisher(logits)` before your own backward on observed steps).
+
+    The diagnostics `cholesky_retries` / `cholesky_failures` count the factorisations of either
+    factor (eigendecompositions for "exact"). `warm_up()` observes A only: G needs a backward, so
+    a layer's first preconditioner comes with its first training step's G.
+    """
+
+    KIND = "KFAC"
+    STATISTICS = (INPUTS, OUTPUT_GRADS)
+
+    def __init__(self, model: nn.Module, params=None, *, lr: float, damping: float = 1.0,
+                 damping_mode: str = "heuristic", fisher: str = "empirical", momentum: float = 0.0,
+                 dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+                 ema_decay: float = 0.95, inv_period: int = 100, stats_steps: int = 10,
+                 precondition_bias: bool = True, skip: Skip = None, backend: str = "auto", process_group=None):
+        if damping_mode not in DAMPING_MODES:
+            raise ValueError(f"damping_mode: expected one of {DAMPING_MODES}, got {damping_mode!r}")
+        if fisher not in FISHERS:
+            raise ValueError(f"fisher: expected one of {FISHERS}, got {fisher!r}")
+        self.damping_mode = damping_mode
+        self.fisher = fisher
+        super().__init__(model, params, lr=lr, damping=damping, momentum=momentum, dampening=dampening,
+                         nesterov=nesterov, weight_decay=weight_decay, ema_decay=ema_decay, inv_period=inv_period,
+                         stats_steps=stats_steps, precondition_bias=precondition_bias, skip=skip, backend=backend,
+                         process_group=process_group)
+        self._output_modules = {id(layer): output_module(layer.module) for layer in self.layers}
+
+    # ---- statistics -------------------------------------------------------------------------
+
+    def _input_scale(self, x: torch.Tensor, module: nn.Module) -> float:
+        return 1.0 / positions_per_sample(x, module)  # A = C / R (DESIGN §6)
+
+    def _record_output(self, layer: Layer, output, batch: int) -> None:
+        if torch.compiler.is_compiling() or self._warming_up or not self._observing(layer):
+            return
+        if self.fisher == "mc" and in_backward():
+            return  # a checkpointed forward re-run by a backward: backward_fisher has used its outputs
+        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        if self.fisher == "empirical":
+            output.register_hook(partial(self._take_output_grad, layer, batch))
+        else:
+            layer.outputs.append((output, batch))
+
+    def _take_output_grad(self, layer: Layer, batch: int, grad: torch.Tensor) -> None:
+        """G's pending sum gains (1/B)·Σ ĝĝᵀ·B = B²·Σ ggᵀ for g = ∂L/∂s of one forward of batch B."""
+        if layer.active:
+            self._accumulate(layer, OUTPUT_GRADS, grad.detach(), self._output_modules[id(layer)], False,
+                             float(batch) ** 2, batch)
+
+    def backward_fisher(self, logits: torch.Tensor, loss: str = "cross_entropy") -> torch.Tensor | None:
+        """Record G of the Monte Carlo Fisher (fisher="mc"): sample one label per input from the
+        model's predictive distribution given `logits` ([B, C]) and backpropagate that loss to the
+        observed layers' outputs only. Parameters' `.grad` stay untouched and the graph is retained
+        for your own backward. Returns the sampled targets, or None on a step that observes nothing.
+
+        loss: "cross_entropy" (labels from softmax(logits)) or "mse" (targets from N(logits, C/2·I),
+        the Gaussian whose Fisher is the Gauss–Newton matrix of `F.mse_loss`'s mean over B·C).
+        """
+        if self.fisher != "mc":
+            raise ValueError(f"backward_fisher: needs fisher='mc', this KFAC has fisher={self.fisher!r}")
+        if loss not in FISHER_LOSSES:
+            raise ValueError(f"loss: expected one of {FISHER_LOSSES}, got {loss!r}")
+        recorded = [(layer, output, batch) for layer in self._active for output, batch in layer.outputs]
+        for layer in self.layers:
+            layer.outputs.clear()
+        if not recorded:
+            return None
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16 logits: sample in fp32
+        with torch.no_grad():
+            scores = logits.detach().to(dtype)
+            if loss == "cross_entropy":
+                targets = torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
+            else:
+                targets = scores + math.sqrt(scores.shape[-1] / 2) * torch.randn_like(scores)
+        with torch.enable_grad():
+            sampled = (F.cross_entropy if loss == "cross_entropy" else F.mse_loss)(logits.to(dtype), targets)
+            grads = torch.autograd.grad(sampled, [output for _, output, _ in recorded], retain_graph=True,
+                                        allow_unused=True)
+        for (layer, _, batch), grad in zip(recorded, grads):
+            if grad is not None:
+                self._take_output_grad(layer, batch, grad)
+        return targets
+
+    def _fold_statistics(self) -> int:
+        if self.fisher == "mc" and any(layer.samples and not layer.grad_samples for layer in self._active):
+            self._warn_once("backward_fisher", "KFAC(fisher='mc'): a step observed layer inputs but no Fisher "
+                                               "gradients; call opt.backward_fisher(logits) before loss.backward()")
+        return super()._fold_statistics()
+
+    # ---- preconditioners --------------------------------------------------------------------
+
+    def _ready(self, layer: Layer) -> bool:
+        state = self.state[layer.weight]
+        precond = state.get("precond")
+        return precond is not None and precond.shape[-1] == layer.dim_out and \
+            ("grad_eigvecs" if self.damping_mode == "exact" else "grad_precond") in state
+
+    def _preconditioners(self, layers: list[Layer], states: list[dict]) -> tuple[list[dict], list[torch.Tensor]]:
+        # bias correction 1/n; an empty EMA (n = 0) gives a zero factor, whose preconditioner the
+        # core then drops
+        a_scale = [torch.where(n > 0, 1 / n, torch.zeros_like(n)) for n in (s["ema_count"] for s in states)]
+        g_scale = [torch.where(n > 0, 1 / n, torch.zeros_like(n)) for n in (s["grad_ema_count"] for s in states)]
+        if self.damping_mode == "exact":
+            return self._eigendecompositions(states, a_scale, g_scale)
+        d_a, d_g = self._factor_damping(states, a_scale, g_scale)
+        # (M/n + dI)⁻¹ = (M/(n·d) + I)⁻¹ / d: one batched inversion with damping 1 serves every d
+        mats = [s["ema"] * (a / d)[:, None, None] for s, a, d in zip(states, a_scale, d_a)] + \
+               [s["grad_ema"] * (g / d)[:, None, None] for s, g, d in zip(states, g_scale, d_g)]
+        previous = [None if s.get("precond") is None else s["precond"] * d[:, None, None]
+                    for s, d in zip(states, d_a)] + \
+                   [None if s.get("grad_precond") is None else s["grad_precond"] * d[:, None, None]
+                    for s, d in zip(states, d_g)]
+        inverses, status = ops.damped_inverse_with_status(mats, 1.0, previous=previous, backend=self.backend)
+        n = len(states)
+        results = [{"precond": p_a / d[:, None, None], "grad_precond": p_g / e[:, None, None]}
+                   for p_a, p_g, d, e in zip(inverses[:n], inverses[n:], d_a, d_g)]
+        return results, [torch.cat([a, g]) for a, g in zip(status[:n], status[n:])]
+
+    def _factor_damping(self, states: list[dict], a_scale: list, g_scale: list):
+        """(d_A, d_G) per layer, [groups] each, on the device (DESIGN §6)."""
+        d_a, d_g = [], []
+        for s, a, g in zip(states, a_scale, g_scale):
+            groups = s["ema"].shape[0]
+            damping = torch.full((groups,), self.damping, dtype=s["ema"].dtype, device=s["ema"].device)
+            if self.damping_mode == "factor":
+                d_a.append(damping)
+                d_g.append(damping)
+                continue
+            mean_a = s["ema"].diagonal(dim1=-2, dim2=-1).mean(-1) * a
+            mean_g = s["grad_ema"].diagonal(dim1=-2, dim2=-1).mean(-1) * g
+            usable = (mean_a >= 0) & (mean_g > 0)  # else factor damping, as curvlinops
+            pi = torch.where(usable, mean_a / torch.where(usable, mean_g, 1.0), 1.0).sqrt()
+            root = math.sqrt(self.damping)
+            d_a.append(torch.where(usable, (pi * root).clamp_min(MIN_DAMPING), damping))
+            d_g.append(torch.where(usable, (root / pi).clamp_min(MIN_DAMPING), damping))
+        return d_a, d_g
+
+    def _eigendecompositions(self, states: list[dict], a_scale: list, g_scale: list):
+        """Â = Q_A diag(α) Q_Aᵀ and Ĝ = Q_G diag(γ) Q_Gᵀ; "precond" holds Q_Aᵀ, so that the update's
+        last product is U = (Q_G [(Q_Gᵀ Ĝ Q_A) ⊘ (γαᵀ + λ)])·Q_Aᵀ."""
+        previous = [None if s.get("precond") is None else (s["eigvals"], s["precond"].mT) for s in states] + \
+                   [None if s.get("grad_eigvecs") is None else (s["grad_eigvals"], s["grad_eigvecs"]) for s in states]
+        decompositions, status = ops.eigh_with_status([s["ema"] for s in states] + [s["grad_ema"] for s in states],
+                                                      scales=a_scale + g_scale, previous=previous,
+                                                      backend=self.backend)
+        n = len(states)
+        results = [{"precond": q_a.mT.contiguous(), "eigvals": w_a, "grad_eigvecs": q_g, "grad_eigvals": w_g}
+                   for (w_a, q_a), (w_g, q_g) in zip(decompositions[:n], decompositions[n:])]
+        return results, [torch.cat([a, g]) for a, g in zip(status[:n], status[n:])]
+
+    def _preconditioners_like(self, layers: list[Layer], states: list[dict]) -> list[tuple[dict, torch.Tensor]]:
+        templates = []
+        for s in states:
+            a, g = s["ema"], s["grad_ema"]
+            if self.damping_mode == "exact":
+                tensors = {"precond": torch.empty_like(a), "eigvals": a.new_empty(a.shape[:-1]),
+                           "grad_eigvecs": torch.empty_like(g), "grad_eigvals": g.new_empty(g.shape[:-1])}
+            else:
+                tensors = {"precond": torch.empty_like(a), "grad_precond": torch.empty_like(g)}
+            templates.append((tensors, torch.empty(2 * a.shape[0], dtype=torch.int8, device=a.device)))
+        return templates
+
+    def _prepare_block(self, block: Block, layer: Layer, state: dict) -> None:
+        g = joint_gradient(block)
+        if self.damping_mode == "exact":
+            q_g = state["grad_eigvecs"]
+            rotated = q_g.mT @ g @ state["precond"].mT  # Q_Gᵀ Ĝ Q_A
+            scale = state["grad_eigvals"][:, :, None] * state["eigvals"][:, None, :] + self.damping
+            block.grad = q_g @ (rotated / scale)
+        else:
+            block.grad = state["grad_precond"] @ g
+        block.precond = state["precond"]
