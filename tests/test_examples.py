@@ -40,11 +40,13 @@ def table_rows(stdout: str, title: str) -> list[list[str]]:
 
 def check_comparison(stdout: str, plot: Path) -> None:
     runs = table_rows(stdout, "All runs")
-    assert sorted(row[0] for row in runs) == ["Adam"] * 3 + ["FOOF"] * 3 + ["SGD"] * 3
+    assert sorted(row[0] for row in runs) == ["Adam"] * 3 + ["FOOF"] * 3 + ["KFAC"] * 3 + ["Muon"] * 3 + ["SGD"] * 3
     for row in runs:
         assert math.isfinite(float(row[2])) and float(row[4]) > 0, row
+        assert row[5] == "never" or float(row[5]) > 0
     best = table_rows(stdout, "Best learning rate")
-    assert sorted(row[0] for row in best) == ["Adam", "FOOF", "SGD"]
+    assert sorted(row[0] for row in best) == ["Adam", "FOOF", "KFAC", "Muon", "SGD"]
+    assert "Muon: 3 conv filters and hidden weight matrices" in stdout  # it says which parameters take Muon
     losses = [float(row[2]) for row in best]
     assert losses == sorted(losses), "the best-per-optimizer table is sorted by loss"
     for row in best:
