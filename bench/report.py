@@ -22,8 +22,9 @@ E2E_TEST = "test_e2e_step"
 # FOOF with T=100, S=10 costs about 10% more per step than SGD on a ResNet. The paper's number, not ours.
 PAPER_STEP_RATIO = 1.10
 # extra_info keys that the e2e table shows in its own columns, or that say nothing per row
-E2E_SHOWN = {"model", "optimizer", "batch_size", "peak_memory_bytes", "ratio_median", "ratio_mean", "rounds",
-             "sgd_interleaved_median_s", "input_shape", "smoke"}
+E2E_SHOWN = {"model", "optimizer", "amp", "backend", "batch_size", "peak_memory_bytes", "ratio_median", "ratio_mean",
+             "rounds", "sgd_interleaved_median_s", "sgd_compiled_interleaved_median_s", "interleaved_with",
+             "input_shape", "smoke", "compiled"}
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -102,14 +103,15 @@ def machine_lines(runs: list[tuple[Path, dict]]) -> list[str]:
 
 
 def e2e_section(benches: list[dict]) -> list[str]:
-    header = ["model", "optimizer", "batch", "median step", "mean step", "÷ SGD (median)", "÷ SGD (mean)",
-              "peak memory", "rounds", "notes"]
+    header = ["model", "precision", "optimizer", "backend", "batch", "median step", "mean step", "÷ baseline (median)",
+              "÷ baseline (mean)", "peak memory", "rounds", "notes"]
     rows = []
     for bench in benches:
         info, stats = bench["extra_info"], bench["stats"]
         notes = {k: v for k, v in info.items() if k not in E2E_SHOWN and k not in ("memory_note", "device")}
         rows.append([
-            info.get("model", bench["param"]), info.get("optimizer", ""), format_value("batch", info.get("batch_size")),
+            info.get("model", bench["param"]), info.get("amp", "fp32"), info.get("optimizer", ""),
+            format_value("backend", info.get("backend")), format_value("batch", info.get("batch_size")),
             format_seconds(stats["median"]), format_seconds(stats["mean"]),
             format_value("ratio", info.get("ratio_median")), format_value("ratio", info.get("ratio_mean")),
             format_value("peak_memory_bytes", info.get("peak_memory_bytes")), str(stats["rounds"]),
@@ -118,11 +120,13 @@ def e2e_section(benches: list[dict]) -> list[str]:
     lines = table(header, rows)
     lines += ["", "A row times one whole training step (forward, backward, optimizer step) over one FOOF period "
               "of rounds: the mean is FOOF's amortised cost (its S observed steps and one inversion "
-              "included), the median a typical step. ÷ SGD divides by the median of the SGD steps "
-              "interleaved with that row's steps in the same process."]
+              "included), the median a typical step. ÷ baseline divides by the median of the baseline "
+              "steps interleaved with that row's steps in the same process: SGD+M, or SGD+M on the "
+              "compiled model for the compiled rows."]
     memory_notes = {b["extra_info"].get("memory_note") for b in benches} - {None}
     lines += [f"Peak memory: {note}." for note in sorted(memory_notes)]
     ours = [b for b in benches if b["extra_info"].get("optimizer") == "foof_T100_S10" and not b["extra_info"].get("smoke")
+            and b["extra_info"].get("amp", "fp32") == "fp32"
             and b["extra_info"].get("ratio_mean") is not None and "resnet" in b["extra_info"].get("model", "")]
     for bench in ours:
         info = bench["extra_info"]

@@ -1,19 +1,29 @@
-"""End-to-end training step: FOOF vs SGD with momentum (foreach) vs Adam (foreach), same model and data.
+"""End-to-end training step: FOOF and KFAC vs SGD with momentum, AdamW and compiled models.
 
-One row per (model, optimizer); a row times one full training step (zero_grad, forward, loss,
-backward, optimizer step; CUDA synchronised) over `inv_period` = 100 rounds, i.e. one whole FOOF
-period, so the row's mean is FOOF's amortised step (S observed steps and one inversion per period)
-and its median a typical unobserved step. Before every timed step an untimed-for-the-row step of the
-baseline runs (SGD; Adam for SGD's own row): the optimizers alternate in one process, and each FOOF
-row divides its own median and mean by the medians of the SGD steps interleaved with it
-(extra_info "ratio_median"/"ratio_mean"), so drift or background load hits both sides alike.
+One row per (model, precision, optimizer); a row times one full training step (zero_grad, forward,
+loss, backward, optimizer step; CUDA synchronised) over `inv_period` = 100 rounds, i.e. one whole
+FOOF period, so the row's mean is FOOF's amortised step (S observed steps and one inversion) and its
+median a typical unobserved step. Before every timed step an untimed-for-the-row step of the
+baseline runs (SGD; AdamW for SGD's own row; compiled SGD for the compiled rows): the optimizers
+alternate in one process, and each row divides its own median and mean by the medians of the
+baseline steps interleaved with it (extra_info "ratio_median"/"ratio_mean"), so drift or background
+load hits both sides alike.
+
+Rows: SGD+M (foreach), AdamW (fused on CUDA, foreach on CPU), FOOF (T=100, S=10; S=100), FOOF
+through the reference ops (CUDA: what the Triton kernels buy), KFAC (heuristic damping, Monte Carlo
+Fisher, T=100, S=10: its extra backward on observed steps included), and with the model under
+`torch.compile` (inductor): SGD+M and FOOF. Precisions: fp32, and on CUDA bf16 autocast with
+channels_last model and inputs.
 
 Models: torchvision-style ResNet-18 on CIFAR-10-shaped inputs (batch 128 on CUDA; on CPU batch 16,
-extra_info["reduced"]) and the examples' small conv net (batch 128). Peak memory (CUDA): the most
-allocated while building the model and optimizer and taking their first two steps alone, above
-what was allocated before. FASTFOOF_BENCH_SMOKE=1: narrow models, batch 4, 3 rounds. At full size
-on a 2-core CPU the suite took 23 minutes (a busy machine),
-mostly the ResNet row with S=T, which observes statistics at every step.
+extra_info["reduced"]) and the examples' small conv net (batch 128). Peak memory: CUDA's
+`max_memory_allocated` over the row's first two steps alone, above what was allocated before; on
+CPU the allocator's peak over one observed step, from the profiler's memory events.
+FASTFOOF_BENCH_SMOKE=1: narrow models, batch 4, 3 rounds, no compiled rows, no CPU peak memory (the
+profiler's start-up would dominate).
+
+`test_inversion_round` times one inversion round of every layer of ResNet-18 from the statistics of
+one batch: FOOF (one factor per layer), KFAC heuristic (two) and KFAC exact (two eigendecompositions).
 """
 from __future__ import annotations
 
@@ -30,6 +40,7 @@ import torch.nn.functional as F
 
 import fastfoof
 from fastfoof import ops
+from fastfoof.core import KroneckerOptimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from models import SmallConvNet, resnet18  # noqa: E402
@@ -46,18 +57,34 @@ MODELS = {
     "resnet18_cifar": (lambda: resnet18(width=8 if SMOKE else 64), 128, 16),
     "smallconv_cifar": (lambda: SmallConvNet(in_channels=3, width=8 if SMOKE else 32), 128, 128),
 }
-# name -> (factory(model) -> optimizer, needs CUDA)
+# precision -> (autocast dtype or None, channels_last); bf16 rows need CUDA
+PRECISIONS = {"fp32": (None, False), "bf16_channels_last": (torch.bfloat16, True)}
+
+
+def foof(backend="auto", stats_steps=10):
+    return lambda m: fastfoof.FOOF(m, lr=LR, momentum=0.9, inv_period=INV_PERIOD, stats_steps=stats_steps,
+                                   backend=backend)
+
+
+# name -> (factory(model) -> optimizer, compiled model, needs CUDA)
 OPTIMIZERS = {
-    "sgd": (lambda m: torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9, foreach=True), False),
-    "adam": (lambda m: torch.optim.Adam(m.parameters(), lr=LR / 10, foreach=True), False),
-    "foof_T100_S10": (lambda m: fastfoof.FOOF(m, lr=LR, momentum=0.9, inv_period=INV_PERIOD, stats_steps=10), False),
-    "foof_T100_S100": (lambda m: fastfoof.FOOF(m, lr=LR, momentum=0.9, inv_period=INV_PERIOD,
-                                               stats_steps=INV_PERIOD), False),
-    # The same FOOF through the plain-PyTorch reference ops: what the Triton kernels buy (on CPU it is
-    # the foof_T100_S10 row).
-    "foof_T100_S10_reference": (lambda m: fastfoof.FOOF(m, lr=LR, momentum=0.9, inv_period=INV_PERIOD,
-                                                        stats_steps=10, backend="reference"), True),
+    "sgd": (lambda m: torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9, foreach=True), False, False),
+    "adamw": (lambda m: torch.optim.AdamW(m.parameters(), lr=LR / 10, fused=CUDA, foreach=not CUDA), False, False),
+    "foof_T100_S10": (foof(), False, False),
+    "foof_T100_S100": (foof(stats_steps=INV_PERIOD), False, False),
+    # The same FOOF through the plain-PyTorch reference ops (on CPU it is the foof_T100_S10 row).
+    "foof_T100_S10_reference": (foof(backend="reference"), False, True),
+    "kfac_T100_S10": (lambda m: fastfoof.KFAC(m, lr=LR, momentum=0.9, inv_period=INV_PERIOD, stats_steps=10,
+                                              damping_mode="heuristic", fisher="mc"), False, False),
+    "sgd_compiled": (lambda m: torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9, foreach=True), True, False),
+    "foof_T100_S10_compiled": (foof(), True, False),
 }
+
+
+def baseline_of(optimizer: str) -> str:
+    if optimizer == "sgd":
+        return "adamw"
+    return "sgd_compiled" if OPTIMIZERS[optimizer][1] and optimizer != "sgd_compiled" else "sgd"
 
 
 def sync() -> None:
@@ -68,15 +95,28 @@ def sync() -> None:
 class Trainer:
     """A model, its optimizer and one fixed batch; every Trainer of a row starts from the same weights."""
 
-    def __init__(self, model_name: str, optimizer_name: str, batch: tuple[torch.Tensor, torch.Tensor]):
+    def __init__(self, model_name: str, optimizer_name: str, precision: str, batch: tuple[torch.Tensor, torch.Tensor]):
         torch.manual_seed(0)
-        self.model = MODELS[model_name][0]().to(DEVICE)
-        self.optimizer = OPTIMIZERS[optimizer_name][0](self.model)
+        factory, compiled, _ = OPTIMIZERS[optimizer_name]
+        autocast_dtype, channels_last = PRECISIONS[precision]
+        model = MODELS[model_name][0]().to(DEVICE)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.optimizer = factory(model)
+        self.model = torch.compile(model) if compiled else model
+        self.autocast = torch.autocast(DEVICE.type, dtype=autocast_dtype or torch.float32,
+                                       enabled=autocast_dtype is not None)
         self.x, self.y = batch
+        if channels_last:
+            self.x = self.x.to(memory_format=torch.channels_last)
 
     def step(self) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(self.x), self.y)
+        with self.autocast:
+            logits = self.model(self.x)
+        if isinstance(self.optimizer, fastfoof.KFAC):
+            self.optimizer.backward_fisher(logits)
+        loss = F.cross_entropy(logits.float(), self.y)
         loss.backward()
         self.optimizer.step()
         sync()
@@ -90,11 +130,36 @@ def fixed_batch(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x.to(DEVICE), y.to(DEVICE)
 
 
+def cpu_peak_bytes(fn) -> int:
+    """The CPU allocator's peak above its level at the start of `fn`, from the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start):
+        current += event.cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def skip_reason(model: str, precision: str, optimizer: str) -> str | None:
+    if OPTIMIZERS[optimizer][2] and not CUDA:
+        return "needs CUDA (on CPU this row is foof_T100_S10)"
+    if PRECISIONS[precision][0] is not None and not CUDA:
+        return "bf16 autocast rows need CUDA"
+    if OPTIMIZERS[optimizer][1] and SMOKE:
+        return "compiled rows are not run at smoke sizes (compilation would dominate)"
+    return None
+
+
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("model", list(MODELS))
-def test_e2e_step(benchmark, model, optimizer):
-    if OPTIMIZERS[optimizer][1] and not CUDA:
-        pytest.skip("needs CUDA (on CPU this row is foof_T100_S10)")
+def test_e2e_step(benchmark, model, precision, optimizer):
+    reason = skip_reason(model, precision, optimizer)
+    if reason:
+        pytest.skip(reason)
     _, cuda_batch, cpu_batch = MODELS[model]
     batch_size = 4 if SMOKE else cuda_batch if CUDA else cpu_batch
     rounds = 3 if SMOKE else INV_PERIOD
@@ -106,13 +171,12 @@ def test_e2e_step(benchmark, model, optimizer):
         allocated_before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
 
-    subject = Trainer(model, optimizer, batch)
+    subject = Trainer(model, optimizer, precision, batch)
     for _ in range(WARM_STEPS):
         loss = subject.step()
-    if CUDA:
-        peak_memory = torch.cuda.max_memory_allocated() - allocated_before
-    baseline_name = "adam" if optimizer == "sgd" else "sgd"
-    baseline = Trainer(model, baseline_name, batch)
+    peak_memory = torch.cuda.max_memory_allocated() - allocated_before if CUDA else None
+    baseline_name = baseline_of(optimizer)
+    baseline = Trainer(model, baseline_name, precision, batch)
     for _ in range(WARM_STEPS):
         baseline.step()
 
@@ -125,27 +189,49 @@ def test_e2e_step(benchmark, model, optimizer):
 
     loss = benchmark.pedantic(subject.step, setup=baseline_step, rounds=rounds, warmup_rounds=1)
     assert torch.isfinite(loss), f"{optimizer} diverged on {model}"
+    if not (CUDA or SMOKE):  # one step inside the stats window, after the timed rounds (they end at an inversion)
+        if isinstance(subject.optimizer, KroneckerOptimizer):
+            subject.optimizer._steps = INV_PERIOD - 1  # the coming step observes and inverts
+        peak_memory = cpu_peak_bytes(subject.step)
 
     info = benchmark.extra_info
-    info.update(model=model, optimizer=optimizer, batch_size=batch_size, input_shape=[batch_size, 3, 32, 32],
-                reduced=batch_size < cuda_batch, rounds=rounds, smoke=SMOKE,
+    info.update(model=model, optimizer=optimizer, amp=precision, batch_size=batch_size,
+                input_shape=[batch_size, 3, 32, 32], reduced=batch_size < cuda_batch, rounds=rounds, smoke=SMOKE,
                 parameters=sum(p.numel() for p in subject.model.parameters()),
-                device=torch.cuda.get_device_name() if CUDA else "cpu",
-                interleaved_with=baseline_name)
-    if isinstance(subject.optimizer, fastfoof.FOOF):
-        foof = subject.optimizer
-        info.update(inv_period=foof.inv_period, stats_steps=foof.stats_steps,
-                    backend=ops.resolve_backend(foof.backend, DEVICE), diagnostics=foof.diagnostics)
-    if CUDA:
-        info["peak_memory_bytes"] = peak_memory
-    else:
-        info["peak_memory_bytes"] = None
-        info["memory_note"] = ("not measured on CPU: a process's peak RSS only grows, so one optimizer's "
-                               "peak cannot be told apart from the rows before it")
+                device=f"cuda:{torch.cuda.current_device()} {torch.cuda.get_device_name()}" if CUDA else "cpu",
+                compiled=OPTIMIZERS[optimizer][1], interleaved_with=baseline_name, peak_memory_bytes=peak_memory,
+                backend=None)
+    if isinstance(subject.optimizer, KroneckerOptimizer):
+        opt = subject.optimizer
+        info.update(inv_period=opt.inv_period, stats_steps=opt.stats_steps,
+                    backend=ops.resolve_backend(opt.backend, DEVICE), diagnostics=opt.diagnostics)
     if benchmark.stats is not None:  # absent under --benchmark-disable
         row = benchmark.stats.stats
         baseline_median = statistics.median(baseline_seconds[1:])  # [0] is the warm-up round's
         info[f"{baseline_name}_interleaved_median_s"] = baseline_median
-        if baseline_name == "sgd":
+        if baseline_name != "adamw":
             info["ratio_median"] = row.median / baseline_median
             info["ratio_mean"] = row.mean / baseline_median
+
+
+@pytest.mark.parametrize("kind", ["foof", "kfac_heuristic", "kfac_exact"])
+def test_inversion_round(benchmark, kind):
+    torch.manual_seed(0)
+    model = MODELS["resnet18_cifar"][0]().to(DEVICE)
+    if kind == "foof":
+        opt = fastfoof.FOOF(model, lr=LR, inv_period=INV_PERIOD)
+    else:
+        opt = fastfoof.KFAC(model, lr=LR, inv_period=INV_PERIOD, damping_mode=kind.split("_")[1])
+    x, y = fixed_batch(4 if SMOKE else 16)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()  # statistics and a first preconditioner for every layer
+
+    def round_():
+        opt._invert(opt._active)
+        sync()
+
+    benchmark.pedantic(round_, rounds=2 if SMOKE else 5, warmup_rounds=1)
+    dims = [layer.dim_out for layer in opt._active]
+    benchmark.extra_info.update(kind=kind, layers=len(dims), max_dim=max(dims), smoke=SMOKE,
+                                device=torch.cuda.get_device_name() if CUDA else "cpu",
+                                backend=ops.resolve_backend(opt.backend, DEVICE))
