@@ -97,14 +97,15 @@ def fold_kernel(layers_ptr, tiles_ptr, flags_ptr, dropped_ptr, scalars_ptr, epoc
 def compile_specs() -> list[dict]:
     """Every configuration the launcher can pick, for fastfoof.kernels.compile_check."""
     specs = []
-    for dtype_name, fp64 in (("fp32", False), ("fp64", True)):
-        common = {"layers_ptr": "*i64", "tiles_ptr": "*i32", "flags_ptr": "*i64", "dropped_ptr": "*i64"}
-        kernels = ((nonfinite_flags_kernel, {**common, "epoch": "i32"}),
-                   (fold_kernel, {**common, "scalars_ptr": f"*{dtype_name}", "epoch": "i32"}))
-        for fn, signature in kernels:
-            specs.append(dict(kernel=fn.__name__, config=f"{dtype_name},BLOCK={BLOCK},w{NUM_WARPS}", fn=fn,
-                              signature={**signature, "FP64": "constexpr", "BLOCK": "constexpr"},
-                              constexprs=dict(FP64=fp64, BLOCK=BLOCK), num_warps=NUM_WARPS, num_stages=1,
+    for dtype, fp64 in KERNEL_DTYPES.items():
+        common = dict(layers_ptr=torch.empty(len(LAYER_COLUMNS), dtype=torch.int64),
+                      tiles_ptr=torch.empty(2, dtype=torch.int32), flags_ptr=torch.empty(1, dtype=torch.int64),
+                      dropped_ptr=torch.empty((), dtype=torch.int64))
+        kernels = ((nonfinite_flags_kernel, dict(common, epoch=3)),
+                   (fold_kernel, dict(common, scalars_ptr=torch.empty(SCALAR_HEADER.value + 1, dtype=dtype), epoch=3)))
+        for fn, args in kernels:
+            specs.append(dict(kernel=fn.__name__, config=f"{'fp64' if fp64 else 'fp32'},BLOCK={BLOCK},w{NUM_WARPS}", fn=fn,
+                              args=args, constexprs=dict(FP64=fp64, BLOCK=BLOCK), num_warps=NUM_WARPS, num_stages=1,
                               options=dict(enable_fp_fusion=False), mma=False))
     return specs
 

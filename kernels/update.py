@@ -130,9 +130,9 @@ def grouped_update_kernel(problems_ptr, tiles_ptr, scalars_ptr, scale_ptr,
 
 def compile_specs() -> list[dict]:
     """Every configuration the launcher can pick, for fastfoof.kernels.compile_check."""
-    signature = {"problems_ptr": "*i64", "tiles_ptr": "*i32", "scalars_ptr": "*fp32", "scale_ptr": "*fp32",
-                 "PARAM_KIND": "constexpr", "INPUT_PRECISION": "constexpr", "BLOCK_M": "constexpr",
-                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    args = dict(problems_ptr=torch.empty(len(PROBLEM_COLUMNS), dtype=torch.int64),
+                tiles_ptr=torch.empty(3, dtype=torch.int32), scalars_ptr=torch.empty(SCALAR_FIELDS.value),
+                scale_ptr=torch.ones(()))
     specs = []
     for kind_name, kind in (("fp32", 0), ("bf16", 1), ("fp16", 2)):
         for precision, config in CONFIGS.items():
@@ -140,7 +140,7 @@ def compile_specs() -> list[dict]:
             specs.append(dict(kernel="grouped_update_kernel",
                               config=f"{kind_name},{precision}," + ",".join(f"{k}={v}" for k, v in tiles.items())
                                      + f",w{config['num_warps']},s{config['num_stages']}",
-                              fn=grouped_update_kernel, signature=signature,
+                              fn=grouped_update_kernel, args=args,
                               constexprs=dict(PARAM_KIND=kind, INPUT_PRECISION=precision, **tiles),
                               num_warps=config["num_warps"], num_stages=config["num_stages"],
                               mma=precision == "tf32"))
