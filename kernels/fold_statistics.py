@@ -27,7 +27,7 @@ variant (VEC = elements per 16 bytes), told so by `tl.multiple_of`: its tiles mo
 `numel − numel % VEC` elements in 128-bit accesses, and the tile holding the last `numel % VEC`
 does those element-wise. Other layers take the scalar variant (VEC = 1) in their own launches.
 Offsets are 64-bit (a layer of 2**31 or more elements folds correctly); the tile table holds
-32-bit block numbers, so a layer may have up to 2**31 · BLOCK elements.
+32-bit block numbers, so a layer may have up to 2**31 · BLOCK[dtype] elements.
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ import triton.language as tl
 from fastfoof import reference
 from fastfoof.kernels.tables import to_device
 
-BLOCK = 4096
+# Elements per tile by dtype: 16 KiB of each operand (the fp64 fold stays well within its registers).
+BLOCK = {torch.float32: 4096, torch.float64: 2048}
 NUM_WARPS = 4
 KERNEL_DTYPES = {torch.float32: False, torch.float64: True}  # dtype -> FP64 constexpr
 
@@ -145,15 +146,17 @@ def compile_specs() -> list[dict]:
         common = dict(layers_ptr=torch.empty(len(LAYER_COLUMNS), dtype=torch.int64),
                       tiles_ptr=torch.empty(2, dtype=torch.int32), flags_ptr=torch.empty(1, dtype=torch.int64),
                       dropped_ptr=torch.empty((), dtype=torch.int64))
-        kernels = ((nonfinite_flags_kernel, dict(common, epoch=3)),
-                   (fold_kernel, dict(common, scalars_ptr=torch.empty(SCALAR_HEADER.value + 1, dtype=dtype), epoch=3)))
-        for fn, args in kernels:
+        # The fold is built without FMA contraction (module docstring), as it is launched.
+        kernels = ((nonfinite_flags_kernel, dict(common, epoch=3), {}),
+                   (fold_kernel, dict(common, scalars_ptr=torch.empty(SCALAR_HEADER.value + 1, dtype=dtype), epoch=3),
+                    dict(enable_fp_fusion=False)))
+        for fn, args, options in kernels:
             for vec in (vector_width(dtype), 1):
                 specs.append(dict(kernel=fn.__name__,
                                   config=f"{'fp64' if fp64 else 'fp32'},{'vector' if vec > 1 else 'scalar'},"
-                                         f"BLOCK={BLOCK},w{NUM_WARPS}",
-                                  fn=fn, args=args, constexprs=dict(FP64=fp64, VEC=vec, BLOCK=BLOCK),
-                                  num_warps=NUM_WARPS, num_stages=1, options=dict(enable_fp_fusion=False), mma=False))
+                                         f"BLOCK={BLOCK[dtype]},w{NUM_WARPS}",
+                                  fn=fn, args=args, constexprs=dict(FP64=fp64, VEC=vec, BLOCK=BLOCK[dtype]),
+                                  num_warps=NUM_WARPS, num_stages=1, options=options, mma=False))
     return specs
 
 
@@ -162,9 +165,9 @@ def compile_specs() -> list[dict]:
 class _Plan:
     """Device tables for one set of layers: addresses, tile schedule, flags, and the call counter."""
 
-    def __init__(self, key: tuple, device: torch.device, rows: list[tuple]):
+    def __init__(self, key: tuple, device: torch.device, block: int, rows: list[tuple]):
         self.key = key
-        tiles = [(i, b) for i, row in enumerate(rows) for b in range(triton.cdiv(row[3], BLOCK))]
+        tiles = [(i, b) for i, row in enumerate(rows) for b in range(triton.cdiv(row[3], block))]
         self.layers = to_device(torch.tensor(rows, dtype=torch.int64), device)
         self.tiles = to_device(torch.tensor(tiles, dtype=torch.int32).reshape(-1, 2), device)
         self.flags = torch.zeros(len(rows), dtype=torch.int64, device=device)
@@ -181,7 +184,7 @@ def _plan(group: tuple, rows: list[tuple]) -> _Plan:
     key = tuple(rows)
     plan = _PLANS.get(group)
     if plan is None or plan.key != key:
-        plan = _PLANS[group] = _Plan(key, group[0], rows)
+        plan = _PLANS[group] = _Plan(key, group[0], BLOCK[group[1]], rows)
     return plan
 
 
@@ -237,7 +240,8 @@ def _launch(group: tuple, emas: list[torch.Tensor], counts: list[torch.Tensor], 
     grid = (plan.tiles.shape[0],)
     fp64 = KERNEL_DTYPES[dtype]
     nonfinite_flags_kernel[grid](plan.layers, plan.tiles, plan.flags, dropped, plan.epoch,
-                                 FP64=fp64, VEC=vec, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                 FP64=fp64, VEC=vec, BLOCK=BLOCK[dtype], num_warps=NUM_WARPS, num_stages=1)
     fold_kernel[grid](plan.layers, plan.tiles, plan.flags, dropped, plan.scalars, plan.epoch,
-                      FP64=fp64, VEC=vec, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+                      FP64=fp64, VEC=vec, BLOCK=BLOCK[dtype], num_warps=NUM_WARPS, num_stages=1,
+                      enable_fp_fusion=False)
     return dropped

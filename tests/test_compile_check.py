@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
-from triton.runtime.jit import JITFunction
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from fastfoof.kernels import compile_check
 
@@ -65,6 +66,112 @@ def test_patch_gram_configs_use_tensor_cores(rows):
     expected = {(str(config), arch) for config in patch_gram.CONFIGS for arch in ("sm_80", "sm_90")}
     assert {(row["config"], row["arch"]) for row in partial} == expected
     assert all(row["mma"] for row in partial)
+
+
+def test_update_builds_keep_wide_loads_and_wgmma_on_sm90(rows):
+    """The vector variant sm_90 runs (tf32 dots): over half its global loads are 128-bit, wgmma."""
+    from fastfoof.kernels import update
+
+    for dtype in ("fp32", "bf16"):
+        row, = kernel_rows(rows, "grouped_update_kernel", config=f"{dtype},{update.HOPPER_CONFIG},vector,")
+        assert wide_load_share(row, 128) > 0.5, row
+    for row in kernel_rows(rows, "grouped_update_kernel"):
+        if "ieee" not in row["config"] and "BLOCK_M=64,BLOCK_N=64" in row["config"]:
+            assert row["mma_kind"] == "wgmma", row
+
+
+def test_fold_builds_keep_wide_loads(rows):
+    for kernel in ("fold_kernel", "nonfinite_flags_kernel"):
+        for arch in ("sm_80", "sm_90"):
+            row, = kernel_rows(rows, kernel, arch=arch, config="fp32,vector,")
+            assert wide_load_share(row, 128) > 0.5, row
+
+
+# ---- the specs carry what the launcher passes ---------------------------------------------------
+
+def jit_twin(fn):
+    """The JITFunction of a kernel (this process runs kernels in the interpreter)."""
+    return fn if isinstance(fn, JITFunction) else JITFunction(fn.fn, **fn.kwargs)
+
+
+def recorded_launches(module, names, run):
+    """(kernel name, run-time args, constexprs, options) of every launch of module.<name> in run()."""
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name, self.fn = name, getattr(module, name)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                arg_names = jit_twin(self.fn).arg_names
+                bound = dict(zip(arg_names, args), **{k: v for k, v in kwargs.items() if k in arg_names})
+                constexprs = {p.name: bound.pop(p.name) for p in jit_twin(self.fn).params if p.is_constexpr}
+                options = {k: v for k, v in kwargs.items() if k not in arg_names}
+                launches.append((self.name, bound, constexprs, options))
+            return launch
+
+    saved = {name: getattr(module, name) for name in names}
+    try:
+        for name in names:
+            setattr(module, name, Recorder(name))
+        run()
+    finally:
+        for name, fn in saved.items():
+            setattr(module, name, fn)
+    return launches
+
+
+def assert_specs_match_launches(module, launches):
+    """Each launch has a spec with its constexprs, launch options and the same specialisation."""
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    specs = module.compile_specs()
+    for name, args, constexprs, options in launches:
+        matching = [spec for spec in specs if spec["kernel"] == name and spec["constexprs"] == constexprs]
+        assert len(matching) == 1, (name, constexprs)
+        spec = matching[0]
+        fn = jit_twin(spec["fn"])
+        assert compile_check.launcher_specialization(fn, spec["args"], spec["constexprs"], target) == \
+            compile_check.launcher_specialization(fn, args, constexprs, target)
+        # options as the backend resolves them (defaults for what is not passed), on both sides
+        built = backend.parse_options({"num_warps": spec["num_warps"], "num_stages": spec["num_stages"],
+                                       **spec.get("options", {})})
+        run = backend.parse_options(options)
+        assert (built.num_warps, built.num_stages, built.enable_fp_fusion) == \
+            (run.num_warps, run.num_stages, run.enable_fp_fusion), name
+
+
+def test_update_specs_carry_the_launchers_arguments():
+    from fastfoof.kernels import update
+    from fastfoof.layers import Block
+
+    group = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0)
+    blocks = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows, dim in ((8, 16), (5, 7)):  # vector and scalar variants
+            weight, bias = torch.randn(rows, dim, dtype=dtype), torch.randn(rows, dtype=dtype)
+            weight.grad, bias.grad = torch.randn_like(weight), torch.randn_like(bias)
+            precond = torch.empty(1, dim + 1, -(-(dim + 1) // 4) * 4)[..., :dim + 1].copy_(torch.eye(dim + 1))
+            blocks.append(Block([weight, bias], [group, group], 1, precond))
+    launches = recorded_launches(update, ["grouped_update_kernel"],
+                                 lambda: update.preconditioned_update_(blocks, [None] * 8, damping=1.0))
+    assert sorted(launch[2]["VEC"] for launch in launches) == [1, 1, 4, 8]
+    assert_specs_match_launches(update, launches)
+
+
+def test_fold_specs_carry_the_launchers_arguments():
+    from fastfoof.kernels import fold_statistics
+
+    def run():
+        for dtype in (torch.float32, torch.float64):
+            emas = [torch.zeros(2, 5, 5, dtype=dtype), torch.zeros(26, dtype=dtype)[1:].view(1, 5, 5)]
+            fold_statistics.fold_statistics_(emas, [torch.zeros((), dtype=dtype)] * 2,
+                                             [torch.ones_like(e) for e in emas], [1.0, 1.0], 0.9)
+
+    launches = recorded_launches(fold_statistics, ["nonfinite_flags_kernel", "fold_kernel"], run)
+    assert len(launches) == 8
+    assert_specs_match_launches(fold_statistics, launches)
 
 
 # ---- the SASS reader ---------------------------------------------------------------------------
@@ -117,9 +224,6 @@ def test_launcher_specialization_is_the_launchers():
                                                             GPUTarget("cuda", 90, 32))
     assert unaligned == {(0,): [], (1,): []}
     if hasattr(fn, "_pack_args"):  # Triton 3.5+: the launcher's own packing of the same binding
-        from triton.compiler.compiler import make_backend
-        from triton.runtime.jit import create_function_from_signature
-
         backend = make_backend(GPUTarget("cuda", 90, 32))
         bound, specialization, options = create_function_from_signature(fn.signature, fn.params, backend)(
             **args, BLOCK=128)

@@ -9,7 +9,7 @@ from helpers import rel_error
 # CPU runs the kernel in Triton's interpreter (conftest); a GPU runs it compiled.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# [groups, D', D'] of odd sizes; (3, 41, 41) spans two blocks of fold_statistics.BLOCK (4096).
+# [groups, D', D'] of odd sizes; (3, 41, 41) spans two or three blocks of fold_statistics.BLOCK.
 SHAPES = [(1, 7, 7), (3, 41, 41), (2, 5, 5), (1, 1, 1), (4, 13, 13)]
 SCALES = [1 / 3, 1 / 7, 0.25, 1 / 11, 1 / 96]
 DECAY = 0.95
@@ -158,8 +158,9 @@ def test_compile_specs_cover_the_launcher():
     specs = fold_statistics.compile_specs()
     configs = {(spec["kernel"], spec["constexprs"]["FP64"], spec["constexprs"]["BLOCK"], spec["num_warps"])
                for spec in specs}
-    assert configs == {(name, fp64, fold_statistics.BLOCK, fold_statistics.NUM_WARPS)
-                       for name in ("nonfinite_flags_kernel", "fold_kernel") for fp64 in (False, True)}
+    assert configs == {(name, fp64, fold_statistics.BLOCK[dtype], fold_statistics.NUM_WARPS)
+                       for name in ("nonfinite_flags_kernel", "fold_kernel")
+                       for dtype, fp64 in ((torch.float32, False), (torch.float64, True))}
     assert not any(spec["mma"] for spec in specs)
 
 
@@ -178,13 +179,14 @@ def test_vector_tails_and_the_scalar_variant(dtype, monkeypatch):
     monkeypatch.setattr(fold_statistics, "_launch", lambda group, *args: (launched.append(group[2]),
                                                                          launch(group, *args))[1])
     gen = torch.Generator().manual_seed(6)
-    # numel 4097 = one block + a one-element tail, 5043 (tail of 3 or 1), 49, 16 (no tail)
-    shapes = [(4097, 1, 1), (3, 41, 41), (1, 7, 7), (1, 4, 4), (4097, 1, 1), (2, 5, 5)]
+    # numel = one block + a one-element tail, 5043 (tail of 3 or 1), 49, 16 (no tail)
+    block = fold_statistics.BLOCK[dtype]
+    shapes = [(block + 1, 1, 1), (3, 41, 41), (1, 7, 7), (1, 4, 4), (block + 1, 1, 1), (2, 5, 5)]
     emas, counts, stats = make_layers(dtype, gen, shapes)
     for i in (4, 5):  # the last two unaligned
         emas[i], stats[i] = unaligned(emas[i]), unaligned(stats[i])
         assert emas[i].data_ptr() % 16 and stats[i].data_ptr() % 16
-    stats[0].view(-1)[4096] = float("nan")  # the tail after the block boundary
+    stats[0].view(-1)[block] = float("nan")  # the tail after the block boundary
     stats[1].view(-1)[-1] = float("inf")  # the tail
     stats[4].view(-1)[-1] = float("nan")
     scales = [0.5, 0.25, 1 / 3, 0.125, 0.75, 1 / 9]
