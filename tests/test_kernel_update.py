@@ -274,20 +274,21 @@ def test_cuda_tensors_dispatch_to_the_grouped_kernel():
         reference.preconditioned_update_
 
 
-def test_foof_with_triton_update_tracks_reference(fused_only, monkeypatch):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_foof_with_triton_update_tracks_reference(memory_format, fused_only, monkeypatch):
     # Only the update goes to Triton: the other ops' kernels (TF32 on a GPU) have their own tests.
     monkeypatch.setattr(ops, "TRITON_KERNELS", {"preconditioned_update_": "fastfoof.kernels.update"})
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Tanh(),
                           nn.Conv2d(6, 6, (3, 2), stride=2, groups=3, bias=False), nn.Tanh(), nn.Flatten(),
-                          nn.Linear(6 * 3 * 4, 5)).to(DEVICE, torch.float32)
+                          nn.Linear(6 * 3 * 4, 5)).to(DEVICE, torch.float32, memory_format=memory_format)
     twin = copy.deepcopy(model)
     kw = dict(lr=0.05, damping=0.5, momentum=0.9, nesterov=True, weight_decay=1e-3, inv_period=2, stats_steps=1)
     fused = fastfoof.FOOF(model, backend="triton", **kw)
     oracle = fastfoof.FOOF(twin, backend="reference", **kw)
     gen = torch.Generator().manual_seed(1)
     for _ in range(5):
-        x = torch.randn(4, 3, 7, 9, generator=gen).to(DEVICE, torch.float32)
+        x = torch.randn(4, 3, 7, 9, generator=gen).to(DEVICE, torch.float32, memory_format=memory_format)
         y = torch.randint(0, 5, (4,), generator=gen).to(DEVICE)
         for m, opt in ((model, fused), (twin, oracle)):
             opt.zero_grad()
@@ -298,6 +299,9 @@ def test_foof_with_triton_update_tracks_reference(fused_only, monkeypatch):
     for p, q in zip(model.parameters(), twin.parameters()):
         a, b = fused.state[p].get("momentum_buffer"), oracle.state[q].get("momentum_buffer")
         assert rel_error(a, b) <= 1e-5
+        if "precond" in fused.state[p]:  # the state stays in DESIGN order: the same P as the reference's
+            assert rel_error(fused.state[p]["precond"], oracle.state[q]["precond"]) <= 1e-5
+    assert model[0].weight.is_contiguous(memory_format=memory_format)
 
 
 # ---- vector variant, channels_last weights, 32-bit offsets ------------------------------------
