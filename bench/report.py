@@ -172,20 +172,30 @@ def device_section(runs: list[tuple[Path, dict]]) -> list[str]:
     return lines
 
 
+def format_loads(counts: dict | None) -> str:
+    """"128-bit ×6, 32-bit ×2, tma ×1": the widths that occur."""
+    if counts is None:
+        return "—"
+    return ", ".join(f"{width}{'' if width == 'tma' else '-bit'} ×{n}" for width, n in counts.items() if n) or "none"
+
+
 def compile_check_section(path: Path) -> list[str]:
     """The kernel builds of `python -m fastfoof.kernels.compile_check --json` (sm_80/sm_90 cubins)."""
     rows = json.loads(path.read_text())
     failed = sum(not row.get("ok") for row in rows)
     lines = ["## Kernel builds", "",
              f"`python -m fastfoof.kernels.compile_check --json` (`{path.name}`): {len(rows)} builds, "
-             f"{failed} failed. Registers per thread, spilled bytes, shared memory per block, and whether "
-             "the SASS holds tensor-core (MMA) instructions.", ""]
-    header = ["kernel", "config", "arch", "ok", "registers", "spilled bytes", "shared bytes", "mma"]
+             f"{failed} failed, each built with the specialisation Triton's launcher gives representative "
+             "arguments. Registers per thread, spilled bytes, shared memory per block, the tensor-core "
+             "instructions in the SASS (wgmma: Hopper HGMMA, mma: HMMA), and the global load instructions "
+             "by width in bits (LDG, LDGSTS; tma: UTMALDG).", ""]
+    header = ["kernel", "config", "arch", "ok", "registers", "spilled bytes", "shared bytes", "mma", "global loads"]
     errors = any(row.get("error") for row in rows)
     body = [[format_value("kernel", row.get("kernel")), format_value("config", row.get("config")),
              format_value("arch", row.get("arch")), format_value("ok", row.get("ok")),
              format_value("regs", row.get("regs")), format_value("spills", row.get("spills")),
-             format_value("shared", row.get("shared_bytes")), format_value("mma", row.get("mma"))]
+             format_value("shared", row.get("shared_bytes")), format_value("mma_kind", row.get("mma_kind")),
+             format_loads(row.get("global_loads"))]
             + ([format_value("error", str(row.get("error") or "")[:120])] if errors else [])
             for row in rows]
     return lines + table(header + (["error"] if errors else []), body)

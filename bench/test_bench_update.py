@@ -3,8 +3,12 @@
 Layer sets of ResNet-18 and ResNet-50 (ImageNet shapes: their convolutions and fc, plus the
 BatchNorm weights and biases that take U = G/λ). Two suites:
 - `test_update`: one `preconditioned_update_` over all blocks: the reference (a per-layer loop of
-  `bmm` + SGD) vs the grouped Triton kernel. extra_info: GEMM flops (2·M·D'² per layer group),
-  TFLOP/s, bytes of P, and on CUDA the peak memory the call allocated.
+  `bmm` + SGD) vs the grouped Triton kernel, for contiguous and channels_last conv weights, fp32
+  and bf16 parameters, P padded to 16-byte rows as the inverse returns it (the kernel's vector
+  variant where D allows) or at a 4-byte offset (all scalar), and on sm_90 both tile configs of
+  `fastfoof.kernels.update` (HOPPER_CONFIG "registers" or "async": which is faster is what these
+  rows are for). extra_info: GEMM flops (2·M·D'² per layer group), TFLOP/s, bytes of P, the config
+  and the problems per variant of the Triton rows, and on CUDA the peak memory the call allocated.
 - `test_step`: `optimizer.step()` of FOOF (reference or triton backend, steady state: no inversion
   in the timed steps) vs `torch.optim.SGD(momentum=0.9, foreach=True)` on the same parameters.
 
@@ -61,7 +65,16 @@ def fill_grads(model: nn.Module) -> None:
         p.grad = torch.randn_like(p) * 1e-2
 
 
-def blocks_of(model: nn.Module) -> list[Block]:
+def place_precond(p: torch.Tensor, placement: str) -> torch.Tensor:
+    """P [1, D', D'] with rows padded to a multiple of 4 fp32 ("padded", as the inverse returns it),
+    or contiguous 4 bytes past a 16-byte boundary ("unaligned", e.g. a P sliced out of a buffer)."""
+    dim = p.shape[-1]
+    if placement == "padded":
+        return torch.empty(1, dim, -(-dim // 4) * 4, device=p.device)[..., :dim].copy_(p)
+    return torch.empty(p.numel() + 1, device=p.device)[1:].view(p.shape).copy_(p)
+
+
+def blocks_of(model: nn.Module, placement: str = "padded") -> list[Block]:
     """FOOF's blocks: [weight, bias] of each Linear/Conv with a random P, the BatchNorm params alone."""
     group = dict(lr=LR, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=5e-4)
     blocks = []
@@ -70,8 +83,8 @@ def blocks_of(model: nn.Module) -> list[Block]:
             params = [m.weight] + ([m.bias] if m.bias is not None else [])
             dim = m.weight[0].numel() + len(params) - 1
             a = torch.randn(dim, dim, device=DEVICE) / dim ** 0.5
-            precond = torch.linalg.inv(a @ a.T + DAMPING * torch.eye(dim, device=DEVICE))[None].contiguous()
-            blocks.append(Block(params, [group] * len(params), 1, precond))
+            precond = torch.linalg.inv(a @ a.T + DAMPING * torch.eye(dim, device=DEVICE))[None]
+            blocks.append(Block(params, [group] * len(params), 1, place_precond(precond, placement)))
         else:
             blocks += [Block([p], [group]) for p in m.parameters()]
     return blocks
@@ -86,18 +99,38 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-UPDATE_ROWS = [("reference", torch.float32), ("triton", torch.float32), ("triton", torch.bfloat16)]
+# (backend, dtype, conv weight layout, P placement, sm_90 tile config of the Triton kernel)
+UPDATE_ROWS = [
+    ("reference", torch.float32, "contiguous", "padded", None),
+    ("reference", torch.float32, "channels_last", "padded", None),
+    ("triton", torch.float32, "contiguous", "padded", "registers"),
+    ("triton", torch.float32, "contiguous", "padded", "async"),
+    ("triton", torch.float32, "contiguous", "unaligned", "registers"),
+    ("triton", torch.float32, "channels_last", "padded", "registers"),
+    ("triton", torch.bfloat16, "contiguous", "padded", "registers"),
+    ("triton", torch.bfloat16, "contiguous", "padded", "async"),
+    ("triton", torch.bfloat16, "channels_last", "padded", "registers"),
+]
+UPDATE_IDS = ["-".join([backend, str(dtype)[6:], layout, placement] + ([f"sm90_{config}"] if config else []))
+              for backend, dtype, layout, placement, config in UPDATE_ROWS]
 
 
-@pytest.mark.parametrize("backend,dtype", UPDATE_ROWS, ids=[f"{b}-{str(d)[6:]}" for b, d in UPDATE_ROWS])
+@pytest.mark.parametrize("backend,dtype,layout,placement,hopper_config", UPDATE_ROWS, ids=UPDATE_IDS)
 @pytest.mark.parametrize("model_name", ["resnet18", "resnet50"])
-def test_update(benchmark, model_name, backend, dtype):
+def test_update(benchmark, monkeypatch, model_name, backend, dtype, layout, placement, hopper_config):
     if backend == "triton" and not CUDA:
         pytest.skip("Triton rows need CUDA")
     model = make_model(model_name, dtype)
+    if layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
     fill_grads(model)
-    blocks = blocks_of(model)
+    blocks = blocks_of(model, placement)
     buffers = [None] * sum(len(b.params) for b in blocks)
+    if backend == "triton":
+        from fastfoof.kernels import update
+
+        monkeypatch.setattr(update, "HOPPER_CONFIG", hopper_config)
+        update._TABLES.clear()  # so that the tables listed below are this row's
 
     def run():
         ops.preconditioned_update_(blocks, buffers, damping=DAMPING, backend=backend)
@@ -113,6 +146,11 @@ def test_update(benchmark, model_name, backend, dtype):
         layers=sum(b.precond is not None for b in blocks), blocks=len(blocks), gemm_gflop=flops / 1e9,
         precond_mbytes=sum(b.precond.numel() * 4 for b in blocks if b.precond is not None) / 2 ** 20,
         device=torch.cuda.get_device_name() if CUDA else "cpu")
+    if backend == "triton":
+        benchmark.extra_info["config"] = update.launch_config(torch.device(DEVICE))
+        for (_, _, table, *vec), (key, _) in update._TABLES.items():
+            if table == "problems":
+                benchmark.extra_info[f"problems_vec{vec[0]}"] = len(key)
     if benchmark.stats is not None:
         benchmark.extra_info["tflops"] = flops / benchmark.stats.stats.mean / 1e12
     if CUDA:

@@ -132,9 +132,8 @@ def damped_inverse(mats: list[torch.Tensor], damping: float, *, scales: list[tor
 
 def compile_specs() -> list[dict]:
     """One config per bucket the launcher can pick (BLOCK = 16 … KERNEL_MAX_DIM)."""
-    signature = {"mats_ptr": "*fp32", "out_ptr": "*fp32", "table_ptr": "*i64", "scales_ptr": "*fp32",
-                 "info_ptr": "*i32", "damping": "fp32", "BLOCK": "constexpr"}
+    args = dict(mats_ptr=torch.empty(16), out_ptr=torch.empty(16), table_ptr=torch.empty(4, dtype=torch.int64),
+                scales_ptr=torch.empty(1), info_ptr=torch.empty(1, dtype=torch.int32), damping=1.0)
     return [{"kernel": "_damped_inverse_kernel", "config": f"BLOCK={block},w{warps}", "fn": _damped_inverse_kernel,
-             "signature": signature, "constexprs": {"BLOCK": block}, "num_warps": warps, "num_stages": 1,
-             "mma": False}
+             "args": args, "constexprs": {"BLOCK": block}, "num_warps": warps, "num_stages": 1, "mma": False}
             for block, warps in NUM_WARPS.items()]

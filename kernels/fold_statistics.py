@@ -1,6 +1,6 @@
 """Triton kernel: the EMA fold of every layer's statistic with the non-finite drop (DESIGN §1.2, §1.3).
 
-Two launches per (device, dtype), over a tile schedule of (layer, block) pairs read from device
+Two launches per (device, dtype, variant), over a tile schedule of (layer, block) pairs read from device
 tables of addresses, so that the separately allocated EMAs, counts and statistics need no copy:
 
 1. `nonfinite_flags_kernel`: every tile of a statistic that holds a NaN or an infinity writes the
@@ -20,6 +20,14 @@ in a small device table, rebuilt (one asynchronous host-to-device copy) only whe
 decay changes; the address tables are rebuilt only when a tensor's address or size changes. Nothing
 synchronises with the host. float32 and float64 statistics have their own launches; a layer whose
 tensors are not contiguous takes the reference.
+
+The kernels read their addresses from the table, so the compiler knows nothing of their alignment:
+layers whose EMA and statistic start 16-byte aligned (any fresh allocation) take the *vector*
+variant (VEC = elements per 16 bytes), told so by `tl.multiple_of`: its tiles move
+`numel − numel % VEC` elements in 128-bit accesses, and the tile holding the last `numel % VEC`
+does those element-wise. Other layers take the scalar variant (VEC = 1) in their own launches.
+Offsets are 64-bit (a layer of 2**31 or more elements folds correctly); the tile table holds
+32-bit block numbers, so a layer may have up to 2**31 · BLOCK[dtype] elements.
 """
 from __future__ import annotations
 
@@ -30,7 +38,8 @@ import triton.language as tl
 from fastfoof import reference
 from fastfoof.kernels.tables import to_device
 
-BLOCK = 2048
+# Elements per tile by dtype: 16 KiB of each operand (the fp64 fold stays well within its registers).
+BLOCK = {torch.float32: 4096, torch.float64: 2048}
 NUM_WARPS = 4
 KERNEL_DTYPES = {torch.float32: False, torch.float64: True}  # dtype -> FP64 constexpr
 
@@ -49,63 +58,105 @@ def _stat_pointer(address, FP64: tl.constexpr):
         return address.to(tl.pointer_type(tl.float32))
 
 
+@triton.jit
+def _tile(layers_ptr, tiles_ptr, FP64: tl.constexpr, VEC: tl.constexpr):
+    """This program's layer, block, the layer's EMA, statistic and count pointers and numel, and
+    the end of its vector body (numel rounded down to VEC; numel itself for VEC = 1). VEC > 1: the
+    host guarantees 16-byte-aligned EMA and statistic."""
+    layer, block = tl.split(tl.load(tiles_ptr + 2 * tl.program_id(0) + tl.arange(0, 2)))
+    row = layers_ptr + layer * LAYER_FIELDS
+    ema, stat = tl.split(tl.load(row + tl.arange(0, 2)))
+    count, numel = tl.split(tl.load(row + 2 + tl.arange(0, 2)))
+    ema, stat = _stat_pointer(ema, FP64), _stat_pointer(stat, FP64)
+    body = numel
+    if VEC > 1:
+        ema = tl.multiple_of(ema, 16)
+        stat = tl.multiple_of(stat, 16)
+        body = tl.multiple_of(numel // VEC * VEC, VEC)
+    return layer, block, ema, stat, _stat_pointer(count, FP64), numel, body
+
+
+@triton.jit
+def _tail(block, numel, body, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """Offsets and mask of the numel − body < VEC last elements, for the tile that holds offset body."""
+    offsets = body + tl.arange(0, VEC)
+    return offsets, (offsets < numel) & (offsets // BLOCK == block)
+
+
+@triton.jit
+def _has_nonfinite(stat, offsets, mask):
+    x = tl.load(stat + offsets, mask=mask, other=0.0)
+    return tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=0) != 0
+
+
+@triton.jit
+def _fold(ema, stat, offsets, mask, decay, coefficient):
+    old = tl.load(ema + offsets, mask=mask, other=0.0)
+    c = tl.load(stat + offsets, mask=mask, other=0.0)
+    tl.store(ema + offsets, old * decay + c * coefficient, mask=mask)
+
+
 # epoch changes every call: not specialised, so that no value of it triggers a new compilation.
 @triton.jit(do_not_specialize=["epoch"])
 def nonfinite_flags_kernel(layers_ptr, tiles_ptr, flags_ptr, dropped_ptr, epoch,
-                           FP64: tl.constexpr, BLOCK: tl.constexpr):
+                           FP64: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
     """flags[layer] ← epoch if this tile of the layer's statistic has a non-finite entry."""
-    tile = tl.program_id(0)
-    if tile == 0:
+    if tl.program_id(0) == 0:
         tl.store(dropped_ptr, 0)  # fold_kernel, launched next, counts into it
-    layer = tl.load(tiles_ptr + 2 * tile)
-    offsets = tl.load(tiles_ptr + 2 * tile + 1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    row = layers_ptr + layer * LAYER_FIELDS
-    stat = _stat_pointer(tl.load(row + 1), FP64)
-    x = tl.load(stat + offsets, mask=offsets < tl.load(row + 3), other=0.0)
-    nonfinite = (x != x) | (tl.abs(x) == float("inf"))
-    if tl.max(nonfinite.to(tl.int32), axis=0) != 0:
+    layer, block, ema, stat, count, numel, body = _tile(layers_ptr, tiles_ptr, FP64, VEC)
+    offsets = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    nonfinite = _has_nonfinite(stat, offsets, offsets < body)
+    if VEC > 1:
+        tail, tail_mask = _tail(block, numel, body, BLOCK, VEC)
+        nonfinite |= _has_nonfinite(stat, tail, tail_mask)
+    if nonfinite:
         tl.store(flags_ptr + layer, epoch)
 
 
 @triton.jit(do_not_specialize=["epoch"])
 def fold_kernel(layers_ptr, tiles_ptr, flags_ptr, dropped_ptr, scalars_ptr, epoch,
-                FP64: tl.constexpr, BLOCK: tl.constexpr):
+                FP64: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
     """Σ ← m·Σ + (s·(1−m))·C on one tile of a layer with a finite statistic; n and the drop count
     by the layer's block 0."""
-    tile = tl.program_id(0)
-    layer = tl.load(tiles_ptr + 2 * tile)
-    block = tl.load(tiles_ptr + 2 * tile + 1)
-    row = layers_ptr + layer * LAYER_FIELDS
-    finite = tl.load(flags_ptr + layer) != epoch
-    if finite:
+    layer, block, ema, stat, count, numel, body = _tile(layers_ptr, tiles_ptr, FP64, VEC)
+    if tl.load(flags_ptr + layer) != epoch:
         decay = tl.load(scalars_ptr)
         coefficient = tl.load(scalars_ptr + SCALAR_HEADER + layer)
         offsets = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < tl.load(row + 3)
-        ema = _stat_pointer(tl.load(row + 0), FP64)
-        stat = _stat_pointer(tl.load(row + 1), FP64)
-        old = tl.load(ema + offsets, mask=mask, other=0.0)
-        c = tl.load(stat + offsets, mask=mask, other=0.0)
-        tl.store(ema + offsets, old * decay + c * coefficient, mask=mask)
+        _fold(ema, stat, offsets, offsets < body, decay, coefficient)
+        if VEC > 1:
+            tail, tail_mask = _tail(block, numel, body, BLOCK, VEC)
+            _fold(ema, stat, tail, tail_mask, decay, coefficient)
         if block == 0:
-            count = _stat_pointer(tl.load(row + 2), FP64)
             tl.store(count, tl.load(count) * decay + tl.load(scalars_ptr + 1))
     elif block == 0:
         tl.atomic_add(dropped_ptr, 1)
 
 
+def vector_width(dtype: torch.dtype) -> int:
+    """Elements of `dtype` in one 128-bit access."""
+    return 16 // dtype.itemsize
+
+
 def compile_specs() -> list[dict]:
     """Every configuration the launcher can pick, for fastfoof.kernels.compile_check."""
     specs = []
-    for dtype_name, fp64 in (("fp32", False), ("fp64", True)):
-        common = {"layers_ptr": "*i64", "tiles_ptr": "*i32", "flags_ptr": "*i64", "dropped_ptr": "*i64"}
-        kernels = ((nonfinite_flags_kernel, {**common, "epoch": "i32"}),
-                   (fold_kernel, {**common, "scalars_ptr": f"*{dtype_name}", "epoch": "i32"}))
-        for fn, signature in kernels:
-            specs.append(dict(kernel=fn.__name__, config=f"{dtype_name},BLOCK={BLOCK},w{NUM_WARPS}", fn=fn,
-                              signature={**signature, "FP64": "constexpr", "BLOCK": "constexpr"},
-                              constexprs=dict(FP64=fp64, BLOCK=BLOCK), num_warps=NUM_WARPS, num_stages=1,
-                              options=dict(enable_fp_fusion=False), mma=False))
+    for dtype, fp64 in KERNEL_DTYPES.items():
+        # The launcher passes freshly allocated tables and flags (16-byte aligned).
+        common = dict(layers_ptr=torch.empty(len(LAYER_COLUMNS), dtype=torch.int64),
+                      tiles_ptr=torch.empty(2, dtype=torch.int32), flags_ptr=torch.empty(1, dtype=torch.int64),
+                      dropped_ptr=torch.empty((), dtype=torch.int64))
+        # The fold is built without FMA contraction (module docstring), as it is launched.
+        kernels = ((nonfinite_flags_kernel, dict(common, epoch=3), {}),
+                   (fold_kernel, dict(common, scalars_ptr=torch.empty(SCALAR_HEADER.value + 1, dtype=dtype), epoch=3),
+                    dict(enable_fp_fusion=False)))
+        for fn, args, options in kernels:
+            for vec in (vector_width(dtype), 1):
+                specs.append(dict(kernel=fn.__name__,
+                                  config=f"{'fp64' if fp64 else 'fp32'},{'vector' if vec > 1 else 'scalar'},"
+                                         f"BLOCK={BLOCK[dtype]},w{NUM_WARPS}",
+                                  fn=fn, args=args, constexprs=dict(FP64=fp64, VEC=vec, BLOCK=BLOCK[dtype]),
+                                  num_warps=NUM_WARPS, num_stages=1, options=options, mma=False))
     return specs
 
 
@@ -114,9 +165,9 @@ def compile_specs() -> list[dict]:
 class _Plan:
     """Device tables for one set of layers: addresses, tile schedule, flags, and the call counter."""
 
-    def __init__(self, key: tuple, device: torch.device, rows: list[tuple]):
+    def __init__(self, key: tuple, device: torch.device, block: int, rows: list[tuple]):
         self.key = key
-        tiles = [(i, b) for i, row in enumerate(rows) for b in range(triton.cdiv(row[3], BLOCK))]
+        tiles = [(i, b) for i, row in enumerate(rows) for b in range(triton.cdiv(row[3], block))]
         self.layers = to_device(torch.tensor(rows, dtype=torch.int64), device)
         self.tiles = to_device(torch.tensor(tiles, dtype=torch.int32).reshape(-1, 2), device)
         self.flags = torch.zeros(len(rows), dtype=torch.int64, device=device)
@@ -125,15 +176,15 @@ class _Plan:
         self.scalars: torch.Tensor | None = None
 
 
-# (device, dtype) -> the plan of the last call; the optimizer folds the same layers every step.
+# (device, dtype, VEC) -> the plan of the last call; the optimizer folds the same layers every step.
 _PLANS: dict[tuple, _Plan] = {}
 
 
-def _plan(device: torch.device, dtype: torch.dtype, rows: list[tuple]) -> _Plan:
+def _plan(group: tuple, rows: list[tuple]) -> _Plan:
     key = tuple(rows)
-    plan = _PLANS.get((device, dtype))
+    plan = _PLANS.get(group)
     if plan is None or plan.key != key:
-        plan = _PLANS[(device, dtype)] = _Plan(key, device, rows)
+        plan = _PLANS[group] = _Plan(key, group[0], BLOCK[group[1]], rows)
     return plan
 
 
@@ -150,16 +201,17 @@ def fold_statistics_(emas: list[torch.Tensor], counts: list[torch.Tensor], stats
     Same contract as `fastfoof.reference.fold_statistics_`: a statistic with a non-finite entry is
     not folded; returns the number dropped as an int64 device tensor, without host synchronisation.
     """
-    grouped: dict[tuple, list[int]] = {}
+    grouped: dict[tuple, list[int]] = {}  # (device, dtype, VEC) -> layers
     rest = []
     for i, (ema, count, stat) in enumerate(zip(emas, counts, stats)):
         if _fusable(ema, count, stat):
-            grouped.setdefault((ema.device, ema.dtype), []).append(i)
+            aligned = ema.data_ptr() % 16 == 0 and stat.data_ptr() % 16 == 0
+            grouped.setdefault((ema.device, ema.dtype, vector_width(ema.dtype) if aligned else 1), []).append(i)
         else:
             rest.append(i)
     dropped = None
-    for (device, dtype), members in grouped.items():
-        found = _launch(device, dtype, [emas[i] for i in members], [counts[i] for i in members],
+    for group, members in grouped.items():
+        found = _launch(group, [emas[i] for i in members], [counts[i] for i in members],
                         [stats[i] for i in members], [scales[i] for i in members], decay)
         dropped = found if dropped is None else dropped + found
     if rest:
@@ -171,10 +223,11 @@ def fold_statistics_(emas: list[torch.Tensor], counts: list[torch.Tensor], stats
     return dropped
 
 
-def _launch(device: torch.device, dtype: torch.dtype, emas: list[torch.Tensor], counts: list[torch.Tensor],
-            stats: list[torch.Tensor], scales: list[float], decay: float) -> torch.Tensor:
-    plan = _plan(device, dtype, [(e.data_ptr(), s.data_ptr(), c.data_ptr(), e.numel())
-                                 for e, c, s in zip(emas, counts, stats)])
+def _launch(group: tuple, emas: list[torch.Tensor], counts: list[torch.Tensor], stats: list[torch.Tensor],
+            scales: list[float], decay: float) -> torch.Tensor:
+    """The two launches for the layers of one (device, dtype, VEC); returns their dropped count."""
+    device, dtype, vec = group
+    plan = _plan(group, [(e.data_ptr(), s.data_ptr(), c.data_ptr(), e.numel()) for e, c, s in zip(emas, counts, stats)])
     decay = float(decay)
     scalar_key = (decay,) + tuple(float(s) for s in scales)
     if plan.scalar_key != scalar_key:
@@ -187,7 +240,8 @@ def _launch(device: torch.device, dtype: torch.dtype, emas: list[torch.Tensor], 
     grid = (plan.tiles.shape[0],)
     fp64 = KERNEL_DTYPES[dtype]
     nonfinite_flags_kernel[grid](plan.layers, plan.tiles, plan.flags, dropped, plan.epoch,
-                                 FP64=fp64, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                 FP64=fp64, VEC=vec, BLOCK=BLOCK[dtype], num_warps=NUM_WARPS, num_stages=1)
     fold_kernel[grid](plan.layers, plan.tiles, plan.flags, dropped, plan.scalars, plan.epoch,
-                      FP64=fp64, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+                      FP64=fp64, VEC=vec, BLOCK=BLOCK[dtype], num_warps=NUM_WARPS, num_stages=1,
+                      enable_fp_fusion=False)
     return dropped

@@ -272,33 +272,34 @@ def patch_gram_(out: torch.Tensor, x: torch.Tensor, module: nn.Module, *, alpha:
 
 def compile_specs() -> list[dict]:
     """Every kernel and config the dispatch can pick, for `fastfoof.kernels.compile_check`."""
-    partial_ints = ("n_positions positions_per_sample out_w chunk dim dim_out channels_per_group kernel_w "
-                    "kernel_hw in_h in_w stride_h stride_w pad_h pad_w dil_h dil_w x_stride_b x_stride_c "
-                    "x_stride_h x_stride_w num_pairs num_splits").split()
+    # Representative run-time arguments: ResNet-18 layer1's 3×3 conv (64 → 64 channels, 56×56,
+    # stride 1, padding 1) on a contiguous batch of 32, as the launcher passes them.
+    partial_ints = dict(n_positions=32 * 56 * 56, positions_per_sample=56 * 56, out_w=56, chunk=1024, dim=576,
+                        dim_out=576, channels_per_group=64, kernel_w=3, kernel_hw=9, in_h=56, in_w=56,
+                        stride_h=1, stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1, x_stride_b=64 * 56 * 56,
+                        x_stride_c=56 * 56, x_stride_h=56, x_stride_w=1, num_pairs=55, num_splits=98)
+    workspace = torch.empty(16, dtype=torch.float32)
     specs = []
     for config in CONFIGS:
-        for dtype in TRITON_DTYPES.values():
+        for torch_dtype, dtype in TRITON_DTYPES.items():
             # the dispatch runs fp32 with TF32 dots (IEEE ones are for tests); the precision
             # argument does not apply to 16-bit inputs
             for precision in (("tf32",) if dtype == "fp32" else ("ieee",)):
-                signature = {"x_ptr": f"*{dtype}", "ws_ptr": "*fp32", **{name: "i32" for name in partial_ints},
-                             "BLOCK_D": "constexpr", "BLOCK_K": "constexpr", "INPUT_PRECISION": "constexpr"}
                 specs.append({
                     "kernel": f"patch_gram_partial[{dtype},{precision}]", "config": str(config),
-                    "fn": _partial_gram_kernel, "signature": signature,
+                    "fn": _partial_gram_kernel,
+                    "args": dict(x_ptr=torch.empty(16, dtype=torch_dtype), ws_ptr=workspace, **partial_ints),
                     "constexprs": {"BLOCK_D": config.block_d, "BLOCK_K": config.block_k,
                                    "INPUT_PRECISION": precision},
                     "num_warps": config.num_warps, "num_stages": config.num_stages,
                     "mma": True,
                 })
-        signature = {"ws_ptr": "*fp32", "out_ptr": "*fp32", "alpha": "fp32", "beta": "fp32",
-                     **{name: "i32" for name in ("dim_out", "num_pairs", "num_splits", "out_stride_g",
-                                                 "out_stride_r", "out_stride_c")},
-                     "BLOCK_D": "constexpr", "BLOCK_R": "constexpr"}
         reduce_rows = min(REDUCE_ELEMENTS // config.block_d, config.block_d)
         specs.append({
             "kernel": "patch_gram_reduce", "config": f"BLOCK_D={config.block_d},BLOCK_R={reduce_rows},w{REDUCE_WARPS}",
-            "fn": _reduce_kernel, "signature": signature,
+            "fn": _reduce_kernel,
+            "args": dict(ws_ptr=workspace, out_ptr=workspace, alpha=1.0, beta=0.0, dim_out=576, num_pairs=55,
+                         num_splits=98, out_stride_g=576 * 576, out_stride_r=576, out_stride_c=1),
             "constexprs": {"BLOCK_D": config.block_d, "BLOCK_R": reduce_rows},
             "num_warps": REDUCE_WARPS, "num_stages": 1, "mma": False,
         })

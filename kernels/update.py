@@ -1,20 +1,35 @@
 """Triton kernel 3: the preconditioned update of every layer in one grouped GEMM (DESIGN §1.4, §2.3).
 
-`U = Ĝ·P` for all preconditioned layers and conv groups runs as one launch per parameter dtype over
-a device table of problems (pointers, sizes, strides, scalar slots). Each tile reads `Ĝ` straight
-from `weight.grad` viewed as [O, D] (the bias gradient enters as a rank-1 update for column D', no
-concatenated copy) and its epilogue applies the SGD step of §1.4 (momentum buffer, nesterov,
+`U = Ĝ·P` for all preconditioned layers and conv groups runs as one launch per parameter dtype and
+variant over a device table of problems (pointers, sizes, strides, scalar slots). Each tile reads `Ĝ`
+straight from `weight.grad` viewed as [O, D] (the bias gradient enters as a rank-1 update for column
+D', no concatenated copy) and its epilogue applies the SGD step of §1.4 (momentum buffer, nesterov,
 decoupled weight decay, parameter write) to the weight and the bias in place; nothing is written to
 `.grad`. Hyperparameters live in a second device table (never constexpr: changing lr does not
 recompile). Both tables are rebuilt only when a host-side key (addresses, shapes, strides,
 hyperparameters, first-step flags) changes; the step itself never synchronises with the device.
 
+Two variants. The kernel reads its pointers and strides from the table, so the compiler knows
+nothing of their alignment: the *vector* variant (VEC = elements per 16 bytes) is told, by
+`tl.multiple_of`, that every address is 16-byte aligned and every row stride, D and P's readable
+width are multiples of 16 bytes, so its Ĝ, P, weight and buffer accesses are 128-bit. The host
+checks all of it per block (`_vector_ready`); the rest (D not a multiple of 4 or 8, a P that
+arrived unaligned, e.g. from a state_dict) takes the scalar variant (VEC = 1), same code.
+
+channels_last convolution weights (and grads) are preconditioned in their memory order
+(kernel offset major, channel minor): U_mem = Ĝ_mem·(Π P Πᵀ), with a permuted, padded copy of P
+made once per new P (`_memory_order_precond`); P itself, the optimizer state and the state_dict stay
+in DESIGN order. Offsets are 32-bit: a problem whose offsets could exceed int32 takes the reference
+(`offsets_fit_int32`).
+
 Parameters without a preconditioner (U = G/λ) take one `torch._foreach_*` update per param group,
-device and dtype. float64 parameters, non-contiguous parameters (e.g. channels_last convolution
-weights) and gradients that cannot be viewed as [O, D] with unit column stride take the reference
-path, block by block.
+device and dtype. float64 parameters, and weights, grads and buffers with different layouts (or
+neither DESIGN nor channels_last order) take the reference path, block by block.
 """
 from __future__ import annotations
+
+import math
+import weakref
 
 import torch
 import triton
@@ -27,20 +42,50 @@ from fastfoof.reference import stat_dtype
 # tl.dot input precision for fp32 operands: TF32 on tensor cores by default; tests set "ieee".
 DOT_PRECISION = "tf32"
 
-# Tile config per dot precision (spill-free on sm_80 and sm_90: `python -m fastfoof.kernels.compile_check`);
-# the FMA (ieee) dot needs 8 warps to hold its operands in registers.
-CONFIGS = {"tf32": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
-           "ieee": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)}
+# Tile configs (spill-free on sm_80 and sm_90: `python -m fastfoof.kernels.compile_check`).
+# "async": software-pipelined, 3 stages of asynchronous copies (LDGSTS) to shared memory. On sm_90
+#   tf32 wgmma needs both operands K-major in shared memory while P's tiles are N-major, so those
+#   copies of P go 32 bits at a time (sm_80's stay 128-bit).
+# "registers": 128-bit loads to registers, transposed on the store to shared memory, no pipelining
+#   (a longer K step gives each thread more loads in flight).
+# "ieee": FMA dots (tests), 8 warps to hold the operands in registers.
+# sm_80 runs "async"; sm_90 runs HOPPER_CONFIG. Which of the two is faster on sm_90 only a GPU can
+# tell: bench/test_bench_update.py has a row for each.
+CONFIGS = {"async": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+           "registers": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1),
+           "ieee": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=1)}
+HOPPER_CONFIG = "registers"
 
 PARAM_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+VECTOR_BYTES = 16
 
-# Problem table: one int64 row per (layer, conv group). Column indices are shared with the kernel.
-# A momentum buffer shares its parameter's strides (the host checks), so one offset serves both.
-PROBLEM_COLUMNS = ("grad_w", "grad_b", "precond", "weight", "bias", "buf_w", "buf_b", "rows", "dim", "dim_p",
-                   "grad_w_row", "weight_row", "precond_row", "grad_b_stride", "bias_stride", "slot_w", "slot_b")
+# Problem table: one int64 row per (layer, conv group). Column indices are shared with the kernel,
+# which reads them in pairs (one 128-bit load each). A momentum buffer shares its parameter's strides
+# (the host checks), so one offset serves both. precond_cols: the columns of P a tile may read (D',
+# or D' rounded up to 4 within P's row padding).
+PROBLEM_COLUMNS = ("grad_w", "precond", "weight", "buf_w", "rows", "dim", "grad_w_row", "weight_row",
+                   "precond_row", "precond_cols", "slot_w", "grad_b", "grad_b_stride", "dim_p", "bias", "buf_b",
+                   "slot_b", "bias_stride")
 PROBLEM_FIELDS = tl.constexpr(len(PROBLEM_COLUMNS))
-# Scalar table: one fp32 row per parameter: lr, 1 − lr·wd, μ, 1 − τ, nesterov, first step, μ ≠ 0.
+# Tile schedule: (problem, tile row, tile column, unused) int32, one 128-bit load per tile.
+TILE_FIELDS = tl.constexpr(4)
+# Scalar table: one fp32 row per parameter: lr, 1 − lr·wd, μ, 1 − τ, nesterov, first step, μ ≠ 0, unused.
 SCALAR_FIELDS = tl.constexpr(8)
+
+
+@triton.jit
+def _load_pair(ptr):
+    """ptr[0], ptr[1] by one vector load (128 bits for 16-byte-aligned int64 pairs)."""
+    return tl.split(tl.load(ptr + tl.arange(0, 2)))
+
+
+@triton.jit
+def _load_quad(ptr):
+    """ptr[0 … 3] by one vector load (128 bits for 16-byte-aligned 32-bit values)."""
+    even, odd = tl.split(tl.reshape(tl.load(ptr + tl.arange(0, 4)), (2, 2)))
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
 
 
 @triton.jit
@@ -56,18 +101,16 @@ def _param_pointer(address, PARAM_KIND: tl.constexpr):
 @triton.jit
 def _sgd_epilogue(u, param, buf, offsets, mask, scalars):
     """§1.4 on a tile of U: V ← μV + (1−τ)U (V = U on a first step), D, W ← W·(1 − η·wd) − η·D."""
-    lr = tl.load(scalars)
-    decay = tl.load(scalars + 1)
-    momentum = tl.load(scalars + 2)
-    one_minus_dampening = tl.load(scalars + 3)
-    nesterov = tl.load(scalars + 4) != 0
-    first = tl.load(scalars + 5)
-    use_momentum = tl.load(scalars + 6)
-    # The flags are 0/1 floats folded into the masks by tl.where (the interpreter cannot `&` a
-    # block mask with a scalar bool).
-    old = tl.load(buf + offsets, mask=tl.where(mask, use_momentum * (1 - first), 0.0) != 0, other=0.0)
+    lr, decay, momentum, one_minus_dampening = _load_quad(scalars)
+    nesterov, first, use_momentum, _ = _load_quad(scalars + 4)
+    nesterov = nesterov != 0
+    # The 0/1 float flags are folded into the masks as integers by tl.where (the interpreter cannot
+    # `&` a block mask with a scalar bool; an integer mask keeps the compiler's alignment facts, so
+    # the buffer accesses vectorise like the parameter's).
+    read_old = (use_momentum * (1 - first)).to(tl.int32)
+    old = tl.load(buf + offsets, mask=tl.where(mask, read_old, 0) != 0, other=0.0)
     v = tl.where(first != 0, u, momentum * old + one_minus_dampening * u)
-    tl.store(buf + offsets, v, mask=tl.where(mask, use_momentum, 0.0) != 0)
+    tl.store(buf + offsets, v, mask=tl.where(mask, use_momentum.to(tl.int32), 0) != 0)
     use_momentum = use_momentum != 0
     direction = tl.where(use_momentum, tl.where(nesterov, u + momentum * v, v), u)
     p = tl.load(param + offsets, mask=mask, other=0.0)
@@ -76,74 +119,106 @@ def _sgd_epilogue(u, param, buf, offsets, mask, scalars):
 
 @triton.jit
 def grouped_update_kernel(problems_ptr, tiles_ptr, scalars_ptr, scale_ptr,
-                          PARAM_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                          PARAM_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, VEC: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One [BLOCK_M, BLOCK_N] tile of U = Ĝ·P of one problem, then its SGD epilogue."""
-    tile = tl.program_id(0)
-    problem = tl.load(tiles_ptr + 3 * tile).to(tl.int64)
-    m0 = tl.load(tiles_ptr + 3 * tile + 1) * BLOCK_M
-    n0 = tl.load(tiles_ptr + 3 * tile + 2) * BLOCK_N
-    row = problems_ptr + problem * PROBLEM_FIELDS
-    grad_w = _param_pointer(tl.load(row + 0), PARAM_KIND)
-    grad_b_address = tl.load(row + 1)
-    precond = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-    weight = _param_pointer(tl.load(row + 3), PARAM_KIND)
-    buf_w = tl.load(row + 5).to(tl.pointer_type(tl.float32))
-    # Sizes and strides as int32 (the host sends only tensors of < 2**31 elements with unit column
+    """One [BLOCK_M, BLOCK_N] tile of U = Ĝ·P of one problem, then its SGD epilogue. VEC > 1: the
+    host guarantees the 16-byte alignment of the vector variant (module docstring)."""
+    problem, tile_row, tile_col, unused = _load_quad(tiles_ptr + tl.program_id(0) * TILE_FIELDS)
+    m0 = tile_row * BLOCK_M
+    n0 = tile_col * BLOCK_N
+    row = problems_ptr + problem.to(tl.int64) * PROBLEM_FIELDS
+    grad_w, precond = _load_pair(row)
+    weight, buf_w = _load_pair(row + 2)
+    grad_w = _param_pointer(grad_w, PARAM_KIND)
+    precond = precond.to(tl.pointer_type(tl.float32))
+    weight = _param_pointer(weight, PARAM_KIND)
+    buf_w = buf_w.to(tl.pointer_type(tl.float32))
+    # Sizes and strides as int32 (the host sends only problems whose offsets fit, with unit column
     # strides): 32-bit offsets from one base pointer keep the register count down.
-    rows_total = tl.load(row + 7).to(tl.int32)
-    dim = tl.load(row + 8).to(tl.int32)
-    dim_p = tl.load(row + 9).to(tl.int32)
-    p_row_stride = tl.load(row + 12).to(tl.int32)
+    rows_total, dim = _load_pair(row + 4)
+    g_row, w_row = _load_pair(row + 6)
+    p_row, p_cols = _load_pair(row + 8)
+    slot_w, grad_b_address = _load_pair(row + 10)
+    rows_total, dim, g_row, w_row = rows_total.to(tl.int32), dim.to(tl.int32), g_row.to(tl.int32), w_row.to(tl.int32)
+    p_row, p_cols = p_row.to(tl.int32), p_cols.to(tl.int32)
+    if VEC > 1:
+        grad_w = tl.multiple_of(grad_w, 16)
+        weight = tl.multiple_of(weight, 16)
+        buf_w = tl.multiple_of(buf_w, 16)
+        precond = tl.multiple_of(precond, 16)
+        dim = tl.multiple_of(dim, VEC)
+        g_row = tl.multiple_of(g_row, VEC)
+        w_row = tl.multiple_of(w_row, VEC)
+        p_row = tl.multiple_of(p_row, 4)
+        p_cols = tl.multiple_of(p_cols, 4)
 
     rows = m0 + tl.arange(0, BLOCK_M)
     cols = n0 + tl.arange(0, BLOCK_N)
     row_ok = rows < rows_total
-    col_ok = cols < dim_p
-    a_offsets = rows[:, None] * tl.load(row + 10).to(tl.int32)
+    col_ok = cols < p_cols
+    a_offsets = rows[:, None] * g_row
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, dim, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < dim
         a = tl.load(grad_w + (a_offsets + ks[None, :]), mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(precond + (ks[:, None] * p_row_stride + cols[None, :]), mask=k_ok[:, None] & col_ok[None, :],
-                    other=0.0)
+        b = tl.load(precond + (ks[:, None] * p_row + cols[None, :]), mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a.to(tl.float32), b, acc, input_precision=INPUT_PRECISION)
     if grad_b_address != 0:  # the bias gradient is column D of [Ĝ | g_b]: a rank-1 update with row D of P
+        grad_b_stride, dim_p = _load_pair(row + 12)  # D' only sizes the host's tile schedule
         grad_b = _param_pointer(grad_b_address, PARAM_KIND)
-        gb = tl.load(grad_b + rows * tl.load(row + 13).to(tl.int32), mask=row_ok, other=0.0).to(tl.float32)
-        pb = tl.load(precond + (dim * p_row_stride + cols), mask=col_ok, other=0.0)
+        gb = tl.load(grad_b + rows * grad_b_stride.to(tl.int32), mask=row_ok, other=0.0).to(tl.float32)
+        pb = tl.load(precond + (dim * p_row + cols), mask=col_ok, other=0.0)
         acc += gb[:, None] * pb[None, :]
     u = acc / tl.load(scale_ptr)
 
     w_mask = row_ok[:, None] & (cols < dim)[None, :]
-    w_offsets = rows[:, None] * tl.load(row + 11).to(tl.int32) + cols[None, :]
-    _sgd_epilogue(u, weight, buf_w, w_offsets, w_mask, scalars_ptr + tl.load(row + 15) * SCALAR_FIELDS)
+    w_offsets = rows[:, None] * w_row + cols[None, :]
+    _sgd_epilogue(u, weight, buf_w, w_offsets, w_mask, scalars_ptr + slot_w * SCALAR_FIELDS)
 
     if (grad_b_address != 0) & (n0 <= dim) & (dim < n0 + BLOCK_N):  # this tile holds column D
         u_b = tl.sum(tl.where(cols[None, :] == dim, u, 0.0), axis=1)
-        bias = _param_pointer(tl.load(row + 4), PARAM_KIND)
-        buf_b = tl.load(row + 6).to(tl.pointer_type(tl.float32))
-        _sgd_epilogue(u_b, bias, buf_b, rows * tl.load(row + 14).to(tl.int32), row_ok,
-                      scalars_ptr + tl.load(row + 16) * SCALAR_FIELDS)
+        bias, buf_b = _load_pair(row + 14)
+        slot_b, bias_stride = _load_pair(row + 16)
+        _sgd_epilogue(u_b, _param_pointer(bias, PARAM_KIND), buf_b.to(tl.pointer_type(tl.float32)),
+                      rows * bias_stride.to(tl.int32), row_ok, scalars_ptr + slot_b * SCALAR_FIELDS)
+
+
+def launch_config(device: torch.device) -> str:
+    """The name of the tile config the launcher uses on `device` (module constants above)."""
+    if DOT_PRECISION == "ieee":
+        return "ieee"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        return HOPPER_CONFIG
+    return "async"
+
+
+def vector_width(dtype: torch.dtype) -> int:
+    """Elements of `dtype` in one 128-bit access."""
+    return VECTOR_BYTES // dtype.itemsize
 
 
 def compile_specs() -> list[dict]:
     """Every configuration the launcher can pick, for fastfoof.kernels.compile_check."""
-    signature = {"problems_ptr": "*i64", "tiles_ptr": "*i32", "scalars_ptr": "*fp32", "scale_ptr": "*fp32",
-                 "PARAM_KIND": "constexpr", "INPUT_PRECISION": "constexpr", "BLOCK_M": "constexpr",
-                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    # The launcher passes freshly allocated tables (16-byte aligned) and a scalar grad scale.
+    args = dict(problems_ptr=torch.empty(len(PROBLEM_COLUMNS), dtype=torch.int64),
+                tiles_ptr=torch.empty(TILE_FIELDS.value, dtype=torch.int32), scalars_ptr=torch.empty(SCALAR_FIELDS.value),
+                scale_ptr=torch.ones(()))
     specs = []
-    for kind_name, kind in (("fp32", 0), ("bf16", 1), ("fp16", 2)):
-        for precision, config in CONFIGS.items():
+    for dtype, kind in PARAM_KINDS.items():
+        kind_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        for name, config in CONFIGS.items():
+            precision = "ieee" if name == "ieee" else "tf32"
             tiles = {k: v for k, v in config.items() if k.startswith("BLOCK")}
-            specs.append(dict(kernel="grouped_update_kernel",
-                              config=f"{kind_name},{precision}," + ",".join(f"{k}={v}" for k, v in tiles.items())
-                                     + f",w{config['num_warps']},s{config['num_stages']}",
-                              fn=grouped_update_kernel, signature=signature,
-                              constexprs=dict(PARAM_KIND=kind, INPUT_PRECISION=precision, **tiles),
-                              num_warps=config["num_warps"], num_stages=config["num_stages"],
-                              mma=precision == "tf32"))
+            for vec in (vector_width(dtype), 1):
+                specs.append(dict(kernel="grouped_update_kernel",
+                                  config=f"{kind_name},{name},{'vector' if vec > 1 else 'scalar'},"
+                                         + ",".join(f"{k}={v}" for k, v in tiles.items())
+                                         + f",w{config['num_warps']},s{config['num_stages']}",
+                                  fn=grouped_update_kernel, args=args,
+                                  constexprs=dict(PARAM_KIND=kind, INPUT_PRECISION=precision, VEC=vec, **tiles),
+                                  num_warps=config["num_warps"], num_stages=config["num_stages"],
+                                  mma=precision == "tf32"))
     return specs
 
 
@@ -164,20 +239,77 @@ def _device_table(name: tuple, key: tuple, build) -> torch.Tensor:
     return table
 
 
-def _row_stride(t: torch.Tensor, rows: int) -> int | None:
-    """Row stride of t viewed as [rows, numel/rows] with unit column stride, None if there is no such
-    view (e.g. a channels_last convolution weight) or it is too large for 32-bit offsets."""
-    try:
-        view = t.view(rows, -1)
-    except RuntimeError:
-        return None
-    if view.shape[1] > 1 and view.stride(1) != 1 or t.numel() >= 2 ** 31:
-        return None
-    return view.stride(0)
+def offsets_fit_int32(rows: int, dim_p: int, row_stride: int, precond_row: int, config: dict) -> bool:
+    """Whether every 32-bit offset the kernel forms for one problem fits in int32, the masked rows and
+    columns of partial tiles included: `rows` × D' of U, the largest row stride of Ĝ, W, the
+    buffers and the bias vectors, and P's row stride."""
+    block_cols = max(config["BLOCK_N"], config["BLOCK_K"])
+    last_row = triton.cdiv(rows, config["BLOCK_M"]) * config["BLOCK_M"] - 1
+    last_col = triton.cdiv(dim_p, block_cols) * block_cols - 1
+    return max(last_row * row_stride, last_col * precond_row) + last_col < 2 ** 31
+
+
+def _matrix_view(t: torch.Tensor, rows: int) -> tuple[torch.Tensor, bool] | None:
+    """t as [rows, D] with unit column stride and whether that is channels-last order (a conv
+    tensor [O, C, *kernel] stored with C innermost: columns k·C + c), or None if neither order is
+    such a view. DESIGN order (c·K + k) comes first: where C = 1 or K = 1 both orders agree."""
+    orders = [(t, False)]
+    if t.dim() >= 3:
+        orders.append((t.permute(0, *range(2, t.dim()), 1), True))
+    for tensor, channels_last in orders:
+        try:
+            view = tensor.view(rows, -1)
+        except RuntimeError:
+            continue
+        if view.shape[1] == 1 or view.stride(1) == 1:
+            return view, channels_last
+    return None
 
 
 def _same_strides(param: torch.Tensor, buf: torch.Tensor | None) -> bool:
     return buf is None or (buf.shape == param.shape and buf.stride() == param.stride())
+
+
+def _aligned(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or t.data_ptr() % VECTOR_BYTES == 0 for t in tensors)
+
+
+def _precond_vector_cols(precond: torch.Tensor) -> int | None:
+    """D' rounded up to 4 if P ([G, D', D'], unit column stride) can be read in 16-byte vectors up to
+    that width: aligned base, row and group strides multiples of 4 fp32, and storage (the row padding)
+    behind every row's last vector; None otherwise."""
+    groups, dim_p, _ = precond.shape
+    cols = math.ceil(dim_p / 4) * 4
+    if not _aligned(precond) or precond.stride(0) % 4 or precond.stride(1) % 4 or cols > precond.stride(1):
+        return None
+    last = precond.storage_offset() + (groups - 1) * precond.stride(0) + (dim_p - 1) * precond.stride(1) + cols
+    return cols if last * 4 <= precond.untyped_storage().nbytes() else None
+
+
+# id(P) -> (weak reference to P, its version, (C, K), the permuted copy): at most one copy per new P.
+_PERMUTED: dict[int, tuple] = {}
+
+
+def _memory_order_precond(precond: torch.Tensor, channels: int, kernel: int) -> torch.Tensor:
+    """Π P Πᵀ per group for a channels-last weight of C = `channels` input channels per group and K =
+    `kernel` offsets: rows and columns in memory order k·C + c (the bias stays last), in a new
+    16-byte-aligned tensor whose rows are padded to a multiple of 4. Made once per P and version."""
+    key = id(precond)
+    cached = _PERMUTED.get(key)
+    if cached is not None:
+        reference_to, version, shape, permuted = cached
+        if reference_to() is precond and version == precond._version and shape == (channels, kernel):
+            return permuted
+    groups, dim_p, _ = precond.shape
+    order = torch.arange(channels * kernel, device=precond.device).view(channels, kernel).t().reshape(-1)
+    order = torch.cat([order, torch.arange(channels * kernel, dim_p, device=precond.device)])
+    padded = torch.empty(groups, dim_p, math.ceil(dim_p / 4) * 4, dtype=precond.dtype, device=precond.device)
+    permuted = padded[..., :dim_p]
+    permuted.copy_(precond.index_select(1, order).index_select(2, order))
+    # The entry dies with P (its id may be reused later): the weak reference's callback drops it.
+    _PERMUTED[key] = (weakref.ref(precond, lambda _: _PERMUTED.pop(key, None)), precond._version,
+                      (channels, kernel), permuted)
+    return permuted
 
 
 def _scalars(group: dict, first: bool) -> tuple[float, ...]:
@@ -186,8 +318,10 @@ def _scalars(group: dict, first: bool) -> tuple[float, ...]:
             float(first), float(momentum != 0), 0.0)
 
 
-def _fused_problems(block, slot: int, buffers: list, scalar_rows: list, keep_alive: list) -> list[tuple] | None:
-    """The problem rows of one preconditioned block, or None if it needs the reference path."""
+def _fused_problems(block, slot: int, buffers: list, scalar_rows: list,
+                    keep_alive: list) -> tuple[list[tuple], int] | None:
+    """The problem rows of one preconditioned block and their VEC (1: the scalar variant), or None
+    if the block needs the reference path."""
     weight = block.params[0]
     bias = block.params[1] if len(block.params) == 2 else None
     grad_w = weight.grad
@@ -201,18 +335,22 @@ def _fused_problems(block, slot: int, buffers: list, scalar_rows: list, keep_ali
     rows, dim = out_rows // groups, weight[0].numel()
     dim_p = dim + (bias is not None)
     precond = block.precond
-    if precond.dtype != torch.float32 or tuple(precond.shape) != (groups, dim_p, dim_p) or precond.numel() >= 2 ** 31:
+    if precond.dtype != torch.float32 or tuple(precond.shape) != (groups, dim_p, dim_p):
         return None
-    if precond.stride(2) != 1:  # a copy each step (damped_inverse returns row-major P), alive until the launch
+    weight_view, grad_view = _matrix_view(weight, out_rows), _matrix_view(grad_w, out_rows)
+    if weight_view is None or grad_view is None or weight_view[1] != grad_view[1]:
+        return None
+    (weight_view, channels_last), (grad_view, _) = weight_view, grad_view
+    if not _same_strides(weight, buffers[slot]) or (bias is not None and not _same_strides(bias, buffers[slot + 1])):
+        return None
+    if channels_last:
+        precond = _memory_order_precond(precond, weight.shape[1], dim // weight.shape[1])
+    elif precond.stride(2) != 1:  # a copy each step (damped_inverse returns row-major P), alive until the launch
         precond = precond.contiguous()
         keep_alive.append(precond)
-    # Contiguous parameters, so that buffers made by empty_like share their strides.
-    if not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
-        return None
-    w_row, g_row = _row_stride(weight, out_rows), _row_stride(grad_w, out_rows)
-    if None in (w_row, g_row) or not _same_strides(weight, buffers[slot]):
-        return None
-    if bias is not None and not _same_strides(bias, buffers[slot + 1]):
+    w_row, g_row = weight_view.stride(0), grad_view.stride(0)
+    strides = [w_row, g_row] + [t.stride(0) for t in (bias, grad_b) if t is not None]
+    if not offsets_fit_int32(rows, dim_p, max(strides), precond.stride(1), CONFIGS[launch_config(weight.device)]):
         return None
 
     def ensure_buffer(i: int, param: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
@@ -230,50 +368,57 @@ def _fused_problems(block, slot: int, buffers: list, scalar_rows: list, keep_ali
         buf_b, first_b = ensure_buffer(1, bias)
         slot_b = len(scalar_rows)
         scalar_rows.append(_scalars(block.options[1], first_b))
+
+    vec, precond_cols = vector_width(weight.dtype), _precond_vector_cols(precond)
+    if precond_cols is None or not _aligned(weight, grad_w, buf_w) or any(n % vec for n in (dim, w_row, g_row)):
+        vec, precond_cols = 1, dim_p
     size = weight.element_size()
     problems = []
     for g in range(groups):
         r0 = g * rows
-        problems.append((
-            grad_w.data_ptr() + r0 * g_row * size,
-            0 if grad_b is None else grad_b.data_ptr() + r0 * grad_b.stride(0) * size,
-            precond.data_ptr() + g * precond.stride(0) * 4,
-            weight.data_ptr() + r0 * w_row * size,
-            0 if bias is None else bias.data_ptr() + r0 * bias.stride(0) * size,
-            0 if buf_w is None else buf_w.data_ptr() + r0 * w_row * 4,
-            0 if buf_b is None else buf_b.data_ptr() + r0 * buf_b.stride(0) * 4,
-            rows, dim, dim_p, g_row, w_row, precond.stride(1),
-            0 if grad_b is None else grad_b.stride(0), 0 if bias is None else bias.stride(0), slot_w, slot_b))
-    return problems
+        columns = dict(
+            grad_w=grad_w.data_ptr() + r0 * g_row * size, precond=precond.data_ptr() + g * precond.stride(0) * 4,
+            weight=weight.data_ptr() + r0 * w_row * size, buf_w=0 if buf_w is None else buf_w.data_ptr() + r0 * w_row * 4,
+            rows=rows, dim=dim, grad_w_row=g_row, weight_row=w_row, precond_row=precond.stride(1),
+            precond_cols=precond_cols, slot_w=slot_w,
+            grad_b=0 if grad_b is None else grad_b.data_ptr() + r0 * grad_b.stride(0) * size,
+            grad_b_stride=0 if grad_b is None else grad_b.stride(0), slot_b=slot_b,
+            bias=0 if bias is None else bias.data_ptr() + r0 * bias.stride(0) * size,
+            bias_stride=0 if bias is None else bias.stride(0),
+            buf_b=0 if buf_b is None else buf_b.data_ptr() + r0 * buf_b.stride(0) * 4, dim_p=dim_p)
+        problems.append(tuple(columns[c] for c in PROBLEM_COLUMNS))
+    return problems, vec
 
 
 def _tile_schedule(problems: list[tuple], block_m: int, block_n: int) -> torch.Tensor:
-    """[tiles, 3] int32 (problem, tile row, tile column), the longest K loops first."""
+    """[tiles, TILE_FIELDS] int32 (problem, tile row, tile column, 0), the longest K loops first."""
     dim, dim_p, rows = (PROBLEM_COLUMNS.index(c) for c in ("dim", "dim_p", "rows"))
     order = sorted(range(len(problems)), key=lambda i: -problems[i][dim])  # a tile's work is ∝ its K = D
-    tiles = [(i, tm, tn) for i in order
+    tiles = [(i, tm, tn, 0) for i in order
              for tm in range(triton.cdiv(problems[i][rows], block_m))
              for tn in range(triton.cdiv(problems[i][dim_p], block_n))]
-    return torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3)
+    return torch.tensor(tiles, dtype=torch.int32).reshape(-1, TILE_FIELDS.value)
 
 
-def _launch_grouped(device: torch.device, dtype: torch.dtype, problems: list[tuple], scalar_rows: list,
+def _launch_grouped(device: torch.device, dtype: torch.dtype, variants: dict[int, list[tuple]], scalar_rows: list,
                     grad_scale: torch.Tensor | None) -> None:
-    config = CONFIGS[DOT_PRECISION]
-    key = tuple(problems)
-    problem_table = _device_table((device, dtype, "problems"), key,
-                                  lambda: torch.tensor(problems, dtype=torch.int64))
-    tiles = _device_table((device, dtype, "tiles"), (config["BLOCK_M"], config["BLOCK_N"]) + key,
-                          lambda: _tile_schedule(problems, config["BLOCK_M"], config["BLOCK_N"]))
+    """One launch per variant (VEC) of this device and dtype; they share the scalar table."""
+    config = CONFIGS[launch_config(device)]
     scalars = _device_table((device, dtype, "scalars"), tuple(scalar_rows),
                             lambda: torch.tensor(scalar_rows, dtype=torch.float32))
     if grad_scale is None:
         if device not in _ONES:
             _ONES[device] = torch.ones((), dtype=torch.float32, device=device)
         grad_scale = _ONES[device]
-    grouped_update_kernel[(tiles.shape[0],)](
-        problem_table, tiles, scalars, grad_scale.to(torch.float32), PARAM_KIND=PARAM_KINDS[dtype],
-        INPUT_PRECISION=DOT_PRECISION, **config)
+    for vec, problems in variants.items():
+        key = tuple(problems)
+        problem_table = _device_table((device, dtype, "problems", vec), key,
+                                      lambda: torch.tensor(problems, dtype=torch.int64))
+        tiles = _device_table((device, dtype, "tiles", vec), (config["BLOCK_M"], config["BLOCK_N"]) + key,
+                              lambda: _tile_schedule(problems, config["BLOCK_M"], config["BLOCK_N"]))
+        grouped_update_kernel[(tiles.shape[0],)](
+            problem_table, tiles, scalars, grad_scale.to(torch.float32), PARAM_KIND=PARAM_KINDS[dtype],
+            INPUT_PRECISION=DOT_PRECISION, VEC=vec, **config)
 
 
 def _foreach_updates(entries: list[tuple], buffers: list, damping: float,
@@ -319,7 +464,7 @@ def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | N
 
     Same contract as `fastfoof.reference.preconditioned_update_`.
     """
-    grouped: dict[tuple, tuple[list, list]] = {}  # (device, dtype) -> (problems, scalar rows)
+    grouped: dict[tuple, tuple[dict, list]] = {}  # (device, dtype) -> ({VEC: problems}, scalar rows)
     plain, keep_alive, slot = [], [], 0
     for block in blocks:
         if block.precond is None:
@@ -328,16 +473,16 @@ def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | N
             _reference_block(block, slot, momentum_buffers, damping, grad_scale)
         elif block.params[0].grad is not None:
             weight = block.params[0]
-            problems, scalar_rows = grouped.setdefault((weight.device, weight.dtype), ([], []))
-            rows = _fused_problems(block, slot, momentum_buffers, scalar_rows, keep_alive)
-            if rows is None:
+            variants, scalar_rows = grouped.setdefault((weight.device, weight.dtype), ({}, []))
+            fused = _fused_problems(block, slot, momentum_buffers, scalar_rows, keep_alive)
+            if fused is None:
                 _reference_block(block, slot, momentum_buffers, damping, grad_scale)
             else:
-                problems += rows
+                variants.setdefault(fused[1], []).extend(fused[0])
         slot += len(block.params)
-    for (device, dtype), (problems, scalar_rows) in grouped.items():
-        if problems:
-            _launch_grouped(device, dtype, problems, scalar_rows, grad_scale)
+    for (device, dtype), (variants, scalar_rows) in grouped.items():
+        if variants:
+            _launch_grouped(device, dtype, variants, scalar_rows, grad_scale)
     _foreach_updates(plain, momentum_buffers, damping, grad_scale)
 
 

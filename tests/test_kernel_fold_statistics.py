@@ -9,7 +9,7 @@ from helpers import rel_error
 # CPU runs the kernel in Triton's interpreter (conftest); a GPU runs it compiled.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# [groups, D', D'] of odd sizes; (3, 41, 41) spans three blocks of fold_statistics.BLOCK.
+# [groups, D', D'] of odd sizes; (3, 41, 41) spans two or three blocks of fold_statistics.BLOCK.
 SHAPES = [(1, 7, 7), (3, 41, 41), (2, 5, 5), (1, 1, 1), (4, 13, 13)]
 SCALES = [1 / 3, 1 / 7, 0.25, 1 / 11, 1 / 96]
 DECAY = 0.95
@@ -158,6 +158,45 @@ def test_compile_specs_cover_the_launcher():
     specs = fold_statistics.compile_specs()
     configs = {(spec["kernel"], spec["constexprs"]["FP64"], spec["constexprs"]["BLOCK"], spec["num_warps"])
                for spec in specs}
-    assert configs == {(name, fp64, fold_statistics.BLOCK, fold_statistics.NUM_WARPS)
-                       for name in ("nonfinite_flags_kernel", "fold_kernel") for fp64 in (False, True)}
+    assert configs == {(name, fp64, fold_statistics.BLOCK[dtype], fold_statistics.NUM_WARPS)
+                       for name in ("nonfinite_flags_kernel", "fold_kernel")
+                       for dtype, fp64 in ((torch.float32, False), (torch.float64, True))}
     assert not any(spec["mma"] for spec in specs)
+
+
+def unaligned(t):
+    """t's values in a tensor whose data starts 4 bytes past a 16-byte boundary."""
+    return torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vector_tails_and_the_scalar_variant(dtype, monkeypatch):
+    """Vector layers whose numel is not a multiple of VEC fold their tail element-wise (a tail right
+    after a block boundary included) and see a non-finite entry there; unaligned layers take the
+    scalar variant in their own launches; all bitwise equal to the reference."""
+    launched = []  # the VEC of each launch pair
+    launch = fold_statistics._launch
+    monkeypatch.setattr(fold_statistics, "_launch", lambda group, *args: (launched.append(group[2]),
+                                                                         launch(group, *args))[1])
+    gen = torch.Generator().manual_seed(6)
+    # numel = one block + a one-element tail, 5043 (tail of 3 or 1), 49, 16 (no tail)
+    block = fold_statistics.BLOCK[dtype]
+    shapes = [(block + 1, 1, 1), (3, 41, 41), (1, 7, 7), (1, 4, 4), (block + 1, 1, 1), (2, 5, 5)]
+    emas, counts, stats = make_layers(dtype, gen, shapes)
+    for i in (4, 5):  # the last two unaligned
+        emas[i], stats[i] = unaligned(emas[i]), unaligned(stats[i])
+        assert emas[i].data_ptr() % 16 and stats[i].data_ptr() % 16
+    stats[0].view(-1)[block] = float("nan")  # the tail after the block boundary
+    stats[1].view(-1)[-1] = float("inf")  # the tail
+    stats[4].view(-1)[-1] = float("nan")
+    scales = [0.5, 0.25, 1 / 3, 0.125, 0.75, 1 / 9]
+    for step in range(2):
+        ref_emas, ref_counts = clone(emas), clone(counts)
+        dropped = fold_statistics.fold_statistics_(emas, counts, stats, scales, DECAY)
+        ref_dropped = reference.fold_statistics_(ref_emas, ref_counts, stats, scales, DECAY)
+        assert dropped.item() == ref_dropped.item() == (3 if step == 0 else 0)
+        for out, ref in zip(emas + counts, ref_emas + ref_counts):
+            assert torch.equal(out, ref)
+        for stat in (stats[0], stats[1], stats[4]):
+            stat.nan_to_num_(nan=1.0, posinf=2.0)
+    assert sorted(launched) == sorted([fold_statistics.vector_width(dtype), 1] * 2)

@@ -38,6 +38,23 @@ def fused_only(monkeypatch):
     monkeypatch.setattr(update, "_reference_block", refuse)
 
 
+@pytest.fixture
+def launches(monkeypatch):
+    """The VEC of every grouped launch (1: scalar variant, 4 or 8: vector variant)."""
+    seen = []
+    kernel = update.grouped_update_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["VEC"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(update, "grouped_update_kernel", Spy())
+    return seen
+
+
 def random_precond(groups, dim, dtype, gen):
     """A damped inverse plus an asymmetric part (so a transposed read would fail), row-major."""
     a = torch.randn(groups, dim, 2 * dim, generator=gen, dtype=torch.float64)
@@ -46,12 +63,26 @@ def random_precond(groups, dim, dtype, gen):
     return p.to(DEVICE, reference.stat_dtype(dtype)).contiguous()
 
 
-def make_blocks(dtype, hyper, gen, layers=LAYERS):
-    """Preconditioned blocks plus unpreconditioned ones (a norm weight, a lone bias), two groups."""
+def padded(p):
+    """P as the inverse returns it: rows padded to a multiple of 4 fp32 (16 bytes), aligned base."""
+    groups, dim, _ = p.shape
+    out = torch.empty(groups, dim, -(-dim // 4) * 4, dtype=p.dtype, device=p.device)[..., :dim]
+    return out.copy_(p)
+
+
+def channels_last(t):
+    return t.to(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+
+
+def make_blocks(dtype, hyper, gen, layers=LAYERS, layout=None):
+    """Preconditioned blocks plus unpreconditioned ones (a norm weight, a lone bias), two groups.
+    `layout(weight)`, if given, lays out every conv weight (e.g. channels_last)."""
     g1, g2 = dict(hyper[0]), dict(hyper[1])
     blocks = []
     for i, (shape, groups, has_bias) in enumerate(layers):
         weight = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+        if layout is not None and weight.dim() > 3:
+            weight = layout(weight)
         params = [weight] + ([torch.randn(shape[0], generator=gen).to(DEVICE, dtype)] if has_bias else [])
         options = [g1 if i % 2 == 0 else g2, g2 if i % 3 == 0 else g1][:len(params)]
         dim = weight[0].numel()
@@ -63,9 +94,10 @@ def make_blocks(dtype, hyper, gen, layers=LAYERS):
 
 
 def fresh_grads(blocks, gen, scale=1.0):
+    """Random gradients laid out like their parameters (as autograd makes them)."""
     for block in blocks:
         for p in block.params:
-            p.grad = (torch.randn(p.shape, generator=gen) * scale).to(DEVICE, p.dtype)
+            p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=gen) * scale)
 
 
 def step64(blocks, buffers, damping):
@@ -197,17 +229,22 @@ def test_low_precision_params_keep_float32_buffers(dtype, fused_only):
         check_step(blocks, buffers, damping=0.8, tol=2e-2)
 
 
-def test_float64_and_channels_last_blocks_take_the_reference_path():
+def test_float64_and_mixed_layout_blocks_take_the_reference_path(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     blocks = make_blocks(torch.float64, HYPER[:2], gen, layers=LAYERS[2:4])
     conv = make_blocks(torch.float32, HYPER[:2], gen, layers=[((6, 3, 3, 3), 1, True)])[0]
-    conv.params[0].data = conv.params[0].data.to(memory_format=torch.channels_last)
+    conv.params[0].data = channels_last(conv.params[0].data)
     blocks.append(conv)
+    referenced = []
+    reference_block = update._reference_block
+    monkeypatch.setattr(update, "_reference_block", lambda block, *args: (referenced.append(block),
+                                                                          reference_block(block, *args)))
     buffers = [None] * len(flat(blocks))
     for _ in range(2):
         fresh_grads(blocks, gen)
-        conv.params[0].grad = conv.params[0].grad.to(memory_format=torch.channels_last)
+        conv.params[0].grad = conv.params[0].grad.contiguous()  # weight channels_last, its grad not
         check_step(blocks, buffers, damping=0.6, tol=1e-5)
+    assert referenced == [blocks[0], blocks[1], conv] * 2
 
 
 def test_tables_are_cached_and_lr_changes_only_the_scalars(fused_only):
@@ -217,14 +254,14 @@ def test_tables_are_cached_and_lr_changes_only_the_scalars(fused_only):
     fresh_grads(blocks, gen)
     check_step(blocks, buffers, damping=0.5, tol=1e-5)
     name = (blocks[0].params[0].device, torch.float32)
-    problems = update._TABLES[name + ("problems",)][1]
+    problems = update._TABLES[name + ("problems", 1)][1]
     scalars = update._TABLES[name + ("scalars",)][1]
     for lr in (0.3, 0.01):  # gradients refilled in place: same addresses, new values
         for p in flat(blocks):
             p.grad.copy_(torch.randn(p.shape, generator=gen).to(DEVICE))
         blocks[0].options[0]["lr"] = lr
         check_step(blocks, buffers, damping=0.5, tol=1e-5)
-        assert update._TABLES[name + ("problems",)][1] is problems
+        assert update._TABLES[name + ("problems", 1)][1] is problems
         assert update._TABLES[name + ("scalars",)][1] is not scalars
         scalars = update._TABLES[name + ("scalars",)][1]
     check_step(blocks, buffers, damping=0.5, tol=1e-5)  # nothing changed: both tables reused
@@ -237,20 +274,21 @@ def test_cuda_tensors_dispatch_to_the_grouped_kernel():
         reference.preconditioned_update_
 
 
-def test_foof_with_triton_update_tracks_reference(fused_only, monkeypatch):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_foof_with_triton_update_tracks_reference(memory_format, fused_only, monkeypatch):
     # Only the update goes to Triton: the other ops' kernels (TF32 on a GPU) have their own tests.
     monkeypatch.setattr(ops, "TRITON_KERNELS", {"preconditioned_update_": "fastfoof.kernels.update"})
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Tanh(),
                           nn.Conv2d(6, 6, (3, 2), stride=2, groups=3, bias=False), nn.Tanh(), nn.Flatten(),
-                          nn.Linear(6 * 3 * 4, 5)).to(DEVICE, torch.float32)
+                          nn.Linear(6 * 3 * 4, 5)).to(DEVICE, torch.float32, memory_format=memory_format)
     twin = copy.deepcopy(model)
     kw = dict(lr=0.05, damping=0.5, momentum=0.9, nesterov=True, weight_decay=1e-3, inv_period=2, stats_steps=1)
     fused = fastfoof.FOOF(model, backend="triton", **kw)
     oracle = fastfoof.FOOF(twin, backend="reference", **kw)
     gen = torch.Generator().manual_seed(1)
     for _ in range(5):
-        x = torch.randn(4, 3, 7, 9, generator=gen).to(DEVICE, torch.float32)
+        x = torch.randn(4, 3, 7, 9, generator=gen).to(DEVICE, torch.float32, memory_format=memory_format)
         y = torch.randint(0, 5, (4,), generator=gen).to(DEVICE)
         for m, opt in ((model, fused), (twin, oracle)):
             opt.zero_grad()
@@ -261,3 +299,124 @@ def test_foof_with_triton_update_tracks_reference(fused_only, monkeypatch):
     for p, q in zip(model.parameters(), twin.parameters()):
         a, b = fused.state[p].get("momentum_buffer"), oracle.state[q].get("momentum_buffer")
         assert rel_error(a, b) <= 1e-5
+        if "precond" in fused.state[p]:  # the state stays in DESIGN order: the same P as the reference's
+            assert rel_error(fused.state[p]["precond"], oracle.state[q]["precond"]) <= 1e-5
+    assert model[0].weight.is_contiguous(memory_format=memory_format)
+
+
+# ---- vector variant, channels_last weights, 32-bit offsets ------------------------------------
+
+# D a multiple of 4 (fp32 vectors) and of 8 (bf16 vectors) or not: Linear spanning two tiles in M and N
+# (D' = 69), grouped conv, Linear with D = 36, and D = 7 (always scalar).
+VECTOR_LAYERS = [((66, 68), 1, True), ((12, 4, 2, 2), 2, False), ((9, 36), 1, True), ((5, 7), 1, True)]
+# channels_last conv weights: bias, groups, C = 1 (both orders agree), Conv3d, and a 1×1 conv.
+CHANNELS_LAST_LAYERS = [((8, 4, 3, 3), 1, True), ((12, 2, 3, 2), 3, True), ((6, 1, 3, 3), 6, False),
+                        ((4, 2, 2, 3, 2), 1, True), ((7, 5, 1, 1), 1, False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vector_and_scalar_variants_match_float64(dtype, fused_only, launches):
+    """Padded, aligned P (as the inverse returns it) takes the vector variant where D allows; the
+    others take the scalar one in a second launch, all in one call."""
+    gen = torch.Generator().manual_seed(7)
+    blocks = make_blocks(dtype, HYPER[:2], gen, layers=VECTOR_LAYERS)
+    for block in blocks[:len(VECTOR_LAYERS)]:
+        block.precond = padded(block.precond)
+    buffers = [None] * len(flat(blocks))
+    for _ in range(2):
+        fresh_grads(blocks, gen)
+        check_step(blocks, buffers, damping=0.7, tol=1e-5 if dtype == torch.float32 else 2e-2)
+    vec = update.vector_width(dtype)
+    assert sorted(launches) == [1, 1, vec, vec]
+    # fp32: D = 68, 16 (two groups) and 36 are multiples of 4; bf16: only D = 16 is one of 8
+    vector_rows = update._TABLES[(blocks[0].params[0].device, dtype, "problems", vec)][0]
+    assert len(vector_rows) == (4 if dtype == torch.float32 else 2)
+
+
+def test_unaligned_precond_takes_the_scalar_variant(fused_only, launches):
+    """A P with D % 4 == 0 at an odd offset (e.g. sliced out of a loaded state) is read element-wise."""
+    gen = torch.Generator().manual_seed(8)
+    blocks = make_blocks(torch.float32, HYPER[:2], gen, layers=[((9, 36), 1, False)])
+    p = blocks[0].precond
+    blocks[0].precond = torch.empty(p.numel() + 1).to(DEVICE)[1:].view(p.shape).copy_(p)
+    assert update._precond_vector_cols(blocks[0].precond) is None
+    buffers = [None] * len(flat(blocks))
+    fresh_grads(blocks, gen)
+    check_step(blocks, buffers, damping=0.7, tol=1e-5)
+    assert launches == [1]
+
+
+def test_precond_vector_cols_checks_every_condition():
+    base = torch.empty(2 * 5 * 8 + 8)
+    assert update._precond_vector_cols(base[:80].view(2, 5, 8)[..., :5]) == 8  # rows padded to 8
+    assert update._precond_vector_cols(base[:64].view(2, 4, 8)[..., :4]) == 4
+    assert update._precond_vector_cols(base[4:84].view(2, 5, 8)[..., :5]) == 8  # offset 16 bytes
+    assert update._precond_vector_cols(base[1:81].view(2, 5, 8)[..., :5]) is None  # misaligned base
+    assert update._precond_vector_cols(base[:50].view(2, 5, 5)) is None  # row stride 5
+    assert update._precond_vector_cols(base[:60].view(2, 5, 6)[..., :5]) is None  # row stride 6
+    # storage ends right after the last row's last element: its padded vector would read past it
+    assert update._precond_vector_cols(torch.empty(77).as_strided((2, 5, 5), (40, 8, 1))) is None
+    assert update._precond_vector_cols(torch.empty(80).as_strided((2, 5, 5), (40, 8, 1))) == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_weights_take_the_fused_update(dtype, fused_only, launches):
+    gen = torch.Generator().manual_seed(9)
+    blocks = make_blocks(dtype, HYPER[1:], gen, layers=CHANNELS_LAST_LAYERS, layout=channels_last)
+    assert not blocks[0].params[0].is_contiguous() and not blocks[3].params[0].is_contiguous()
+    originals = [b.precond.clone() for b in blocks[:len(CHANNELS_LAST_LAYERS)]]
+    buffers = [None] * len(flat(blocks))
+    for _ in range(3):
+        fresh_grads(blocks, gen)
+        check_step(blocks, buffers, damping=0.5, tol=1e-5 if dtype == torch.float32 else 2e-2)
+    for block, original in zip(blocks, originals):  # the state stays in DESIGN order
+        assert torch.equal(block.precond, original)
+    for p, buf in zip(flat(blocks), buffers):
+        assert buf is None or buf.stride() == p.stride()
+    assert 1 in launches and (dtype != torch.float32 or 4 in launches)
+
+
+def test_channels_last_permuted_precond_is_made_once_per_p():
+    gen = torch.Generator().manual_seed(10)
+    p = random_precond(2, 3 * 4 + 1, torch.float32, gen)
+    first = update._memory_order_precond(p, 3, 4)
+    assert update._memory_order_precond(p, 3, 4) is first
+    order = [c * 4 + k for k in range(4) for c in range(3)] + [12]  # memory index k·C + c -> c·K + k
+    assert torch.equal(first, p[:, order][:, :, order])
+    assert first.stride(1) % 4 == 0 and first.data_ptr() % 16 == 0
+    p.mul_(2)  # a new P written in place (as a broadcast does): a new copy
+    second = update._memory_order_precond(p, 3, 4)
+    assert second is not first and torch.equal(second, p[:, order][:, :, order])
+    key = id(p)
+    del p, first, second
+    assert key not in update._PERMUTED  # dropped with its P
+
+
+def test_offsets_fit_int32_guards_the_32_bit_kernel():
+    config = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+    # ResNet-50's largest: layer4 3×3 (512 rows, D = 4608) and the fc (1000 × 2049)
+    assert update.offsets_fit_int32(512, 4608, 4608, 4608, config)
+    assert update.offsets_fit_int32(1000, 2049, 2048, 2052, config)
+    # 2**31 elements of Ĝ (largest offset 2**31 − 1) fit, one more row does not; nor does a P of D' = 46341
+    assert update.offsets_fit_int32(2 ** 16, 2 ** 15, 2 ** 15, 2 ** 15, config)
+    assert not update.offsets_fit_int32(2 ** 16 + 1, 2 ** 15, 2 ** 15, 2 ** 15, config)
+    assert not update.offsets_fit_int32(8, 46341, 46341, 46341, config)
+    # 32705 rows: the masked rows of the last tile (up to 32767) count too
+    assert 32704 * 65538 + 15 < 2 ** 31 and 32767 * 65538 + 63 >= 2 ** 31
+    assert not update.offsets_fit_int32(32705, 16, 65538, 16, config)
+    assert update.offsets_fit_int32(32705, 16, 65537, 16, config)
+
+
+def test_problems_past_int32_take_the_reference_path(monkeypatch):
+    """The host routes a block whose offsets would overflow to the reference (the guard made strict)."""
+    monkeypatch.setattr(update, "offsets_fit_int32", lambda *args: False)
+    gen = torch.Generator().manual_seed(11)
+    blocks = make_blocks(torch.float32, HYPER[:2], gen, layers=LAYERS[:2])
+    referenced = []
+    reference_block = update._reference_block
+    monkeypatch.setattr(update, "_reference_block", lambda block, *args: (referenced.append(block),
+                                                                          reference_block(block, *args)))
+    buffers = [None] * len(flat(blocks))
+    fresh_grads(blocks, gen)
+    check_step(blocks, buffers, damping=0.5, tol=1e-5)
+    assert referenced == blocks[:2]
