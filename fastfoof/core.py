@@ -213,9 +213,9 @@ class KroneckerOptimizer(Optimizer):
         setattr(layer, statistic.stat, stat)
         setattr(layer, statistic.samples, count + samples)
 
-    def _fold_statistics(self) -> int:
-        """Σ ← mΣ + (1−m)C for every statistic observed since the last step; C = Σ aaᵀ / Σ B.
-        Returns the number of statistics folded."""
+    def _fold_statistics(self, found_inf: torch.Tensor | None = None) -> int:
+        """Σ ← mΣ + (1−m)C for every statistic observed since the last step; C = Σ aaᵀ / Σ B (none
+        where found_inf ≠ 0). Returns the number of statistics offered to the fold."""
         for layer in self._active:
             self._take_statistics(layer)  # forwards without a backward
         emas, counts, stats, scales = [], [], [], []
@@ -230,7 +230,7 @@ class KroneckerOptimizer(Optimizer):
                     scales.append(1.0 / samples)
         if emas:
             self._count("dropped_stats", ops.fold_statistics_(emas, counts, stats, scales, self.ema_decay,
-                                                              backend=self.backend))
+                                                              found_inf=found_inf, backend=self.backend))
         self._clear_statistics()
         return len(emas)
 
@@ -356,21 +356,27 @@ class KroneckerOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and found_inf.item():
-            self._clear_statistics()  # a step the scaler skips leaves every state untouched
-            return loss
-        self._steps += 1
+        self._steps += 1  # t counts every call, steps that GradScaler skips included (DESIGN §1.5)
         self._refresh_blocks()
         self._follow_params()
+        # GradScaler's flag of non-finite gradients: the fold and the update are masked on the device,
+        # except where this step would create momentum buffers, which a skipped step must not leave
+        found_inf = getattr(self, "found_inf", None)
+        update = not (found_inf is not None and self._creates_buffers() and found_inf.item())
         first = self._first_inversions()
-        self._fold_statistics()
+        self._fold_statistics(found_inf)
         if first:  # a layer's first preconditioner comes from its own first statistics, before its first update
             self._invert_observed(first)
-        self._update(getattr(self, "grad_scale", None))
+        if update:
+            self._update(getattr(self, "grad_scale", None), found_inf)
         if self._steps % self.inv_period == 0:
             self._invert([layer for layer in self._active if layer not in first and self._ready(layer)])
         return loss
+
+    def _creates_buffers(self) -> bool:
+        """Whether this step's update creates a momentum buffer (a parameter's first step with momentum)."""
+        return any(p.grad is not None and group["momentum"] != 0 and "momentum_buffer" not in self.state.get(p, {})
+                   for p, group in self._group_of.items())
 
     def _first_inversions(self) -> list[Layer]:
         """Layers without a preconditioner that get their first one at this step: those observed now.
@@ -383,7 +389,7 @@ class KroneckerOptimizer(Optimizer):
             return [layer for layer in waiting if all(getattr(layer, st.samples) for st in self.STATISTICS)]
         return [layer for layer in waiting if layer.weight.grad is not None]
 
-    def _update(self, grad_scale: torch.Tensor | None) -> None:
+    def _update(self, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
         blocks = []
         for block in self._blocks:
             layer = self._layer_of_block.get(id(block))
@@ -397,7 +403,7 @@ class KroneckerOptimizer(Optimizer):
         params = [p for block in blocks for p in block.params]
         buffers = [self.state[p].get("momentum_buffer") for p in params]
         ops.preconditioned_update_(blocks, buffers, damping=self.damping, grad_scale=grad_scale,
-                                   backend=self.backend)
+                                   found_inf=found_inf, backend=self.backend)
         for p, buf in zip(params, buffers):
             if buf is not None:
                 self.state[p]["momentum_buffer"] = buf

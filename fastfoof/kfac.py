@@ -127,11 +127,11 @@ class KFAC(KroneckerOptimizer):
                 self._take_output_grad(layer, batch, grad)
         return targets
 
-    def _fold_statistics(self) -> int:
+    def _fold_statistics(self, found_inf: torch.Tensor | None = None) -> int:
         if self.fisher == "mc" and any(layer.samples and not layer.grad_samples for layer in self._active):
             self._warn_once("backward_fisher", "KFAC(fisher='mc'): a step observed layer inputs but no Fisher "
                                                "gradients; call opt.backward_fisher(logits) before loss.backward()")
-        return super()._fold_statistics()
+        return super()._fold_statistics(found_inf)
 
     # ---- preconditioners --------------------------------------------------------------------
 

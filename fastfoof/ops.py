@@ -87,11 +87,12 @@ def patch_gram(x: torch.Tensor, module: nn.Module, *, bias: bool | None = None,
     return patch_gram_(out, x, module, bias=bias, backend=backend)
 
 
-def fold_statistics_(emas, counts, stats, scales, decay, *, backend=None) -> torch.Tensor:
-    """EMA fold of many layers' statistics with the non-finite drop of DESIGN §1.3."""
+def fold_statistics_(emas, counts, stats, scales, decay, *, found_inf=None, backend=None) -> torch.Tensor:
+    """EMA fold of many layers' statistics with the non-finite drop of DESIGN §1.3; nothing is folded
+    where `found_inf` ≠ 0 (GradScaler's skipped step, decided on the device)."""
     if not emas:
         return torch.zeros((), dtype=torch.int64)
-    return implementation("fold_statistics_", backend, emas[0].device)(emas, counts, stats, scales, decay)
+    return implementation("fold_statistics_", backend, emas[0].device)(emas, counts, stats, scales, decay, found_inf)
 
 
 def damped_inverse_with_status(mats, damping, *, scales=None, previous=None, backend=None):
@@ -110,12 +111,14 @@ def damped_inverse(mats: list[torch.Tensor], damping: float, *, backend: str | N
 
 
 @torch.no_grad()
-def preconditioned_update_(blocks, momentum_buffers, *, damping, grad_scale=None, backend=None) -> None:
-    """DESIGN §1.4 for all blocks: U = Ĝ·P (G/λ without P), then each parameter's SGD epilogue."""
+def preconditioned_update_(blocks, momentum_buffers, *, damping, grad_scale=None, found_inf=None,
+                           backend=None) -> None:
+    """DESIGN §1.4 for all blocks: U = Ĝ·P (G/λ without P), then each parameter's SGD epilogue;
+    nothing changes where `found_inf` ≠ 0 (decided on the device)."""
     if not blocks:
         return
     fn = implementation("preconditioned_update_", backend, blocks[0].params[0].device)
-    fn(blocks, momentum_buffers, damping=damping, grad_scale=grad_scale)
+    fn(blocks, momentum_buffers, damping=damping, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def eigh_with_status(mats, *, scales=None, previous=None, backend=None):

@@ -72,18 +72,21 @@ def patch_gram_(out: torch.Tensor, x: torch.Tensor, module: nn.Module, *, alpha:
 
 
 def fold_statistics_(emas: list[torch.Tensor], counts: list[torch.Tensor], stats: list[torch.Tensor],
-                     scales: list[float], decay: float) -> torch.Tensor:
+                     scales: list[float], decay: float, found_inf: torch.Tensor | None = None) -> torch.Tensor:
     """EMA fold of DESIGN §1.2 for many layers: Σ ← mΣ + (1−m)·s·S, n ← m·n + (1−m).
 
-    A statistic with a non-finite entry is not folded (§1.3). Returns the number dropped, as a
-    device tensor (no host synchronisation).
+    A statistic with a non-finite entry is not folded (§1.3); with `found_inf` ≠ 0 (GradScaler's
+    skipped step, a device scalar) none is, and none counts as dropped. Returns the number dropped,
+    as a device tensor (no host synchronisation).
     """
     dropped = torch.zeros((), dtype=torch.int64, device=emas[0].device) if emas else torch.zeros((), dtype=torch.int64)
+    live = None if found_inf is None or not emas else found_inf.to(emas[0].device) == 0
     for ema, count, stat, scale in zip(emas, counts, stats, scales):
         finite = torch.isfinite(stat).all()
-        ema.copy_(torch.where(finite, ema * decay + stat * (scale * (1 - decay)), ema))
-        count.copy_(torch.where(finite, count * decay + (1 - decay), count))
-        dropped += (~finite).to(torch.int64)
+        fold = finite if live is None else finite & live
+        ema.copy_(torch.where(fold, ema * decay + stat * (scale * (1 - decay)), ema))
+        count.copy_(torch.where(fold, count * decay + (1 - decay), count))
+        dropped += (~finite if live is None else ~finite & live).to(torch.int64)
     return dropped
 
 
@@ -238,40 +241,49 @@ def _cholesky_inverse(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | None], *, damping: float,
-                           grad_scale: torch.Tensor | None = None) -> None:
+                           grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
     """DESIGN §1.4: U = Ĝ·P per block (G/λ without P), then each parameter's SGD epilogue.
 
     `blocks` are `fastfoof.layers.Block`s; each parameter's lr, momentum, dampening, nesterov and
     weight_decay come from its param group. `momentum_buffers` is aligned with the blocks'
     parameters in order and updated in place (None entries are created on a first step).
-    `grad_scale` is GradScaler's scale of the gradients, divided out of U.
+    `grad_scale` is GradScaler's scale of the gradients, divided out of U; with `found_inf` ≠ 0 (its
+    flag of non-finite gradients, a device scalar) no parameter or buffer changes, decided on the
+    device. A step that creates a momentum buffer is decided on the host (the optimizer reads
+    found_inf then), so found_inf never has to undo a buffer's creation.
     """
+    skip = None if found_inf is None else found_inf != 0
     slot = 0
     for block in blocks:
         for p, u, group in zip(block.params, block_updates(block, damping), block.options):
             if u is not None:
                 if grad_scale is not None:
                     u = u / grad_scale
-                momentum_buffers[slot] = sgd_step_(p, u, momentum_buffers[slot], group)
+                momentum_buffers[slot] = sgd_step_(p, u, momentum_buffers[slot], group, skip)
             slot += 1
 
 
-def sgd_step_(p: torch.Tensor, u: torch.Tensor, buf: torch.Tensor | None, group: dict) -> torch.Tensor | None:
-    """torch.optim.SGD's step on direction u instead of the gradient, decoupled weight decay."""
+def sgd_step_(p: torch.Tensor, u: torch.Tensor, buf: torch.Tensor | None, group: dict,
+              skip: torch.Tensor | None = None) -> torch.Tensor | None:
+    """torch.optim.SGD's step on direction u instead of the gradient, decoupled weight decay; with
+    `skip` (a device bool) true, p and an existing buffer keep their values."""
     lr, momentum = group["lr"], group["momentum"]
     if momentum != 0:
         if buf is None:
             buf = u.clone()
         else:
-            buf.mul_(momentum).add_(u, alpha=1 - group["dampening"])
+            new = buf * momentum + u * (1 - group["dampening"])
+            buf.copy_(new if skip is None else torch.where(skip, buf, new))
         u = u.add(buf, alpha=momentum) if group["nesterov"] else buf
     decay = 1 - lr * group["weight_decay"]
-    if p.dtype != u.dtype:  # a low-precision parameter: W·(1 − η·wd) − η·D in fp32, rounded once
-        p.copy_((p.to(u.dtype) * decay).add_(u, alpha=-lr))
+    if skip is None and p.dtype == u.dtype:
+        if decay != 1:
+            p.mul_(decay)
+        p.add_(u, alpha=-lr)
         return buf
-    if decay != 1:
-        p.mul_(decay)
-    p.add_(u, alpha=-lr)
+    # W·(1 − η·wd) − η·D in the statistics' dtype, rounded once to a low-precision parameter
+    new = (p.to(u.dtype) * decay).add_(u, alpha=-lr)
+    p.copy_(new if skip is None else torch.where(skip, p.to(u.dtype), new))
     return buf
 
 

@@ -114,12 +114,14 @@ def nonfinite_flags_kernel(layers_ptr, tiles_ptr, flags_ptr, dropped_ptr, epoch,
 
 
 @triton.jit(do_not_specialize=["epoch"])
-def fold_kernel(layers_ptr, tiles_ptr, flags_ptr, dropped_ptr, scalars_ptr, epoch,
+def fold_kernel(layers_ptr, tiles_ptr, flags_ptr, dropped_ptr, scalars_ptr, found_inf_ptr, epoch,
                 FP64: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
     """Σ ← m·Σ + (s·(1−m))·C on one tile of a layer with a finite statistic; n and the drop count
-    by the layer's block 0."""
+    by the layer's block 0. Nothing at all on a step GradScaler skips (found_inf ≠ 0)."""
     layer, block, ema, stat, count, numel, body = _tile(layers_ptr, tiles_ptr, FP64, VEC)
-    if tl.load(flags_ptr + layer) != epoch:
+    if tl.load(found_inf_ptr) != 0:
+        pass
+    elif tl.load(flags_ptr + layer) != epoch:
         decay = tl.load(scalars_ptr)
         coefficient = tl.load(scalars_ptr + SCALAR_HEADER + layer)
         offsets = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -148,7 +150,8 @@ def compile_specs() -> list[dict]:
                       dropped_ptr=torch.empty((), dtype=torch.int64))
         # The fold is built without FMA contraction (module docstring), as it is launched.
         kernels = ((nonfinite_flags_kernel, dict(common, epoch=3), {}),
-                   (fold_kernel, dict(common, scalars_ptr=torch.empty(SCALAR_HEADER.value + 1, dtype=dtype), epoch=3),
+                   (fold_kernel, dict(common, scalars_ptr=torch.empty(SCALAR_HEADER.value + 1, dtype=dtype),
+                                      found_inf_ptr=torch.zeros(()), epoch=3),
                     dict(enable_fp_fusion=False)))
         for fn, args, options in kernels:
             for vec in (vector_width(dtype), 1):
@@ -171,6 +174,7 @@ class _Plan:
         self.layers = to_device(torch.tensor(rows, dtype=torch.int64), device)
         self.tiles = to_device(torch.tensor(tiles, dtype=torch.int32).reshape(-1, 2), device)
         self.flags = torch.zeros(len(rows), dtype=torch.int64, device=device)
+        self.no_inf = torch.zeros((), dtype=torch.float32, device=device)  # found_inf without a GradScaler
         self.epoch = 0
         self.scalar_key: tuple | None = None
         self.scalars: torch.Tensor | None = None
@@ -195,11 +199,12 @@ def _fusable(ema: torch.Tensor, count: torch.Tensor, stat: torch.Tensor) -> bool
 
 
 def fold_statistics_(emas: list[torch.Tensor], counts: list[torch.Tensor], stats: list[torch.Tensor],
-                     scales: list[float], decay: float) -> torch.Tensor:
+                     scales: list[float], decay: float, found_inf: torch.Tensor | None = None) -> torch.Tensor:
     """EMA fold of DESIGN §1.2 for many layers: Σ ← mΣ + (1−m)·s·S, n ← m·n + (1−m).
 
     Same contract as `fastfoof.reference.fold_statistics_`: a statistic with a non-finite entry is
-    not folded; returns the number dropped as an int64 device tensor, without host synchronisation.
+    not folded, nothing is with found_inf ≠ 0; returns the number dropped as an int64 device tensor,
+    without host synchronisation.
     """
     grouped: dict[tuple, list[int]] = {}  # (device, dtype, VEC) -> layers
     rest = []
@@ -212,11 +217,11 @@ def fold_statistics_(emas: list[torch.Tensor], counts: list[torch.Tensor], stats
     dropped = None
     for group, members in grouped.items():
         found = _launch(group, [emas[i] for i in members], [counts[i] for i in members],
-                        [stats[i] for i in members], [scales[i] for i in members], decay)
+                        [stats[i] for i in members], [scales[i] for i in members], decay, found_inf)
         dropped = found if dropped is None else dropped + found
     if rest:
         found = reference.fold_statistics_([emas[i] for i in rest], [counts[i] for i in rest],
-                                           [stats[i] for i in rest], [scales[i] for i in rest], decay)
+                                           [stats[i] for i in rest], [scales[i] for i in rest], decay, found_inf)
         dropped = found if dropped is None else dropped + found.to(dropped.device)
     if dropped is None:
         return torch.zeros((), dtype=torch.int64)
@@ -224,7 +229,7 @@ def fold_statistics_(emas: list[torch.Tensor], counts: list[torch.Tensor], stats
 
 
 def _launch(group: tuple, emas: list[torch.Tensor], counts: list[torch.Tensor], stats: list[torch.Tensor],
-            scales: list[float], decay: float) -> torch.Tensor:
+            scales: list[float], decay: float, found_inf: torch.Tensor | None) -> torch.Tensor:
     """The two launches for the layers of one (device, dtype, VEC); returns their dropped count."""
     device, dtype, vec = group
     plan = _plan(group, [(e.data_ptr(), s.data_ptr(), c.data_ptr(), e.numel()) for e, c, s in zip(emas, counts, stats)])
@@ -241,7 +246,9 @@ def _launch(group: tuple, emas: list[torch.Tensor], counts: list[torch.Tensor], 
     fp64 = KERNEL_DTYPES[dtype]
     nonfinite_flags_kernel[grid](plan.layers, plan.tiles, plan.flags, dropped, plan.epoch,
                                  FP64=fp64, VEC=vec, BLOCK=BLOCK[dtype], num_warps=NUM_WARPS, num_stages=1)
-    fold_kernel[grid](plan.layers, plan.tiles, plan.flags, dropped, plan.scalars, plan.epoch,
+    if found_inf is None:
+        found_inf = plan.no_inf
+    fold_kernel[grid](plan.layers, plan.tiles, plan.flags, dropped, plan.scalars, found_inf.to(torch.float32), plan.epoch,
                       FP64=fp64, VEC=vec, BLOCK=BLOCK[dtype], num_warps=NUM_WARPS, num_stages=1,
                       enable_fp_fusion=False)
     return dropped

@@ -37,7 +37,6 @@ import triton.language as tl
 
 from fastfoof import reference
 from fastfoof.kernels.tables import to_device
-from fastfoof.reference import stat_dtype
 
 # tl.dot input precision for fp32 operands: TF32 on tensor cores by default; tests set "ieee".
 DOT_PRECISION = "tf32"
@@ -71,6 +70,12 @@ PROBLEM_FIELDS = tl.constexpr(len(PROBLEM_COLUMNS))
 TILE_FIELDS = tl.constexpr(4)
 # Scalar table: one fp32 row per parameter: lr, 1 − lr·wd, μ, 1 − τ, nesterov, first step, μ ≠ 0, unused.
 SCALAR_FIELDS = tl.constexpr(8)
+# Parameters without a preconditioner: one int64 row each (grad, param, buffer, numel, scalar slot,
+# unused) and a schedule of (entry, block) int64 pairs; PLAIN_BLOCK elements per program.
+ENTRY_COLUMNS = ("grad", "param", "buf", "numel", "slot", "unused")
+ENTRY_FIELDS = tl.constexpr(len(ENTRY_COLUMNS))
+PLAIN_BLOCK = 1024
+PLAIN_WARPS = 4
 
 
 @triton.jit
@@ -118,11 +123,12 @@ def _sgd_epilogue(u, param, buf, offsets, mask, scalars):
 
 
 @triton.jit
-def grouped_update_kernel(problems_ptr, tiles_ptr, scalars_ptr, scale_ptr,
+def grouped_update_kernel(problems_ptr, tiles_ptr, scalars_ptr, scale_ptr, found_inf_ptr,
                           PARAM_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, VEC: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One [BLOCK_M, BLOCK_N] tile of U = Ĝ·P of one problem, then its SGD epilogue. VEC > 1: the
-    host guarantees the 16-byte alignment of the vector variant (module docstring)."""
+    """One [BLOCK_M, BLOCK_N] tile of U = Ĝ·P of one problem, then its SGD epilogue, unless
+    GradScaler found non-finite gradients (found_inf ≠ 0: nothing is written). VEC > 1: the host
+    guarantees the 16-byte alignment of the vector variant (module docstring)."""
     problem, tile_row, tile_col, unused = _load_quad(tiles_ptr + tl.program_id(0) * TILE_FIELDS)
     m0 = tile_row * BLOCK_M
     n0 = tile_col * BLOCK_N
@@ -172,16 +178,42 @@ def grouped_update_kernel(problems_ptr, tiles_ptr, scalars_ptr, scale_ptr,
         acc += gb[:, None] * pb[None, :]
     u = acc / tl.load(scale_ptr)
 
-    w_mask = row_ok[:, None] & (cols < dim)[None, :]
-    w_offsets = rows[:, None] * w_row + cols[None, :]
-    _sgd_epilogue(u, weight, buf_w, w_offsets, w_mask, scalars_ptr + slot_w * SCALAR_FIELDS)
+    if tl.load(found_inf_ptr) == 0:
+        w_mask = row_ok[:, None] & (cols < dim)[None, :]
+        w_offsets = rows[:, None] * w_row + cols[None, :]
+        _sgd_epilogue(u, weight, buf_w, w_offsets, w_mask, scalars_ptr + slot_w * SCALAR_FIELDS)
 
-    if (grad_b_address != 0) & (n0 <= dim) & (dim < n0 + BLOCK_N):  # this tile holds column D
-        u_b = tl.sum(tl.where(cols[None, :] == dim, u, 0.0), axis=1)
-        bias, buf_b = _load_pair(row + 14)
-        slot_b, bias_stride = _load_pair(row + 16)
-        _sgd_epilogue(u_b, _param_pointer(bias, PARAM_KIND), buf_b.to(tl.pointer_type(tl.float32)),
-                      rows * bias_stride.to(tl.int32), row_ok, scalars_ptr + slot_b * SCALAR_FIELDS)
+        if (grad_b_address != 0) & (n0 <= dim) & (dim < n0 + BLOCK_N):  # this tile holds column D
+            u_b = tl.sum(tl.where(cols[None, :] == dim, u, 0.0), axis=1)
+            bias, buf_b = _load_pair(row + 14)
+            slot_b, bias_stride = _load_pair(row + 16)
+            _sgd_epilogue(u_b, _param_pointer(bias, PARAM_KIND), buf_b.to(tl.pointer_type(tl.float32)),
+                          rows * bias_stride.to(tl.int32), row_ok, scalars_ptr + slot_b * SCALAR_FIELDS)
+
+
+@triton.jit
+def plain_update_kernel(entries_ptr, tiles_ptr, scalars_ptr, scale_ptr, found_inf_ptr, damping,
+                        PARAM_KIND: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
+    """U = G/λ and the SGD epilogue on one block of one parameter without a preconditioner (all such
+    parameters of a dtype in one launch), unless found_inf ≠ 0. VEC > 1: the host guarantees 16-byte
+    aligned tensors and a numel that is a multiple of VEC."""
+    entry, block = _load_pair(tiles_ptr + tl.program_id(0) * 2)
+    row = entries_ptr + entry.to(tl.int64) * ENTRY_FIELDS
+    grad, param = _load_pair(row)
+    buf, numel = _load_pair(row + 2)
+    grad = _param_pointer(grad, PARAM_KIND)
+    param = _param_pointer(param, PARAM_KIND)
+    buf = buf.to(tl.pointer_type(tl.float32))
+    if VEC > 1:
+        grad = tl.multiple_of(grad, 16)
+        param = tl.multiple_of(param, 16)
+        buf = tl.multiple_of(buf, 16)
+        numel = tl.multiple_of(numel, VEC)
+    offsets = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    u = tl.load(grad + offsets, mask=mask, other=0.0).to(tl.float32) / damping / tl.load(scale_ptr)
+    if tl.load(found_inf_ptr) == 0:
+        _sgd_epilogue(u, param, buf, offsets, mask, scalars_ptr + tl.load(row + 4) * SCALAR_FIELDS)
 
 
 def launch_config(device: torch.device) -> str:
@@ -203,7 +235,10 @@ def compile_specs() -> list[dict]:
     # The launcher passes freshly allocated tables (16-byte aligned) and a scalar grad scale.
     args = dict(problems_ptr=torch.empty(len(PROBLEM_COLUMNS), dtype=torch.int64),
                 tiles_ptr=torch.empty(TILE_FIELDS.value, dtype=torch.int32), scalars_ptr=torch.empty(SCALAR_FIELDS.value),
-                scale_ptr=torch.ones(()))
+                scale_ptr=torch.ones(()), found_inf_ptr=torch.zeros(()))
+    plain_args = dict(entries_ptr=torch.empty(len(ENTRY_COLUMNS), dtype=torch.int64),
+                      tiles_ptr=torch.empty(2, dtype=torch.int64), scalars_ptr=torch.empty(SCALAR_FIELDS.value),
+                      scale_ptr=torch.ones(()), found_inf_ptr=torch.zeros(()), damping=0.7)
     specs = []
     for dtype, kind in PARAM_KINDS.items():
         kind_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
@@ -219,6 +254,12 @@ def compile_specs() -> list[dict]:
                                   constexprs=dict(PARAM_KIND=kind, INPUT_PRECISION=precision, VEC=vec, **tiles),
                                   num_warps=config["num_warps"], num_stages=config["num_stages"],
                                   mma=precision == "tf32"))
+        for vec in (vector_width(dtype), 1):
+            specs.append(dict(kernel="plain_update_kernel",
+                              config=f"{kind_name},{'vector' if vec > 1 else 'scalar'},BLOCK={PLAIN_BLOCK},w{PLAIN_WARPS}",
+                              fn=plain_update_kernel, args=plain_args,
+                              constexprs=dict(PARAM_KIND=kind, VEC=vec, BLOCK=PLAIN_BLOCK),
+                              num_warps=PLAIN_WARPS, num_stages=1, mma=False))
     return specs
 
 
@@ -227,7 +268,14 @@ def compile_specs() -> list[dict]:
 # (device, dtype, table name) -> (host key, device tensor). The key holds every address, shape,
 # stride and scalar the table encodes, so a hit is exactly a table that is still valid.
 _TABLES: dict[tuple, tuple[tuple, torch.Tensor]] = {}
-_ONES: dict[torch.device, torch.Tensor] = {}
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(value: float, device: torch.device) -> torch.Tensor:
+    """A cached fp32 scalar on `device`: the grad scale 1 and found_inf 0 without a GradScaler."""
+    if (value, device) not in _CONSTANTS:
+        _CONSTANTS[(value, device)] = torch.full((), value, dtype=torch.float32, device=device)
+    return _CONSTANTS[(value, device)]
 
 
 def _device_table(name: tuple, key: tuple, build) -> torch.Tensor:
@@ -330,6 +378,10 @@ def _fused_problems(block, slot: int, buffers: list, scalar_rows: list,
     out_rows = weight.shape[0]
     if weight.dtype not in PARAM_KINDS or grad_w.dtype != weight.dtype or out_rows % groups:
         return None
+    transformed = block.grad  # KFAC's [groups, rows, D'] fp32 gradient, in DESIGN order
+    if transformed is not None and (weight.dtype != torch.float32 or (bias is not None and grad_b is None)
+                                    or not transformed.is_contiguous()):
+        return None  # the kernel reads Ĝ in the parameter's dtype; the bias column is read with the bias
     if bias is not None and (bias.dtype != weight.dtype or (grad_b is not None and grad_b.dtype != weight.dtype)):
         return None
     rows, dim = out_rows // groups, weight[0].numel()
@@ -341,6 +393,12 @@ def _fused_problems(block, slot: int, buffers: list, scalar_rows: list,
     if weight_view is None or grad_view is None or weight_view[1] != grad_view[1]:
         return None
     (weight_view, channels_last), (grad_view, _) = weight_view, grad_view
+    if transformed is not None:
+        if channels_last:
+            return None
+        grad_view = transformed.view(out_rows, dim + (bias is not None))
+        grad_w = grad_view[:, :dim]
+        grad_b = None if bias is None else grad_view[:, dim]
     if not _same_strides(weight, buffers[slot]) or (bias is not None and not _same_strides(bias, buffers[slot + 1])):
         return None
     if channels_last:
@@ -400,16 +458,10 @@ def _tile_schedule(problems: list[tuple], block_m: int, block_n: int) -> torch.T
     return torch.tensor(tiles, dtype=torch.int32).reshape(-1, TILE_FIELDS.value)
 
 
-def _launch_grouped(device: torch.device, dtype: torch.dtype, variants: dict[int, list[tuple]], scalar_rows: list,
-                    grad_scale: torch.Tensor | None) -> None:
-    """One launch per variant (VEC) of this device and dtype; they share the scalar table."""
+def _launch_grouped(device: torch.device, dtype: torch.dtype, variants: dict[int, list[tuple]], scalars: torch.Tensor,
+                    grad_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
+    """One launch per variant (VEC) of this device and dtype."""
     config = CONFIGS[launch_config(device)]
-    scalars = _device_table((device, dtype, "scalars"), tuple(scalar_rows),
-                            lambda: torch.tensor(scalar_rows, dtype=torch.float32))
-    if grad_scale is None:
-        if device not in _ONES:
-            _ONES[device] = torch.ones((), dtype=torch.float32, device=device)
-        grad_scale = _ONES[device]
     for vec, problems in variants.items():
         key = tuple(problems)
         problem_table = _device_table((device, dtype, "problems", vec), key,
@@ -417,78 +469,83 @@ def _launch_grouped(device: torch.device, dtype: torch.dtype, variants: dict[int
         tiles = _device_table((device, dtype, "tiles", vec), (config["BLOCK_M"], config["BLOCK_N"]) + key,
                               lambda: _tile_schedule(problems, config["BLOCK_M"], config["BLOCK_N"]))
         grouped_update_kernel[(tiles.shape[0],)](
-            problem_table, tiles, scalars, grad_scale.to(torch.float32), PARAM_KIND=PARAM_KINDS[dtype],
+            problem_table, tiles, scalars, grad_scale, found_inf, PARAM_KIND=PARAM_KINDS[dtype],
             INPUT_PRECISION=DOT_PRECISION, VEC=vec, **config)
 
 
-def _foreach_updates(entries: list[tuple], buffers: list, damping: float,
-                     grad_scale: torch.Tensor | None) -> None:
-    """U = G/λ and torch.optim.SGD's multi-tensor step, one pass per (param group, device, dtype)."""
-    batches: dict[tuple, tuple[dict, list]] = {}
-    for p, slot, group in entries:
-        if p.grad is not None:
-            batches.setdefault((id(group), p.device, p.dtype), (group, []))[1].append((p, slot))
-    for group, members in batches.values():
-        params = [p for p, _ in members]
-        grads = [p.grad for p in params]
-        dtype = stat_dtype(params[0].dtype)
-        if all(g.dtype == dtype for g in grads):
-            u = torch._foreach_div(grads, damping)
-        else:
-            u = [torch.empty_like(g, dtype=dtype) for g in grads]
-            torch._foreach_copy_(u, grads)
-            torch._foreach_div_(u, damping)
-        if grad_scale is not None:
-            torch._foreach_div_(u, grad_scale)
-        lr, momentum = group["lr"], group["momentum"]
-        direction = u
-        if momentum != 0:
-            later = [i for i, (_, slot) in enumerate(members) if buffers[slot] is not None]
-            if later:
-                old = [buffers[members[i][1]] for i in later]
-                torch._foreach_mul_(old, momentum)
-                torch._foreach_add_(old, [u[i] for i in later], alpha=1 - group["dampening"])
-            for i, (_, slot) in enumerate(members):
-                if buffers[slot] is None:  # first step: V = U (u holds fresh tensors, never a grad)
-                    buffers[slot] = u[i]
-            bufs = [buffers[slot] for _, slot in members]
-            direction = torch._foreach_add(u, bufs, alpha=momentum) if group["nesterov"] else bufs
-        if group["weight_decay"] != 0:
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-        torch._foreach_add_(params, direction, alpha=-lr)
+def _plain_entry(p: torch.Tensor, slot: int, buffers: list, scalar_rows: list, group: dict) -> tuple[tuple, int]:
+    """The entry row of a parameter without a preconditioner, and its VEC (1: the scalar variant)."""
+    buf, first = buffers[slot], False
+    if group["momentum"] != 0 and buf is None:
+        buf = buffers[slot] = torch.empty_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        first = True
+    scalar_rows.append(_scalars(group, first))
+    vec = vector_width(p.dtype)
+    if not _aligned(p, p.grad, buf) or p.numel() % vec:
+        vec = 1
+    row = dict(grad=p.grad.data_ptr(), param=p.data_ptr(), buf=0 if buf is None else buf.data_ptr(),
+               numel=p.numel(), slot=len(scalar_rows) - 1, unused=0)
+    return tuple(row[c] for c in ENTRY_COLUMNS), vec
+
+
+def _plain_ready(p: torch.Tensor, buf: torch.Tensor | None) -> bool:
+    return (p.dtype in PARAM_KINDS and p.grad.dtype == p.dtype and p.is_contiguous() and p.grad.is_contiguous()
+            and (buf is None or buf.is_contiguous()) and p.numel() < 2 ** 31)
+
+
+def _launch_plain(device: torch.device, dtype: torch.dtype, variants: dict[int, list[tuple]], scalars: torch.Tensor,
+                  grad_scale: torch.Tensor, found_inf: torch.Tensor, damping: float) -> None:
+    for vec, entries in variants.items():
+        key = tuple(entries)
+        entry_table = _device_table((device, dtype, "entries", vec), key, lambda: torch.tensor(entries, dtype=torch.int64))
+        tiles = _device_table((device, dtype, "plain_tiles", vec), key, lambda: torch.tensor(
+            [(i, b) for i, row in enumerate(entries) for b in range(triton.cdiv(row[3], PLAIN_BLOCK))],
+            dtype=torch.int64).reshape(-1, 2))
+        plain_update_kernel[(tiles.shape[0],)](entry_table, tiles, scalars, grad_scale, found_inf, float(damping),
+                                               PARAM_KIND=PARAM_KINDS[dtype], VEC=vec, BLOCK=PLAIN_BLOCK,
+                                               num_warps=PLAIN_WARPS, num_stages=1)
 
 
 def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | None], *, damping: float,
-                           grad_scale: torch.Tensor | None = None) -> None:
+                           grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
     """DESIGN §1.4 for all blocks: U = Ĝ·P (G/λ without P), then each parameter's SGD epilogue.
 
-    Same contract as `fastfoof.reference.preconditioned_update_`.
+    Same contract as `fastfoof.reference.preconditioned_update_`: with found_inf ≠ 0 (a device
+    scalar; GradScaler's non-finite gradients) nothing is written, decided on the device.
     """
-    grouped: dict[tuple, tuple[dict, list]] = {}  # (device, dtype) -> ({VEC: problems}, scalar rows)
-    plain, keep_alive, slot = [], [], 0
+    # (device, dtype) -> ({VEC: problems}, {VEC: plain entries}, scalar rows)
+    launches: dict[tuple, tuple[dict, dict, list]] = {}
+    keep_alive, slot = [], 0
     for block in blocks:
+        first = block.params[0]
+        variants, plain, scalar_rows = launches.setdefault((first.device, first.dtype), ({}, {}, []))
         if block.precond is None:
-            plain.append((block.params[0], slot, block.options[0]))
-        elif block.grad is not None:  # a gradient transformed from the left (KFAC): not in the kernel yet
-            _reference_block(block, slot, momentum_buffers, damping, grad_scale)
-        elif block.params[0].grad is not None:
-            weight = block.params[0]
-            variants, scalar_rows = grouped.setdefault((weight.device, weight.dtype), ({}, []))
+            if first.grad is not None:
+                if _plain_ready(first, momentum_buffers[slot]):
+                    entry, vec = _plain_entry(first, slot, momentum_buffers, scalar_rows, block.options[0])
+                    plain.setdefault(vec, []).append(entry)
+                else:
+                    _reference_block(block, slot, momentum_buffers, damping, grad_scale, found_inf)
+        elif first.grad is not None:
             fused = _fused_problems(block, slot, momentum_buffers, scalar_rows, keep_alive)
             if fused is None:
-                _reference_block(block, slot, momentum_buffers, damping, grad_scale)
+                _reference_block(block, slot, momentum_buffers, damping, grad_scale, found_inf)
             else:
                 variants.setdefault(fused[1], []).extend(fused[0])
         slot += len(block.params)
-    for (device, dtype), (variants, scalar_rows) in grouped.items():
-        if variants:
-            _launch_grouped(device, dtype, variants, scalar_rows, grad_scale)
-    _foreach_updates(plain, momentum_buffers, damping, grad_scale)
+    for (device, dtype), (variants, plain, scalar_rows) in launches.items():
+        if not scalar_rows:
+            continue
+        scalars = _device_table((device, dtype, "scalars"), tuple(scalar_rows),
+                                lambda: torch.tensor(scalar_rows, dtype=torch.float32))
+        scale = _constant(1.0, device) if grad_scale is None else grad_scale.to(torch.float32)
+        skip = _constant(0.0, device) if found_inf is None else found_inf.to(torch.float32)
+        _launch_grouped(device, dtype, variants, scalars, scale, skip)
+        _launch_plain(device, dtype, plain, scalars, scale, skip, damping)
 
 
-def _reference_block(block, slot: int, buffers: list, damping: float, grad_scale: torch.Tensor | None) -> None:
-    for i, (p, u, group) in enumerate(zip(block.params, reference.block_updates(block, damping), block.options)):
-        if u is not None:
-            if grad_scale is not None:
-                u = u / grad_scale
-            buffers[slot + i] = reference.sgd_step_(p, u, buffers[slot + i], group)
+def _reference_block(block, slot: int, buffers: list, damping: float, grad_scale: torch.Tensor | None,
+                     found_inf: torch.Tensor | None) -> None:
+    own = buffers[slot:slot + len(block.params)]
+    reference.preconditioned_update_([block], own, damping=damping, grad_scale=grad_scale, found_inf=found_inf)
+    buffers[slot:slot + len(own)] = own

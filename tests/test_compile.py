@@ -1,5 +1,7 @@
 """FOOF with torch.compile (inductor on CPU): one full graph, no recompiles as the schedule moves
 between observed and unobserved steps, and the same training as eager."""
+import copy
+
 import pytest
 import torch
 import torch._dynamo
@@ -66,3 +68,54 @@ def test_compiled_training_matches_eager_without_recompiles(attach_mode):
         assert ((p - q).norm() / q.norm()).item() <= 1e-5
     for layer, twin in zip(opt.layers, eager_opt.layers):
         assert torch.allclose(opt.state[layer.weight]["ema"], eager_opt.state[twin.weight]["ema"], rtol=1e-5, atol=1e-6)
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+def test_non_inversion_steps_read_nothing_back_under_grad_scaler():
+    """No step but an inversion step reads the device (GradScaler's found_inf included): the fold and
+    the update are masked on the device, and a skipped step moves nothing but t (DESIGN §1.5)."""
+    torch.manual_seed(0)
+    model = make_model()
+    opt = fastfoof.FOOF(model, lr=0.1, damping=0.5, momentum=0.9, inv_period=5, stats_steps=2, backend="reference")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    step = opt.step
+    guarded = []
+
+    def read_nothing(*args, **kwargs):
+        t = opt._steps + 1
+        if t == 1 or t % opt.inv_period == 0:  # inversion steps may synchronise once
+            return step(*args, **kwargs)
+        saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+        def refuse(*_, **__):
+            raise AssertionError(f"a host read in non-inversion step {t}")
+        try:
+            for name in HOST_READS:
+                setattr(torch.Tensor, name, refuse)
+            guarded.append(t)
+            return step(*args, **kwargs)
+        finally:
+            for name, method in saved.items():
+                setattr(torch.Tensor, name, method)
+
+    opt.step = read_nothing
+    for t, (x, y) in enumerate(batches()[:9], 1):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if t == 7:  # overflow: the scaler skips this step (t = 7 is outside the window, 9 inside)
+            loss = loss * float("inf")
+            before = copy.deepcopy((model.state_dict(), opt.state_dict()["state"]))
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if t == 7:
+            after = (model.state_dict(), opt.state_dict()["state"])
+            for key, value in before[0].items():
+                assert torch.equal(after[0][key], value), key
+            for index, state in before[1].items():
+                for key, value in state.items():
+                    assert torch.equal(after[1][index][key], value), (index, key)
+    assert guarded == [2, 3, 4, 6, 7, 8, 9] and opt._steps == 9
+    assert all(torch.isfinite(p).all() for p in model.parameters())

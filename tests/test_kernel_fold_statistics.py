@@ -200,3 +200,24 @@ def test_vector_tails_and_the_scalar_variant(dtype, monkeypatch):
         for stat in (stats[0], stats[1], stats[4]):
             stat.nan_to_num_(nan=1.0, posinf=2.0)
     assert sorted(launched) == sorted([fold_statistics.vector_width(dtype), 1] * 2)
+
+
+@pytest.mark.parametrize("found", [0.0, 1.0])
+def test_found_inf_skips_the_whole_fold_on_the_device(found):
+    # GradScaler's skipped step: nothing folds, nothing counts as dropped; a clean step folds as usual
+    gen = torch.Generator().manual_seed(6)
+    emas, counts, stats = make_layers(torch.float32, gen)
+    stats[2][1, 0, 0] = float("inf")
+    before_emas, before_counts = clone(emas), clone(counts)
+    ref_emas, ref_counts = clone(emas), clone(counts)
+    found_inf = torch.tensor(found, device=DEVICE)
+    dropped = fold_statistics.fold_statistics_(emas, counts, stats, SCALES, DECAY, found_inf)
+    ref_dropped = reference.fold_statistics_(ref_emas, ref_counts, stats, SCALES, DECAY, found_inf)
+    assert dropped.item() == ref_dropped.item() == (0 if found else 1)
+    for out, ref, before in zip(emas + counts, ref_emas + ref_counts, before_emas + before_counts):
+        assert torch.equal(out, ref)
+        if found:
+            assert torch.equal(out, before)
+    if not found:
+        exact_emas, _ = fold64(before_emas, before_counts, stats, SCALES, DECAY)
+        assert rel_error(emas[0], exact_emas[0]) <= 1e-6

@@ -244,7 +244,7 @@ def test_float64_and_mixed_layout_blocks_take_the_reference_path(monkeypatch):
         fresh_grads(blocks, gen)
         conv.params[0].grad = conv.params[0].grad.contiguous()  # weight channels_last, its grad not
         check_step(blocks, buffers, damping=0.6, tol=1e-5)
-    assert referenced == [blocks[0], blocks[1], conv] * 2
+    assert [b for b in referenced if b.precond is not None] == [blocks[0], blocks[1], conv] * 2
 
 
 def test_tables_are_cached_and_lr_changes_only_the_scalars(fused_only):
@@ -420,3 +420,49 @@ def test_problems_past_int32_take_the_reference_path(monkeypatch):
     fresh_grads(blocks, gen)
     check_step(blocks, buffers, damping=0.5, tol=1e-5)
     assert referenced == blocks[:2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_found_inf_skips_every_write_on_the_device(dtype, fused_only, launches):
+    # GradScaler's skipped step: the grouped and the plain kernel leave parameters and buffers as they
+    # were (bitwise), however non-finite the gradients; the next clean step is the usual one
+    gen = torch.Generator().manual_seed(9)
+    blocks = make_blocks(dtype, HYPER[:2], gen, layers=VECTOR_LAYERS)
+    for block in blocks[:len(VECTOR_LAYERS)]:
+        block.precond = padded(block.precond)
+    buffers = [None] * len(flat(blocks))
+    fresh_grads(blocks, gen)
+    update.preconditioned_update_(blocks, buffers, damping=0.8)  # creates the momentum buffers
+    before = [p.clone() for p in flat(blocks)]
+    kept = [None if b is None else b.clone() for b in buffers]
+    fresh_grads(blocks, gen, scale=float("inf"))
+    update.preconditioned_update_(blocks, buffers, damping=0.8, found_inf=torch.ones((), device=DEVICE))
+    for p, old in zip(flat(blocks), before):
+        assert torch.equal(p, old)
+    for b, old in zip(buffers, kept):
+        assert (b is None and old is None) or torch.equal(b, old)
+    assert set(launches) == {1, update.vector_width(dtype)}  # both variants ran (and skipped)
+    fresh_grads(blocks, gen)
+    check_step(blocks, buffers, damping=0.8, tol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_transformed_gradient_takes_the_fused_update(fused_only):
+    # KFAC's left-transformed gradient (Block.grad, [groups, rows, D'] in DESIGN order) replaces the
+    # parameters' own gradients in the grouped kernel
+    gen = torch.Generator().manual_seed(10)
+    blocks = [b for b in make_blocks(torch.float32, HYPER[:2], gen) if b.precond is not None]
+    fresh_grads(blocks, gen)
+    for block in blocks:
+        w = block.params[0]
+        rows, dim_p = w.shape[0] // block.groups, block.precond.shape[-1]
+        block.grad = torch.randn(block.groups, rows, dim_p, generator=gen).to(DEVICE)
+    twins = [Block([p.detach().clone() for p in b.params], b.options, b.groups, b.precond, b.grad) for b in blocks]
+    for twin, block in zip(twins, blocks):
+        for q, p in zip(twin.params, block.params):
+            q.grad = p.grad.clone()
+    buffers, twin_buffers = [None] * len(flat(blocks)), [None] * len(flat(blocks))
+    for _ in range(2):
+        update.preconditioned_update_(blocks, buffers, damping=0.8)
+        reference.preconditioned_update_(twins, twin_buffers, damping=0.8)
+    for p, q in zip(flat(blocks), flat(twins)):
+        assert rel_error(p, q) <= 1e-6

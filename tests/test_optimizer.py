@@ -444,7 +444,10 @@ def test_grad_scaler_skipped_step_touches_nothing():
     scaler.scale(torch.zeros((), requires_grad=True)).backward()
     scaler.step(opt)
     scaler.update()
-    assert opt._steps == 0 and not opt.state[model[0].weight]
+    assert opt._steps == 1  # t counts the skipped step; nothing else moved
+    state = opt.state[model[0].weight]
+    assert state["ema_count"].item() == 0 and "precond" not in state and "momentum_buffer" not in state
+    assert all("momentum_buffer" not in opt.state[p] for p in model.parameters())
     opt.zero_grad()
     scaler.scale(loss_fn(model, x2, y2)).backward()
     scaler.step(opt)
