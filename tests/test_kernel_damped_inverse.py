@@ -135,11 +135,10 @@ def test_kernel_writes_p_layout():
     """Rows padded to 16 bytes by the kernel itself: D = 5, 10, 33 pad, D = 12, 64 do not."""
     gen = torch.Generator().manual_seed(7)
     mats = [random_spd(g, d, gen) for g, d in [(3, 5), (2, 10), (1, 33), (2, 12), (1, 64)]]
-    inverses, _ = run_kernel(mats, 0.3)
-    device_inverses, _ = kernel.damped_inverse([m.to(DEVICE) for m in mats], 0.3)
-    for m, p, on_device in zip(mats, inverses, device_inverses):
-        assert_layout(on_device)
-        assert rel_error(p, damped_inverse64(m, 0.3)) < 1e-5
+    inverses, _ = kernel.damped_inverse([m.to(DEVICE) for m in mats], 0.3)
+    for m, p in zip(mats, inverses):
+        assert_layout(p)
+        assert rel_error(p.cpu(), damped_inverse64(m, 0.3)) < 1e-5
 
 
 @pytest.mark.parametrize("method", INVERSE_METHODS)
@@ -158,3 +157,26 @@ def test_every_method_with_the_kernel_and_fallbacks(method, monkeypatch):
     for p, t, good in zip(inverses, truth, ([0, 2], [1])):
         assert rel_error(p[good], t[good]) < 1e-5
     assert torch.equal(inverses[0][1], previous[0][1]) and torch.equal(inverses[1][0], previous[1][0])
+
+
+@pytest.mark.parametrize("cond", [1e2, 1e5])
+def test_matmul_methods_on_the_device(cond):
+    """On CUDA: real TF32 tensor cores in the split products, and IEEE products forced while the
+    caller has TF32 on globally. One level of the blocked recursion at its real leaf size."""
+    gen = torch.Generator().manual_seed(9)
+    dim = reference.BLOCKED_LEAF_MAX + 37
+    m = with_condition(1, dim, cond, 1e-3, gen)
+    truth = damped_inverse64(m, 1e-3)
+    saved, saved_cuda = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.set_float32_matmul_precision("high")  # TF32 for the caller's float32 matmuls
+        cholesky = rel_error(run_kernel([m], 1e-3, method="cholesky")[0][0], truth)
+        previous = [(0.8 * truth).float()]
+        errors = {method: rel_error(run_kernel([m], 1e-3, previous=previous, method=method)[0][0], truth)
+                  for method in ("blocked", "blocked_tf32x3", "newton_schulz")}
+    finally:
+        torch.set_float32_matmul_precision(saved)
+        torch.backends.cuda.matmul.fp32_precision = saved_cuda
+    assert cholesky < bound(cond)
+    assert errors["blocked"] < max(3 * cholesky, 1e-6) and errors["blocked_tf32x3"] < max(3 * cholesky, 1e-6)
+    assert errors["newton_schulz"] < (1e-5 if cond < 1e3 else bound(cond))
