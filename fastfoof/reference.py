@@ -308,15 +308,20 @@ def blocked_inverses(mats: list[torch.Tensor], damping: float, scales: list[torc
     """(s·M + λI)⁻¹ of same-size matrices by `_blocked_inverse`, all in one batch: the inverses (views
     of one buffer) and per matrix a [G] bool tensor of failures; nothing is synchronised."""
     batch = _damped(mats, damping, scales)
-    inv, _, failed = _blocked_inverse(batch, _precision(precision, batch), factor=False)
-    failed = failed | ~torch.isfinite(inv.sum((-2, -1)))
+    leaves: list[tuple[torch.Tensor, torch.Tensor]] = []
+    inv, _ = _blocked_inverse(batch, _precision(precision, batch), leaves, factor=False)
+    # A leaf failed, or a pivot or the inverse is not finite (one sum for all pivots: an overflow
+    # fails too, and the float64 retry settles it).
+    infos, pivot_sums = (torch.stack(column) for column in zip(*leaves))
+    failed = (infos != 0).any(0) | ~torch.isfinite(pivot_sums.sum(0) + inv.sum((-2, -1)))
     sizes = [m.shape[0] for m in mats]
     return list(inv.split(sizes)), list(failed.split(sizes))
 
 
-def _blocked_inverse(a: torch.Tensor, precision: str, factor: bool = True
-                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(A⁻¹, L⁻¹ where `factor`, failed) of a batch of SPD matrices, from their lower triangles.
+def _blocked_inverse(a: torch.Tensor, precision: str, leaves: list, factor: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(A⁻¹, L⁻¹ where `factor`) of a batch of SPD matrices, from their lower triangles; appends each
+    leaf's (cholesky_ex info, sum of its pivots L_ii) to `leaves`.
 
     Cholesky by recursive halving, A = [[A11, ·], [A21, A22]] = L·Lᵀ with
         L11 = chol(A11),  L21 = A21·L11⁻ᵀ,  L22 = chol(A22 − L21·L21ᵀ),
@@ -330,13 +335,13 @@ def _blocked_inverse(a: torch.Tensor, precision: str, factor: bool = True
     n = a.shape[-1]
     if n <= BLOCKED_LEAF_MAX:
         chol, info = torch.linalg.cholesky_ex(a)
+        leaves.append((info, chol.diagonal(dim1=-2, dim2=-1).sum(-1)))
         chol_inv = _triangular_inverse(chol)
-        inv = _symmetric(_product(chol_inv.mT, chol_inv, precision))
-        return inv, chol_inv, _failures(chol, inv, info)
+        return _symmetric(_product(chol_inv.mT, chol_inv, precision)), chol_inv
     h = (n + 64) // 128 * 64 if n >= 192 else n // 2  # about half; whole 64-wide matmul tiles where n allows
-    inv11, chol_inv11, failed11 = _blocked_inverse(a[:, :h, :h], precision)
+    inv11, chol_inv11 = _blocked_inverse(a[:, :h, :h], precision, leaves)
     chol21 = _product(a[:, h:, :h], chol_inv11.mT, precision)
-    inv22, chol_inv22, failed22 = _blocked_inverse(a[:, h:, h:] - _product(chol21, chol21.mT, precision), precision)
+    inv22, chol_inv22 = _blocked_inverse(a[:, h:, h:] - _product(chol21, chol21.mT, precision), precision, leaves)
     chol_inv21 = -_product(chol_inv22, _product(chol21, chol_inv11, precision), precision)
     inv = torch.empty_like(a)
     inv[:, :h, :h] = _symmetric(inv11 + _product(chol_inv21.mT, chol_inv21, precision))
@@ -347,7 +352,7 @@ def _blocked_inverse(a: torch.Tensor, precision: str, factor: bool = True
     if factor:
         chol_inv = torch.zeros_like(a)
         chol_inv[:, :h, :h], chol_inv[:, h:, :h], chol_inv[:, h:, h:] = chol_inv11, chol_inv21, chol_inv22
-    return inv, chol_inv, failed11 | failed22
+    return inv, chol_inv
 
 
 def newton_schulz_inverses(mats: list[torch.Tensor], damping: float, scales: list[torch.Tensor | None],
