@@ -298,3 +298,26 @@ def test_tf32_split_is_exact():
     hi, lo = reference._split_tf32(x.mT)
     assert torch.equal(hi + lo, x.mT)
     assert torch.equal(hi, _to_tf32(hi)) and (lo.abs() <= 2.0 ** -11 * x.mT.abs()).all()
+
+
+def test_optimizer_state_holds_p_in_its_layout():
+    """P as the optimizer keeps it (D' = 6 pads, D' = 12 does not), through torch.save and load."""
+    import io
+
+    import fastfoof
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 11), nn.Tanh(), nn.Linear(11, 3))
+    opt = fastfoof.FOOF(model, lr=0.1, damping=0.5, inv_period=1, stats_steps=1, backend="reference")
+    x = torch.randn(8, 5)
+    model(x).square().sum().backward()
+    opt.step()
+    for layer in opt.layers:
+        assert_layout(opt.state[layer.weight]["precond"])
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    twin = fastfoof.FOOF(model, lr=0.1, damping=0.5, inv_period=1, stats_steps=1, backend="reference")
+    twin.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    for layer in opt.layers:
+        assert torch.equal(twin.state[layer.weight]["precond"], opt.state[layer.weight]["precond"])
