@@ -254,15 +254,14 @@ def bucket_inverses(mats: list[torch.Tensor], damping: float, scales: list[torch
                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(s·M + λI)⁻¹ of same-dtype matrices in one batched call, each padded to `dim` with identity.
 
-    Returns the inverses and per matrix a [G] bool tensor of failed factorisations; nothing is
-    synchronised.
+    Returns the inverses (views of one buffer) and per matrix a [G] bool tensor of failed
+    factorisations; nothing is synchronised.
     """
     if dim > (BATCHED_FACTOR_MAX if mats[0].device.type == "cuda" else TRIANGULAR_SOLVE_MAX_CPU):
         return _one_by_one_inverses(mats, damping, scales)
     inv, failed = _cholesky_inverse(_damped(mats, damping, scales, dim))
     sizes = [m.shape[0] for m in mats]
-    inverses = [p[:, :m.shape[-1], :m.shape[-1]].contiguous() if m.shape[-1] != dim else p
-                for m, p in zip(mats, inv.split(sizes))]
+    inverses = [p[:, :m.shape[-1], :m.shape[-1]] for m, p in zip(mats, inv.split(sizes))]  # views
     return inverses, list(failed.split(sizes))
 
 
