@@ -2,8 +2,9 @@
 
 Small float32 matrices (D ≤ KERNEL_MAX_DIM) are factored by one Triton program each, the whole
 matrix in registers, one launch per power-of-two bucket: a table of (input offset, size, layer,
-index, output offset) addresses every matrix of the bucket in one flat copy of the inputs, so mixed
-layers share a launch, and the padding to the bucket size is an identity block built in registers.
+index, output offset, output row stride) addresses every matrix of the bucket in one flat copy of the
+inputs, so mixed layers share a launch, and the padding to the bucket size is an identity block built
+in registers.
 Everything else (larger or float64 matrices, the "blocked" and "newton_schulz" methods, the
 fallbacks of DESIGN §1.3 with their one host synchronisation) is the reference's.
 
