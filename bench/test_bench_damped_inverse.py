@@ -1,17 +1,24 @@
-"""Damped inversion of a whole network's preconditioners: the batched pipeline vs per-layer loops.
+"""Damped inversion of a whole network's preconditioners: the batched pipeline's methods vs per-layer loops.
 
 Size sets are (groups, D) per preconditioned layer (no conv biases, as with BatchNorm; a biased
 classifier): ResNet-18, ResNet-50 (ImageNet) and MobileNet-v1 (depthwise 3×3: D = 9, one matrix per
-channel). On CPU the sets drop the layers with D > CPU_MAX_DIM so the suite finishes in about a
-minute (recorded in extra_info["reduced"]); FASTFOOF_BENCH_SMOKE=1 keeps the first 6 layers,
-at most 4 groups and D ≤ 32 each.
+channel). On CPU the sets drop the layers with D > CPU_MAX_DIM so the suite finishes in minutes
+(recorded in extra_info["reduced"]); FASTFOOF_BENCH_SMOKE=1 keeps the first 6 layers, at most 4
+groups and D ≤ 32 each.
+
+Rows "cholesky", "blocked", "blocked_tf32x3" and "newton_schulz" are `fastfoof.reference`'s inverse
+methods through the dispatch (the Triton backend on CUDA, the reference on CPU); "batched_reference"
+forces the reference backend. Newton–Schulz starts from 0.7·P (residual 0.3·I, about the steady state
+of FOOF's rounds measured on digits); extra_info["newton_schulz_served"] counts the matrices its
+result served (the others took Cholesky, timed too). test_blocked_leaf sweeps the recursion's leaf
+size on CUDA.
 """
 import os
 
 import pytest
 import torch
 
-from fastfoof import ops
+from fastfoof import ops, reference
 
 SMOKE = os.environ.get("FASTFOOF_BENCH_SMOKE") == "1"
 CPU_MAX_DIM = 2304  # the 4608-sized 3×3 convs take seconds each on a 2-core CPU
@@ -69,22 +76,23 @@ def cholesky_inverse_loop(mats):
     return out
 
 
+def pipeline(method, backend=None):
+    def run(mats, previous):
+        return ops.damped_inverse_with_status(mats, DAMPING, previous=previous, backend=backend, method=method)[0]
+    return run
+
+
 METHODS = {
-    "batched_triton": lambda mats: ops.damped_inverse(mats, DAMPING, backend="triton"),
-    "batched_reference": lambda mats: ops.damped_inverse(mats, DAMPING, backend="reference"),
-    "inv_loop": inv_loop,
-    "cholesky_inverse_loop": cholesky_inverse_loop,
+    "batched_triton": pipeline("cholesky", "triton"),
+    "batched_reference": pipeline("cholesky", "reference"),
+    **{method: pipeline(method) for method in reference.INVERSE_METHODS if method != "cholesky"},
+    "inv_loop": lambda mats, previous: inv_loop(mats),
+    "cholesky_inverse_loop": lambda mats, previous: cholesky_inverse_loop(mats),
 }
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("size_set", list(SIZE_SETS))
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_damped_inverse(benchmark, device, size_set, method):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("CUDA is not available")
-    if method == "batched_triton" and device != "cuda":
-        pytest.skip("CUDA is not available (the Triton kernel runs on CUDA tensors)")
+def bench_sizes(device: str, size_set: str) -> tuple[list[tuple[int, int]], str]:
+    """The (groups, D) of a set on `device`, and a note on what was left out."""
     sizes = SIZE_SETS[size_set]
     if SMOKE:
         kept = [(min(g, 4), min(d, SMOKE_MAX_DIM)) for g, d in sizes[:6]]
@@ -94,11 +102,18 @@ def test_damped_inverse(benchmark, device, size_set, method):
         reduced = f"dropped {len(sizes) - len(kept)} layers with D > {CPU_MAX_DIM}" if len(kept) < len(sizes) else ""
     else:
         kept, reduced = sizes, ""
+    return kept, reduced
+
+
+def run_benchmark(benchmark, device, size_set, fn, *, warm=False, **extra):
+    kept, reduced = bench_sizes(device, size_set)
     mats = make_mats(kept, device)
-    fn = METHODS[method]
+    previous = None
+    if warm:  # Newton–Schulz's start 0.7·P, by Cholesky (not timed)
+        previous = [0.7 * p for p in ops.damped_inverse_with_status(mats, DAMPING, method="cholesky")[0]]
 
     def run():
-        out = fn(mats)
+        out = fn(mats, previous)
         if device == "cuda":
             torch.cuda.synchronize()
         return out
@@ -112,4 +127,37 @@ def test_damped_inverse(benchmark, device, size_set, method):
         device=device, layers=len(kept), matrices=sum(g for g, _ in kept),
         max_dim=max(d for _, d in kept), gflop=flops / 1e9,
         reduced=reduced,
-        peak_memory_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None)
+        peak_memory_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None, **extra)
+    return mats, previous
+
+
+def skip_unless(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("size_set", list(SIZE_SETS))
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_damped_inverse(benchmark, device, size_set, method):
+    skip_unless(device)
+    if method == "batched_triton" and device != "cuda":
+        pytest.skip("CUDA is not available (the Triton kernel runs on CUDA tensors)")
+    if method == "blocked_tf32x3" and device != "cuda" and not SMOKE:
+        pytest.skip("CPUs have no TF32: the same arithmetic as blocked")
+    mats, previous = run_benchmark(benchmark, device, size_set, METHODS[method], warm=method == "newton_schulz")
+    if method == "newton_schulz":
+        _, missed = reference.newton_schulz_inverses(mats, DAMPING, [None] * len(mats), previous)
+        benchmark.extra_info["newton_schulz_served"] = int(sum((~m).sum() for m in missed))
+
+
+@pytest.mark.parametrize("leaf", [128, 256, 1024])
+@pytest.mark.parametrize("size_set", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_blocked_leaf(benchmark, monkeypatch, device, size_set, leaf):
+    """blocked_tf32x3 with other leaf sizes than reference.BLOCKED_LEAF_MAX (its row above)."""
+    skip_unless(device)
+    if device != "cuda" and not SMOKE:
+        pytest.skip("CUDA only (a choice for GPUs)")
+    monkeypatch.setattr(reference, "BLOCKED_LEAF_MAX", leaf)
+    run_benchmark(benchmark, device, size_set, pipeline("blocked_tf32x3"), leaf=leaf)

@@ -95,12 +95,13 @@ def fold_statistics_(emas, counts, stats, scales, decay, *, found_inf=None, back
     return implementation("fold_statistics_", backend, emas[0].device)(emas, counts, stats, scales, decay, found_inf)
 
 
-def damped_inverse_with_status(mats, damping, *, scales=None, previous=None, backend=None):
-    """(inverses, status per matrix): `reference.damped_inverse` through the dispatch."""
+def damped_inverse_with_status(mats, damping, *, scales=None, previous=None, backend=None, method=None):
+    """(inverses, status per matrix): `reference.damped_inverse` through the dispatch. `method`: one of
+    `reference.INVERSE_METHODS`; None takes FASTFOOF_INVERSE, else the default."""
     if not mats:
         return [], []
     return implementation("damped_inverse", backend, mats[0].device)(mats, damping, scales=scales,
-                                                                      previous=previous)
+                                                                      previous=previous, method=method)
 
 
 def damped_inverse(mats: list[torch.Tensor], damping: float, *, backend: str | None = None) -> list[torch.Tensor]:

@@ -1,11 +1,16 @@
 """Triton twin of `fastfoof.reference.damped_inverse`: P = (s·M + λI)⁻¹ for many layers at once.
 
-Small float32 matrices (D ≤ KERNEL_MAX_DIM) are inverted by one Triton program each, the whole
-matrix in registers, one launch per power-of-two bucket: a table of (offset, size, layer, index)
-addresses every matrix of the bucket in one flat copy of the inputs, so mixed layers share a launch,
-and the padding to the bucket size is an identity block built in registers. Larger or float64
-matrices go through the reference's batched torch route (cholesky_ex). The fallbacks of DESIGN §1.3
-are decided for all of them together, with one host synchronisation.
+Small float32 matrices (D ≤ KERNEL_MAX_DIM) are factored by one Triton program each, the whole
+matrix in registers, one launch per power-of-two bucket: a table of (input offset, size, layer,
+index, output offset, output row stride) addresses every matrix of the bucket in one flat copy of the
+inputs, so mixed layers share a launch, and the padding to the bucket size is an identity block built
+in registers.
+Everything else (larger or float64 matrices, the "blocked" and "newton_schulz" methods, the
+fallbacks of DESIGN §1.3 with their one host synchronisation) is the reference's.
+
+Layout of the returned P: [G, D, D] views whose row stride is D rounded up to a multiple of 4
+elements (16 bytes), base 16-byte aligned, padding zero (contiguous when D % 4 == 0); the kernel
+writes that layout directly. See the damped-inverse notes in `fastfoof.reference`.
 """
 from __future__ import annotations
 
@@ -16,22 +21,26 @@ import triton
 import triton.language as tl
 
 from fastfoof.kernels.tables import to_device
-from fastfoof.reference import bucket_dim, bucket_inverses, resolve_failures
+from fastfoof.reference import assign_results, factor_inverses, inverse_method, invert, padded_row
 
 KERNEL_MAX_DIM = 64
 # One warp per 16 rows keeps each register tile at BLOCK²/(32·warps) = BLOCK/2 values per thread.
 NUM_WARPS = {16: 1, 32: 2, 64: 4}
-TABLE_COLUMNS = 4  # offset (elements) of the matrix in the flat buffer, its size D, its layer, its index
+# Offset (elements) of the matrix in the flat input, its size D, its layer, its index, its offset in the
+# flat output and its row stride there (`padded_row(D)`).
+TABLE_COLUMNS = 6
 
 
 @triton.jit
 def _damped_inverse_kernel(mats_ptr, out_ptr, table_ptr, scales_ptr, info_ptr, damping,
                            BLOCK: tl.constexpr):
-    entry = table_ptr + tl.program_id(0) * 4
+    entry = table_ptr + tl.program_id(0) * 6
     offset = tl.load(entry)
     dim = tl.load(entry + 1).to(tl.int32)
     layer = tl.load(entry + 2)
     index = tl.load(entry + 3)
+    out_offset = tl.load(entry + 4)
+    out_row = tl.load(entry + 5).to(tl.int32)
     scale = tl.load(scales_ptr + layer)
 
     idx = tl.arange(0, BLOCK)
@@ -65,9 +74,9 @@ def _damped_inverse_kernel(mats_ptr, out_ptr, table_ptr, scales_ptr, info_ptr, d
         p += x_row[:, None] * x_row[None, :]  # row j of L⁻¹ is final: P = L⁻ᵀ·L⁻¹ = Σ_j x_jᵀ·x_j
     failures += tl.sum(tl.sum(tl.where(tl.abs(p) <= 3.4028234e38, 0, 1), axis=1), axis=0)
     tl.store(info_ptr + index, failures)
-    # The lower triangle, mirrored: the output is exactly symmetric.
-    tl.store(out_ptr + offset + rows * dim + cols, p, mask=inside & (rows >= cols))
-    tl.store(out_ptr + offset + cols * dim + rows, p, mask=inside & (rows > cols))
+    # The lower triangle, mirrored: the output is exactly symmetric (the padding columns stay zero).
+    tl.store(out_ptr + out_offset + rows * out_row + cols, p, mask=inside & (rows >= cols))
+    tl.store(out_ptr + out_offset + cols * out_row + rows, p, mask=inside & (rows > cols))
 
 
 def kernel_block(dim: int) -> int:
@@ -76,14 +85,17 @@ def kernel_block(dim: int) -> int:
 
 @lru_cache(maxsize=32)
 def _launch_plan(layout: tuple[tuple[int, int], ...], device: torch.device) -> list[tuple[int, torch.Tensor]]:
-    """[(BLOCK, table on device)] for layers of (groups, D) laid out one after another in a flat
-    buffer. Cached: an optimizer inverts the same layout every round (no host-to-device copy then)."""
-    entries: dict[int, list[tuple[int, int, int, int]]] = {}
-    offset = index = 0
+    """[(BLOCK, table on device)] for layers of (groups, D) laid out one after another in a flat input
+    buffer and a flat output buffer of padded rows. Cached: an optimizer inverts the same layout every
+    round (no host-to-device copy then)."""
+    entries: dict[int, list[tuple[int, ...]]] = {}
+    offset = out_offset = index = 0
     for layer, (groups, dim) in enumerate(layout):
+        row = padded_row(dim)
         for _ in range(groups):
-            entries.setdefault(kernel_block(dim), []).append((offset, dim, layer, index))
+            entries.setdefault(kernel_block(dim), []).append((offset, dim, layer, index, out_offset, row))
             offset += dim * dim
+            out_offset += dim * row
             index += 1
     return [(block, to_device(torch.tensor(rows, dtype=torch.int64), device))
             for block, rows in sorted(entries.items())]
@@ -92,10 +104,11 @@ def _launch_plan(layout: tuple[tuple[int, int], ...], device: torch.device) -> l
 def _kernel_inverses(mats: list[torch.Tensor], damping: float, scales: list[torch.Tensor | None]
                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(s·M + λI)⁻¹ of float32 matrices of size ≤ KERNEL_MAX_DIM, one launch per bucket; returns
-    the inverses (views of one buffer) and per matrix a [G] bool tensor of failures."""
+    the inverses (views of one buffer, in P's layout) and per matrix a [G] bool tensor of failures."""
     device = mats[0].device
     flat = torch.cat([m.reshape(-1) for m in mats])
-    out = torch.empty_like(flat)
+    out_sizes = [m.shape[0] * m.shape[-1] * padded_row(m.shape[-1]) for m in mats]
+    out = torch.zeros(sum(out_sizes), dtype=torch.float32, device=device)
     groups = [m.shape[0] for m in mats]
     info = torch.empty(sum(groups), dtype=torch.int32, device=device)
     one = torch.ones((), dtype=torch.float32, device=device)
@@ -104,30 +117,32 @@ def _kernel_inverses(mats: list[torch.Tensor], damping: float, scales: list[torc
     for block, table in _launch_plan(tuple((m.shape[0], m.shape[-1]) for m in mats), device):
         _damped_inverse_kernel[(table.shape[0],)](flat, out, table, scale_table, info, float(damping),
                                                   BLOCK=block, num_warps=NUM_WARPS[block])
-    inverses = [p.view(m.shape) for m, p in zip(mats, out.split([m.numel() for m in mats]))]
+    inverses = [p.view(m.shape[0], m.shape[-1], padded_row(m.shape[-1]))[..., :m.shape[-1]]
+                for m, p in zip(mats, out.split(out_sizes))]
     return inverses, list((info != 0).split(groups))
 
 
-def damped_inverse(mats: list[torch.Tensor], damping: float, *, scales: list[torch.Tensor] | None = None,
-                   previous: list[torch.Tensor | None] | None = None
-                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Same contract as `fastfoof.reference.damped_inverse`."""
-    scales = scales if scales is not None else [None] * len(mats)
+def _factor_inverses(mats: list[torch.Tensor], damping: float, scales: list[torch.Tensor | None], method: str
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """`fastfoof.reference.factor_inverses` with the small float32 matrices in the kernel."""
+    small = [i for i, m in enumerate(mats) if m.dtype == torch.float32 and m.shape[-1] <= KERNEL_MAX_DIM and m.numel()]
+    rest = sorted(set(range(len(mats))) - set(small))
     inverses: list[torch.Tensor] = [None] * len(mats)  # type: ignore[list-item]
     failed: list[torch.Tensor] = [None] * len(mats)  # type: ignore[list-item]
-    buckets: dict[tuple, list[int]] = {}
-    for i, m in enumerate(mats):
-        if m.dtype == torch.float32 and m.shape[-1] <= KERNEL_MAX_DIM and m.numel():
-            key = ("kernel", m.device)
-        else:
-            key = (bucket_dim(m.shape[-1], m.device), m.dtype, m.device)
-        buckets.setdefault(key, []).append(i)
-    for key, members in buckets.items():
-        args = [mats[i] for i in members], damping, [scales[i] for i in members]
-        results = _kernel_inverses(*args) if key[0] == "kernel" else bucket_inverses(*args, key[0])
-        for i, inv, fail in zip(members, *results):
-            inverses[i], failed[i] = inv, fail
-    return resolve_failures(mats, damping, scales, previous, inverses, failed)
+    if small:
+        assign_results(small, _kernel_inverses([mats[i] for i in small], damping, [scales[i] for i in small]),
+                       inverses, failed)
+    if rest:
+        assign_results(rest, factor_inverses([mats[i] for i in rest], damping, [scales[i] for i in rest], method),
+                       inverses, failed)
+    return inverses, failed
+
+
+def damped_inverse(mats: list[torch.Tensor], damping: float, *, scales: list[torch.Tensor] | None = None,
+                   previous: list[torch.Tensor | None] | None = None, method: str | None = None
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Same contract as `fastfoof.reference.damped_inverse`."""
+    return invert(mats, damping, scales, previous, inverse_method(method), _factor_inverses)
 
 
 def compile_specs() -> list[dict]:

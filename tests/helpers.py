@@ -61,3 +61,11 @@ def random_spd(groups: int, dim: int, generator, dtype=torch.float32) -> torch.T
     a = torch.randn(groups, dim, 2 * dim + 3, generator=generator, dtype=dtype)
     m = a @ a.mT / dim
     return 0.5 * (m + m.mT)
+
+
+def with_condition(groups: int, dim: int, cond: float, damping: float, generator) -> torch.Tensor:
+    """[groups, dim, dim] float32 M with cond(M + λI) = cond (eigenvalues log-spaced, random basis)."""
+    q, _ = torch.linalg.qr(torch.randn(groups, dim, dim, dtype=torch.float64, generator=generator))
+    eig = torch.logspace(0, -torch.log10(torch.tensor(float(cond))).item(), dim, dtype=torch.float64)
+    m = (q * (eig - damping)) @ q.mT
+    return (0.5 * (m + m.mT)).float()

@@ -2,30 +2,23 @@
 import pytest
 import torch
 
-from fastfoof import ops
+from fastfoof import ops, reference
 from fastfoof.kernels import damped_inverse as kernel
-from fastfoof.reference import KEPT_PREVIOUS, OK, RETRIED
+from fastfoof.reference import INVERSE_METHODS, KEPT_PREVIOUS, OK, RETRIED
 
-from helpers import damped_inverse64, random_spd, rel_error
+from helpers import damped_inverse64, random_spd, rel_error, with_condition
+from test_damped_inverse import assert_layout
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: through TRITON_INTERPRET=1 (conftest)
 
 
-def run_kernel(mats, damping, *, scales=None, previous=None):
+def run_kernel(mats, damping, *, scales=None, previous=None, method=None):
     """The Triton launcher on DEVICE; results back on the CPU."""
     to = (lambda ts: None if ts is None else [None if t is None else t.to(DEVICE) for t in ts])
-    inverses, status = kernel.damped_inverse(to(mats), damping, scales=to(scales), previous=to(previous))
+    inverses, status = kernel.damped_inverse(to(mats), damping, scales=to(scales), previous=to(previous),
+                                             method=method)
     return [p.cpu() for p in inverses], [c.cpu() for c in status]
-
-
-def with_condition(groups: int, dim: int, cond: float, damping: float, generator) -> torch.Tensor:
-    """[groups, dim, dim] float32 M with cond(M + λI) = cond (eigenvalues log-spaced, random basis)."""
-    q, _ = torch.linalg.qr(torch.randn(groups, dim, dim, dtype=torch.float64, generator=generator))
-    eig = torch.logspace(0, -torch.log10(torch.tensor(float(cond))).item(), dim, dtype=torch.float64)
-    m = (q * (eig - damping)) @ q.mT
-    return (0.5 * (m + m.mT)).float()
-
 
 
 def bound(cond: float) -> float:
@@ -136,3 +129,54 @@ def test_dispatch_runs_the_kernel_with_device_scales():
 def test_compile_specs_cover_every_bucket():
     blocks = {spec["constexprs"]["BLOCK"] for spec in kernel.compile_specs()}
     assert blocks == {kernel.kernel_block(d) for d in range(1, kernel.KERNEL_MAX_DIM + 1)}
+
+
+def test_kernel_writes_p_layout():
+    """Rows padded to 16 bytes by the kernel itself: D = 5, 10, 33 pad, D = 12, 64 do not."""
+    gen = torch.Generator().manual_seed(7)
+    mats = [random_spd(g, d, gen) for g, d in [(3, 5), (2, 10), (1, 33), (2, 12), (1, 64)]]
+    inverses, _ = kernel.damped_inverse([m.to(DEVICE) for m in mats], 0.3)
+    for m, p in zip(mats, inverses):
+        assert_layout(p)
+        assert rel_error(p.cpu(), damped_inverse64(m, 0.3)) < 1e-5
+
+
+@pytest.mark.parametrize("method", INVERSE_METHODS)
+def test_every_method_with_the_kernel_and_fallbacks(method, monkeypatch):
+    """Kernel-sized and larger matrices, starts for Newton–Schulz, a failure in each route."""
+    monkeypatch.setattr(reference, "BLOCKED_LEAF_MAX", 16)
+    gen = torch.Generator().manual_seed(8)
+    small, large = random_spd(3, 13, gen), random_spd(2, 67, gen)
+    previous = [(0.8 * damped_inverse64(m, 0.4)).float() for m in (small, large)]  # positive definite
+    small[1] -= 50.0 * torch.eye(13)
+    large[0] -= 50.0 * torch.eye(67)
+    mats = [small, large]
+    truth = [damped_inverse64(m, 0.4) for m in mats]
+    inverses, status = run_kernel(mats, 0.4, previous=previous, method=method)
+    assert [c.tolist() for c in status] == [[OK, KEPT_PREVIOUS, OK], [KEPT_PREVIOUS, OK]]
+    for p, t, good in zip(inverses, truth, ([0, 2], [1])):
+        assert rel_error(p[good], t[good]) < 1e-5
+    assert torch.equal(inverses[0][1], previous[0][1]) and torch.equal(inverses[1][0], previous[1][0])
+
+
+@pytest.mark.parametrize("cond", [1e2, 1e5])
+def test_matmul_methods_on_the_device(cond):
+    """On CUDA: real TF32 tensor cores in the split products, and IEEE products forced while the
+    caller has TF32 on globally. One level of the blocked recursion at its real leaf size."""
+    gen = torch.Generator().manual_seed(9)
+    dim = reference.BLOCKED_LEAF_MAX + 37
+    m = with_condition(1, dim, cond, 1e-3, gen)
+    truth = damped_inverse64(m, 1e-3)
+    saved, saved_cuda = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.set_float32_matmul_precision("high")  # TF32 for the caller's float32 matmuls
+        cholesky = rel_error(run_kernel([m], 1e-3, method="cholesky")[0][0], truth)
+        previous = [(0.8 * truth).float()]
+        errors = {method: rel_error(run_kernel([m], 1e-3, previous=previous, method=method)[0][0], truth)
+                  for method in ("blocked", "blocked_tf32x3", "newton_schulz")}
+    finally:
+        torch.set_float32_matmul_precision(saved)
+        torch.backends.cuda.matmul.fp32_precision = saved_cuda
+    assert cholesky < bound(cond)
+    assert errors["blocked"] < max(3 * cholesky, 1e-6) and errors["blocked_tf32x3"] < max(3 * cholesky, 1e-6)
+    assert errors["newton_schulz"] < (1e-5 if cond < 1e3 else bound(cond))
