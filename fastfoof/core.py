@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from . import distributed, ops
 from .geometry import batch_size
 from .layers import Block, Layer, Skip, find_layers, in_backward
-from .reference import KEPT_PREVIOUS, OK, stat_dtype
+from .reference import KEPT_PREVIOUS, OK, aligned, stat_dtype
 
 DIAGNOSTICS = ("dropped_stats", "cholesky_retries", "cholesky_failures")
 
@@ -459,6 +459,8 @@ class KroneckerOptimizer(Optimizer):
             for key, value in state_dict["state"].get(idx, {}).items():
                 if isinstance(value, torch.Tensor):
                     self.state[p][key] = value.to(p.device, copy=True)
+            if "precond" in self.state.get(p, {}):  # the update reads P in its padded, aligned layout
+                self.state[p]["precond"] = aligned(self.state[p]["precond"])
         self._steps = foof["steps"]
         self._counters = torch.tensor([foof["diagnostics"].get(name, 0) for name in DIAGNOSTICS])
         self._warned = {name for name, value in foof["diagnostics"].items() if value}

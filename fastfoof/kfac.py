@@ -21,7 +21,7 @@ from . import ops
 from .core import INPUTS, KroneckerOptimizer, Statistic
 from .geometry import output_module, positions_per_sample
 from .layers import Block, Layer, Skip, in_backward
-from .reference import joint_gradient
+from .reference import aligned, joint_gradient, padded_zeros
 
 DAMPING_MODES = ("heuristic", "exact", "factor")
 FISHERS = ("empirical", "mc")
@@ -158,8 +158,8 @@ class KFAC(KroneckerOptimizer):
                     for s, d in zip(states, d_g)]
         inverses, status = ops.damped_inverse_with_status(mats, 1.0, previous=previous, backend=self.backend)
         n = len(states)
-        results = [{"precond": p_a / d[:, None, None], "grad_precond": p_g / e[:, None, None]}
-                   for p_a, p_g, d, e in zip(inverses[:n], inverses[n:], d_a, d_g)]
+        results = [{"precond": p_a.div_(d[:, None, None]), "grad_precond": p_g.div_(e[:, None, None])}
+                   for p_a, p_g, d, e in zip(inverses[:n], inverses[n:], d_a, d_g)]  # in place: P's layout stays
         return results, [torch.cat([a, g]) for a, g in zip(status[:n], status[n:])]
 
     def _factor_damping(self, states: list[dict], a_scale: list, g_scale: list):
@@ -190,7 +190,7 @@ class KFAC(KroneckerOptimizer):
                                                       scales=a_scale + g_scale, previous=previous,
                                                       backend=self.backend)
         n = len(states)
-        results = [{"precond": q_a.mT.contiguous(), "eigvals": w_a, "grad_eigvecs": q_g, "grad_eigvals": w_g}
+        results = [{"precond": aligned(q_a.mT), "eigvals": w_a, "grad_eigvecs": q_g, "grad_eigvals": w_g}
                    for (w_a, q_a), (w_g, q_g) in zip(decompositions[:n], decompositions[n:])]
         return results, [torch.cat([a, g]) for a, g in zip(status[:n], status[n:])]
 
@@ -198,11 +198,12 @@ class KFAC(KroneckerOptimizer):
         templates = []
         for s in states:
             a, g = s["ema"], s["grad_ema"]
+            precond = padded_zeros(a.shape[0], a.shape[-1], a.dtype, a.device)  # P's layout (reference.py)
             if self.damping_mode == "exact":
-                tensors = {"precond": torch.empty_like(a), "eigvals": a.new_empty(a.shape[:-1]),
+                tensors = {"precond": precond, "eigvals": a.new_empty(a.shape[:-1]),
                            "grad_eigvecs": torch.empty_like(g), "grad_eigvals": g.new_empty(g.shape[:-1])}
             else:
-                tensors = {"precond": torch.empty_like(a), "grad_precond": torch.empty_like(g)}
+                tensors = {"precond": precond, "grad_precond": torch.empty_like(g)}
             templates.append((tensors, torch.empty(2 * a.shape[0], dtype=torch.int8, device=a.device)))
         return templates
 

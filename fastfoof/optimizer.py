@@ -12,6 +12,7 @@ import torch
 from . import ops
 from .core import KroneckerOptimizer
 from .layers import Block, Layer
+from .reference import padded_zeros
 
 
 class FOOF(KroneckerOptimizer):
@@ -52,8 +53,8 @@ class FOOF(KroneckerOptimizer):
         return [{"precond": p} for p in inverses], status
 
     def _preconditioners_like(self, layers: list[Layer], states: list[dict]) -> list[tuple[dict, torch.Tensor]]:
-        return [({"precond": torch.empty_like(s["ema"])}, torch.empty(s["ema"].shape[0], dtype=torch.int8,
-                                                                        device=s["ema"].device)) for s in states]
+        return [({"precond": padded_zeros(s["ema"].shape[0], s["ema"].shape[-1], s["ema"].dtype, s["ema"].device)},
+                 torch.empty(s["ema"].shape[0], dtype=torch.int8, device=s["ema"].device)) for s in states]
 
     def _prepare_block(self, block: Block, layer: Layer, state: dict) -> None:
         block.precond = state["precond"]
