@@ -419,7 +419,7 @@ def samples_per_launch(x: torch.Tensor, geom: PatchGeometry) -> int:
 def gram_matmul_(out: torch.Tensor, x: torch.Tensor, geom: PatchGeometry, rows: DenseRows, *,
                  alpha: float, beta: float, bias: bool) -> torch.Tensor:
     """The "matmul" path: AᵀA by one cuBLAS bmm over a strided view of `x` (no copy of A in fp32
-    or 16-bit), the bias row from column sums, then the mirrored upper triangle into `out`."""
+    or 16-bit), the bias row from column sums, then the mirrored lower triangle into `out`."""
     groups, dim = geom.groups, geom.dim
     a = x.as_strided((groups, rows.inner, dim), (dim * rows.stride_channel, rows.stride_inner, rows.stride_channel))
     if a.dtype != torch.float32 and not a.is_cuda:  # CPU bmm has no fp32 output for 16-bit inputs
