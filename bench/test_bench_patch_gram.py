@@ -1,7 +1,11 @@
-"""Patch gram Σ a aᵀ of one layer input: reference (unfold + matmul) vs the implicit-im2col kernel.
+"""Patch gram Σ a aᵀ of one layer input: reference (unfold + matmul) vs each path of the kernels.
 
 Layer inputs of ResNet-18 on CIFAR-10 (batch 128), ResNet-50 on ImageNet (batch 64) and a
-MobileNet depthwise 3×3 (batch 64). extra_info records the shapes, D', the SYRK floor
+MobileNet depthwise 3×3 (batch 64); conv inputs both contiguous (NCHW) and channels_last, each in
+fp32 and bf16. The reference has one row per input and dtype; the Triton backend one row per path
+that can run the input (`applicable_paths`; "channels_last" only for channel-contiguous inputs),
+with extra_info["chosen"] marking the path that `choose_path`, i.e. `ops.patch_gram_`, takes: the
+rows a GPU run compares to set that rule. extra_info records the shapes, D', the SYRK floor
 (groups·D'²·N multiply-adds), TFLOP/s against it (2 flops per multiply-add), the im2col bytes the
 reference materialises and, on CUDA, the peak memory the call allocated.
 
@@ -19,6 +23,7 @@ from torch import nn
 
 from fastfoof import ops
 from fastfoof.geometry import patch_dim, patch_input
+from fastfoof.kernels import patch_gram as pg
 
 SMOKE = os.environ.get("FASTFOOF_BENCH_SMOKE") == "1"
 CUDA = torch.cuda.is_available()
@@ -41,7 +46,27 @@ LAYERS = {
     "resnet50_imagenet.fc": (lambda: nn.Linear(2048, 1000), (64, 2048)),
     "mobilenet.depthwise_3x3": (lambda: nn.Conv2d(256, 256, 3, padding=1, groups=256, bias=False), (64, 256, 28, 28)),
 }
-ROWS = [("reference", torch.float32), ("triton", torch.float32), ("triton", torch.bfloat16)]
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def layouts(module: nn.Module) -> tuple[str, ...]:
+    return ("contiguous", "channels_last") if isinstance(module, nn.Conv2d) else ("contiguous",)
+
+
+def with_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def kernel_paths(module: nn.Module, shape: tuple[int, ...], layout: str) -> tuple[str, ...]:
+    """The Triton paths worth timing on this input (shape and strides decide, so a meta tensor does)."""
+    x, geom = patch_input(with_layout(torch.empty(shape, device="meta"), layout), module)
+    return tuple(path for path in pg.applicable_paths(x, geom) if path != "channels_last" or x.stride(1) == 1)
+
+
+# (layer, layout, path or "reference", dtype)
+CASES = [(layer, layout, path, dtype)
+         for layer, (make, full) in sorted(LAYERS.items()) for layout in layouts(make())
+         for path in ("reference",) + kernel_paths(make(), full, layout) for dtype in DTYPES]
 
 
 def input_shape(module: nn.Module, full: tuple[int, ...], device: str) -> tuple[tuple[int, ...], bool]:
@@ -56,16 +81,16 @@ def input_shape(module: nn.Module, full: tuple[int, ...], device: str) -> tuple[
     return (samples,) + full[1:], samples < full[0]
 
 
-@pytest.mark.parametrize("backend,dtype", ROWS, ids=[f"{b}-{str(d)[6:]}" for b, d in ROWS])
-@pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_patch_gram(benchmark, layer, backend, dtype):
-    if backend == "triton" and not CUDA:
+@pytest.mark.parametrize("layer,layout,path,dtype", CASES,
+                         ids=[f"{layer}-{layout}-{path}-{str(dtype)[6:]}" for layer, layout, path, dtype in CASES])
+def test_patch_gram(benchmark, layer, layout, path, dtype):
+    if path != "reference" and not CUDA:
         pytest.skip("Triton rows need CUDA")
     device = "cuda" if CUDA else "cpu"
     make, full = LAYERS[layer]
     module = make().to(device)
     shape, reduced = input_shape(module, full, device)
-    x = torch.randn(shape, device=device).to(dtype)
+    x = with_layout(torch.randn(shape, device=device).to(dtype), layout)
     bias = getattr(module, "bias", None) is not None
     groups, dim = patch_dim(module)
     dim_out = dim + bias
@@ -74,7 +99,11 @@ def test_patch_gram(benchmark, layer, backend, dtype):
     positions = shape[0] * geom.positions
 
     def run():
-        ops.patch_gram_(out, x, module, bias=bias, backend=backend)
+        if path == "reference":
+            ops.patch_gram_(out, x, module, bias=bias, backend="reference")
+        else:
+            pg.launch_patch_gram(out, x, module, alpha=1.0, beta=0.0, bias=bias, path=path,
+                                 input_precision=pg.default_input_precision(x))
         if CUDA:
             torch.cuda.synchronize()
 
@@ -88,7 +117,8 @@ def test_patch_gram(benchmark, layer, backend, dtype):
 
     macs = groups * dim_out ** 2 * positions
     benchmark.extra_info.update(
-        input_shape=list(shape), samples=shape[0], reduced=reduced, groups=groups, dim_out=dim_out,
+        input_shape=list(shape), samples=shape[0], reduced=reduced, groups=groups, dim_out=dim_out, layout=layout,
+        chosen=path == pg.choose_path(*patch_input(x, module)),
         positions=positions, syrk_macs=macs, im2col_bytes=positions * groups * dim * x.element_size(),
         device=torch.cuda.get_device_name() if CUDA else "cpu")
     if benchmark.stats is not None:  # absent under --benchmark-disable

@@ -62,7 +62,7 @@ def test_every_config_builds_for_both_archs(rows):
 def test_patch_gram_configs_use_tensor_cores(rows):
     from fastfoof.kernels import patch_gram
 
-    partial = [row for row in rows if row["kernel"].startswith("patch_gram_partial")]
+    partial = [row for row in rows if row["kernel"].startswith("patch_gram_partial[")]
     expected = {(str(config), arch) for config in patch_gram.CONFIGS for arch in ("sm_80", "sm_90")}
     assert {(row["config"], row["arch"]) for row in partial} == expected
     assert all(row["mma"] for row in partial)
@@ -172,6 +172,59 @@ def test_fold_specs_carry_the_launchers_arguments():
     launches = recorded_launches(fold_statistics, ["nonfinite_flags_kernel", "fold_kernel"], run)
     assert len(launches) == 8
     assert_specs_match_launches(fold_statistics, launches)
+
+
+def test_patch_gram_specs_carry_the_launchers_arguments(monkeypatch):
+    """The representative inputs of patch_gram.compile_specs, launched as on a 132-SM GPU: every launch
+    has a build with its constexprs, options and specialisation."""
+    from torch import nn
+
+    from fastfoof.geometry import patch_input
+    from fastfoof.kernels import patch_gram
+
+    monkeypatch.setattr(patch_gram, "INTERPRETER_SMS", 132)  # split counts as on an H100/H200
+    names = ["_partial_gram_kernel", "_dense_partial_kernel", "_reduce_kernel"]
+    kernels = {name: getattr(patch_gram, name) for name in names}
+    conv3, conv1 = nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.Conv2d(256, 256, 1, bias=False)
+    cases = [(torch.empty(128, 64, 32, 32, device="meta"), conv3, "implicit"),
+             (torch.empty(128, 64, 32, 32, device="meta").to(memory_format=torch.channels_last), conv3, "channels_last"),
+             (torch.empty(128, 256, 32, 32, device="meta"), conv1, "dense")]
+
+    def run():
+        for x, module, path in cases:
+            patches, geom = patch_input(x, module)
+            out = torch.empty(1, geom.dim, geom.dim, device="meta")
+            assert patch_gram.choose_path(patches, geom) == path
+            patch_gram.run_patch_gram(out, patches, geom, alpha=1.0, beta=0.0, bias=False, input_precision="tf32")
+
+    launches = recorded_launches(patch_gram, names, run)
+    assert len(launches) == 6
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    for name, args, constexprs, options in launches:
+        matching = [spec for spec in patch_gram.compile_specs() if spec["fn"] is kernels[name]
+                    and spec["constexprs"] == constexprs
+                    and compile_check.launcher_specialization(jit_twin(spec["fn"]), spec["args"], constexprs, target)
+                    == compile_check.launcher_specialization(jit_twin(spec["fn"]), args, constexprs, target)]
+        assert matching, (name, constexprs)
+        built = backend.parse_options({"num_warps": matching[0]["num_warps"], "num_stages": matching[0]["num_stages"]})
+        run_options = backend.parse_options(options)
+        assert (built.num_warps, built.num_stages) == (run_options.num_warps, run_options.num_stages), name
+
+
+def test_patch_gram_dense_row_builds_keep_wide_loads_and_wgmma(rows):
+    """sm_90: the dense and channels_last builds load at least 64 bits at a time (over half their
+    global loads), and every patch-gram build with BLOCK_D ≥ 64 uses wgmma."""
+    for kernel in ("patch_gram_dense", "patch_gram_tap_major"):
+        for dtype in ("fp32,tf32", "bf16,ieee", "fp16,ieee"):
+            for row in kernel_rows(rows, f"{kernel}[{dtype}]"):
+                assert wide_load_share(row, 64) > 0.5, row
+    partial = [row for row in rows if row["kernel"].startswith("patch_gram_") and "reduce" not in row["kernel"]
+               and row["arch"] == "sm_90"]
+    assert partial
+    for row in partial:
+        if int(row["config"].split(",")[0].split("=")[1]) >= 64:
+            assert row["mma_kind"] == "wgmma", row
 
 
 # ---- the SASS reader ---------------------------------------------------------------------------
