@@ -29,9 +29,11 @@ one batch: FOOF (one factor per layer), KFAC heuristic (two) and KFAC exact (two
 from __future__ import annotations
 
 import gc
+import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,16 +134,18 @@ def fixed_batch(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def cpu_peak_bytes(fn) -> int:
-    """The CPU allocator's peak above its level at the start of `fn`, from the profiler's memory events."""
+    """The CPU allocator's peak during `fn` above its level when `fn` starts: the largest "Total
+    Allocated" of the profiler's memory events (the allocator's own running total)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    current = peak = 0
-    for event in sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start):
-        current += event.cpu_memory_usage
-        peak = max(peak, current)
-    return peak
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    return max((e["args"]["Total Allocated"] for e in events
+                if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})), default=0)
 
 
 def skip_reason(model: str, precision: str, optimizer: str) -> str | None:

@@ -184,8 +184,9 @@ class KroneckerOptimizer(Optimizer):
 
     def _take_statistics(self, layer: Layer, weight: torch.Tensor | None = None) -> None:
         """Turn the layer's recorded inputs into its pending statistic if the coming step observes
-        them, else drop them. Runs as the weight's post-accumulate-grad hook, so that the inputs are
-        released during backward, and at step() for forwards that had no backward."""
+        them, else drop them. Runs as the weight's post-accumulate-grad hook (`weight` is the hook's
+        argument), so that the inputs are released during backward, and at step() for forwards that
+        had no backward."""
         inputs = layer.take_inputs()
         if not inputs or not (layer.active and self._observing(layer)):
             return

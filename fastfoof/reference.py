@@ -172,7 +172,8 @@ def invert(mats, damping, scales, previous, method, factor):
     if cold:
         results = factor([mats[i] for i in cold], damping, [scales[i] for i in cold], method)
         assign_results(cold, results, inverses, failed)
-    inverses = [aligned(p) for p in inverses]
+    for i in range(count):  # one at a time: each original is freed as its copy is made
+        inverses[i] = aligned(inverses[i])
     failed_host = _read_failures(failed)
     missed = [(i, failed_host[i].nonzero().squeeze(1).to(mats[i].device)) for i in warm if failed_host[i].any()]
     if missed:  # Newton–Schulz results over the tolerance: those matrices take Cholesky
@@ -422,6 +423,8 @@ def _cholesky_inverse(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     chol, info = torch.linalg.cholesky_ex(a)
     if chol.device.type == "cpu" and chol.shape[-1] > TRIANGULAR_SOLVE_MAX_CPU:
         inv = torch.cholesky_inverse(chol)  # LAPACK potri: fills both triangles, exactly symmetric
+        if inv.stride(-1) != 1:
+            inv = inv.mT  # column-major from LAPACK: the same symmetric matrix row-major, no copy
     else:
         # L⁻¹ by a triangular solve, then L⁻ᵀL⁻¹ as one batched matmul: faster than potri for small
         # matrices on CPU and for all on CUDA (where cholesky_inverse loops over the batch).
