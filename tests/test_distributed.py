@@ -1,4 +1,6 @@
 """FOOF and KFAC on torch.distributed: 2 gloo ranks on CPU equal one process on the union of their batches."""
+import datetime
+import faulthandler
 import os
 import sys
 import time
@@ -14,7 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 import fastfoof
 
 WORLD = 2
-SPAWN_TIMEOUT_S = 600
+SPAWN_TIMEOUT_S = 300  # the ranks take about 10 s on 2 cores
+COLLECTIVE_TIMEOUT_S = 120
 STEPS, RESUME_AT = 7, 4  # inversions at t = 1, 3, 6 (T = 3); the checkpoint is taken after step 3
 KW = dict(lr=0.2, damping=0.5, momentum=0.9, weight_decay=0.01, inv_period=3, stats_steps=2, backend="reference")
 
@@ -60,7 +63,14 @@ def count_inversions(log):
 
 
 def worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A rank stuck anywhere prints every thread's stack before the parent gives up on it.
+    faulthandler.dump_traceback_later(SPAWN_TIMEOUT_S - 30, exit=True)
+    torch.set_num_threads(1)  # two ranks on two cores
+    # Gloo connects the ranks over the address the hostname resolves to, which on some machines is
+    # an interface that does not carry local traffic; both ranks are on this machine, so use loopback.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     inverted = []
     count_inversions(inverted)
     data = batches()
