@@ -472,6 +472,11 @@ def as_2d_conv(x: torch.Tensor, geom: PatchGeometry) -> tuple[dict, tuple[int, .
     return shape, strides
 
 
+def _identity_index(dim_out: int, dim: int) -> tuple[int, int, int, int, int]:
+    """`_reduce`'s out_index for a workspace already in F.unfold order: tile row i is out row i."""
+    return (dim_out, dim_out, 1, -1, dim)
+
+
 def _launch_positions(out, x, geom, *, alpha, beta, dim_out, path, input_precision, splits, config):
     """The implicit and channels_last paths: partial pass over samples × output positions, reduce."""
     groups = geom.groups
@@ -488,10 +493,10 @@ def _launch_positions(out, x, geom, *, alpha, beta, dim_out, path, input_precisi
         out_index = (channels_pad, channels, kh * kw, bias_index, geom.dim)
     else:
         config = config or choose_config(dim_out)
-        channels_pad = channels  # unused
+        channels_pad = channels  # F.unfold order: no padding between kernel offsets
         padded = dim_out
         bias_index = geom.dim if bias else -1
-        out_index = (dim_out, dim_out, 1, -1, geom.dim)  # identity
+        out_index = _identity_index(dim_out, geom.dim)
     tiles = triton.cdiv(padded, config.block_d)
     num_pairs = tiles * (tiles + 1) // 2
     n_positions = x.shape[0] * geom.positions
@@ -530,7 +535,7 @@ def _launch_dense(out, x, geom, rows, *, alpha, beta, dim_out, input_precision, 
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     _reduce(workspace, out, alpha, beta, config, num_pairs, splits, geom.groups,
-            (dim_out, dim_out, 1, -1, geom.dim))
+            _identity_index(dim_out, geom.dim))
 
 
 def run_patch_gram(out: torch.Tensor, x: torch.Tensor, geom: PatchGeometry, *, alpha: float, beta: float,
