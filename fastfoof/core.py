@@ -5,9 +5,9 @@ DDP and warm-up. A subclass says which statistics it keeps and what precondition
 from __future__ import annotations
 
 import contextlib
+import numbers
 import warnings
 from dataclasses import dataclass
-from functools import partial
 from itertools import chain
 from typing import Callable
 
@@ -18,10 +18,19 @@ from torch.optim import Optimizer
 
 from . import distributed, ops
 from .geometry import batch_size
-from .layers import Block, Layer, Skip, find_layers, in_backward
+from .layers import Block, Layer, Skip, find_layers
+from .observe import Hooks, LayerHook, in_checkpoint_recompute, in_transform, layer_input
 from .reference import KEPT_PREVIOUS, OK, aligned, stat_dtype
 
 DIAGNOSTICS = ("dropped_stats", "cholesky_retries", "cholesky_failures")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -54,17 +63,19 @@ class KroneckerOptimizer(Optimizer):
                  momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, ema_decay: float = 0.95, inv_period: int = 100,
                  stats_steps: int = 10, precondition_bias: bool = True, skip: Skip = None,
-                 backend: str = "auto", process_group=None):
+                 backend: str = "auto", stats_batch: int | None = None, process_group=None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
-        if not damping > 0:
-            raise ValueError(f"damping: must be > 0, got {damping}")
-        if not 0 <= ema_decay < 1:
-            raise ValueError(f"ema_decay: must be in [0, 1), got {ema_decay}")
-        if not (isinstance(inv_period, int) and inv_period >= 1):
-            raise ValueError(f"inv_period: must be an integer ≥ 1, got {inv_period}")
-        if not (isinstance(stats_steps, int) and 1 <= stats_steps <= inv_period):
-            raise ValueError(f"stats_steps: must be an integer in [1, inv_period={inv_period}], got {stats_steps}")
+        if not (_is_number(damping) and damping > 0):
+            raise ValueError(f"damping: must be a number > 0, got {damping!r}")
+        if not (_is_number(ema_decay) and 0 <= ema_decay < 1):
+            raise ValueError(f"ema_decay: must be a number in [0, 1), got {ema_decay!r}")
+        if not (_is_int(inv_period) and inv_period >= 1):
+            raise ValueError(f"inv_period: must be an integer ≥ 1, got {inv_period!r}")
+        if not (_is_int(stats_steps) and 1 <= stats_steps <= inv_period):
+            raise ValueError(f"stats_steps: must be an integer in [1, inv_period={inv_period}], got {stats_steps!r}")
+        if stats_batch is not None and not (_is_int(stats_batch) and stats_batch >= 1):
+            raise ValueError(f"stats_batch: must be None or an integer ≥ 1, got {stats_batch!r}")
         self.backend = ops.check_backend(backend)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         weight_decay=weight_decay)
@@ -72,16 +83,21 @@ class KroneckerOptimizer(Optimizer):
         devices = {p.device for group in self.param_groups for p in group["params"]}
         if len(devices) > 1:
             raise ValueError(f"params: {self.KIND} needs all parameters on one device, found {sorted(map(str, devices))}")
+        for device in devices:
+            ops.resolve_backend(self.backend, device)  # a forced backend that cannot run here fails now
         self.damping = damping
         self.ema_decay = ema_decay
         self.inv_period = inv_period
         self.stats_steps = stats_steps
+        self.stats_batch = stats_batch
         self.precondition_bias = precondition_bias
         self.process_group = process_group
         self.layers = find_layers(model, skip)
-        self._hooks = [layer.module.register_forward_hook(partial(self._record, layer), with_kwargs=True)
-                       for layer in self.layers]
-        self._grad_hooks: dict[int, object] = {}  # id(layer) -> handle of its weight's grad hook
+        # Hooks hold this optimizer weakly: it is collected when unreferenced, and its hooks with it.
+        self._hooks = Hooks(self)
+        for layer in self.layers:
+            self._hooks.add(layer.module.register_forward_hook(LayerHook(self, "_record", layer), with_kwargs=True))
+        self._grad_hooked: set[int] = set()  # id(layer) of layers whose weight has the grad hook
         if torch._dynamo.config.skip_nnmodule_hook_guards and torch._dynamo.utils.counters["stats"]["unique_graphs"]:
             # torch.compile does not guard on module hooks: code compiled before these hooks existed would
             # run without them. Drop compiled code so that it is traced again, with the hooks.
@@ -97,8 +113,9 @@ class KroneckerOptimizer(Optimizer):
     @staticmethod
     def _check_group(group: dict) -> None:
         for name in ("lr", "momentum", "dampening", "weight_decay"):
-            if not group[name] >= 0:
-                raise ValueError(f"{name}: must be ≥ 0, got {group[name]}")
+            value = group[name]
+            if not (_is_number(value) or (isinstance(value, torch.Tensor) and value.numel() == 1)) or not value >= 0:
+                raise ValueError(f"{name}: must be a number ≥ 0, got {value!r}")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("nesterov: requires momentum > 0 and dampening = 0")
 
@@ -126,9 +143,10 @@ class KroneckerOptimizer(Optimizer):
         self._blocks_key = key
         self._active: list[Layer] = [layer for layer in self.layers if layer.active]
         for layer in self._active:  # a weight that does not require grad cannot take the hook
-            if id(layer) not in self._grad_hooks and self._hooks:
-                self._grad_hooks[id(layer)] = layer.weight.register_post_accumulate_grad_hook(
-                    partial(self._take_statistics, layer))
+            if id(layer) not in self._grad_hooked and self._hooks:
+                self._grad_hooked.add(id(layer))
+                self._hooks.add(layer.weight.register_post_accumulate_grad_hook(
+                    LayerHook(self, "_take_statistics", layer)))
         self._blocks: list[Block] = []
         in_layer = set()
         for layer in self._active:
@@ -158,8 +176,12 @@ class KroneckerOptimizer(Optimizer):
         """Weight of one forward's Σ a aᵀ in the input statistic (FOOF: 1)."""
         return 1.0
 
-    def _record_output(self, layer: Layer, output, batch: int) -> None:
-        """Forward hook's second half, for statistics of the layer's output (FOOF keeps none)."""
+    def _observe(self, layer: Layer, x: torch.Tensor, output, batch: int) -> None:
+        """An observed eager training forward of `layer`: `x` its input (`layer_input`), `output` its
+        output, `batch` the forward's whole batch size. FOOF takes the input statistic; KFAC also
+        watches the output's gradient. A forward inside backward here is a reentrant checkpoint's
+        re-run, which stands for its original (run under no_grad, so not observed)."""
+        self._take_input(layer, x)
 
     # ---- statistics -------------------------------------------------------------------------
 
@@ -171,28 +193,33 @@ class KroneckerOptimizer(Optimizer):
         return r == 0 or r > self.inv_period - self.stats_steps
 
     def _record(self, layer: Layer, module: nn.Module, args, kwargs, output) -> None:
-        """Forward hook: keep the input of a training forward for the statistics, computed later
-        (in backward or at step()), so that a compiled forward holds no statistics op and no
-        branch on t."""
+        """Forward hook of a layer (DESIGN §1.2). Eager: an observed forward's statistic is computed
+        here, so no input is held past the hook (nor changed in place before it is read). Compiled:
+        the input is recorded every step and its statistic computed when the weight's gradient is
+        ready, so that the graph holds no statistics op and no branch on t; it is recorded as the
+        layer computes with it (`layer_input`), which autograd keeps for the weight's gradient anyway."""
         if not (module.training and torch.is_grad_enabled() and layer.handed and module.weight.requires_grad):
             return
-        x = args[0] if args else kwargs["input"]
-        layer.inputs.append((x.detach(), not torch.compiler.is_compiling() and in_backward()))
-        self._record_output(layer, output, batch_size(x, module))
-        if not torch.compiler.is_compiling() and self._warming_up:
-            self._take_statistics(layer)  # no backward follows: don't hold every warm-up batch
+        raw = args[0] if args else kwargs["input"]
+        x = layer_input(raw, module, self.stats_batch)
+        if torch.compiler.is_compiling():
+            layer.inputs.append(x)
+        elif not in_transform() and not in_checkpoint_recompute() and self._observing(layer):
+            self._observe(layer, x, output, batch_size(raw, module))
+
+    def _take_input(self, layer: Layer, x: torch.Tensor) -> None:
+        self._accumulate(layer, INPUTS, x, layer.module, layer.bias_row, self._input_scale(x, layer.module),
+                         batch_size(x, layer.module))
 
     def _take_statistics(self, layer: Layer, weight: torch.Tensor | None = None) -> None:
-        """Turn the layer's recorded inputs into its pending statistic if the coming step observes
-        them, else drop them. Runs as the weight's post-accumulate-grad hook (`weight` is the hook's
-        argument), so that the inputs are released during backward, and at step() for forwards that
-        had no backward."""
+        """Turn the inputs a compiled forward recorded into the layer's pending statistic if the
+        coming step observes them, else drop them. Runs as the weight's post-accumulate-grad hook
+        (`weight` is the hook's argument), so that the inputs are released during backward, and at
+        step() for forwards that had no backward."""
         inputs = layer.take_inputs()
-        if not inputs or not (layer.active and self._observing(layer)):
-            return
-        for x in inputs:
-            self._accumulate(layer, INPUTS, x, layer.module, layer.bias_row, self._input_scale(x, layer.module),
-                             batch_size(x, layer.module))
+        if inputs and layer.active and self._observing(layer):
+            for x in inputs:
+                self._take_input(layer, x)
 
     def _accumulate(self, layer: Layer, statistic: Statistic, x: torch.Tensor, module: nn.Module, bias: bool,
                     alpha: float, samples: int) -> None:
@@ -214,9 +241,10 @@ class KroneckerOptimizer(Optimizer):
         setattr(layer, statistic.stat, stat)
         setattr(layer, statistic.samples, count + samples)
 
-    def _fold_statistics(self, found_inf: torch.Tensor | None = None) -> int:
+    def _fold_statistics(self, found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None) -> int:
         """Σ ← mΣ + (1−m)C for every statistic observed since the last step; C = Σ aaᵀ / Σ B (none
-        where found_inf ≠ 0). Returns the number of statistics offered to the fold."""
+        where found_inf ≠ 0; `grad_scale`: GradScaler's scale of this step's gradients). Returns the
+        number of statistics offered to the fold."""
         for layer in self._active:
             self._take_statistics(layer)  # forwards without a backward
         emas, counts, stats, scales = [], [], [], []
@@ -228,12 +256,16 @@ class KroneckerOptimizer(Optimizer):
                     emas.append(state[statistic.ema])
                     counts.append(state[statistic.count])
                     stats.append(stat)
-                    scales.append(1.0 / samples)
+                    scales.append(self._fold_scale(layer, statistic))
         if emas:
             self._count("dropped_stats", ops.fold_statistics_(emas, counts, stats, scales, self.ema_decay,
                                                               found_inf=found_inf, backend=self.backend))
         self._clear_statistics()
         return len(emas)
+
+    def _fold_scale(self, layer: Layer, statistic: Statistic) -> float:
+        """s in C = s·(pending sum): the mean over the samples taken."""
+        return 1.0 / getattr(layer, statistic.samples)
 
     def _clear_statistics(self) -> None:
         for layer in self.layers:
@@ -362,17 +394,26 @@ class KroneckerOptimizer(Optimizer):
         self._follow_params()
         # GradScaler's flag of non-finite gradients: the fold and the update are masked on the device,
         # except where this step would create momentum buffers, which a skipped step must not leave
-        found_inf = getattr(self, "found_inf", None)
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
         update = not (found_inf is not None and self._creates_buffers() and found_inf.item())
         first = self._first_inversions()
-        self._fold_statistics(found_inf)
+        self._fold_statistics(found_inf, grad_scale)
         if first:  # a layer's first preconditioner comes from its own first statistics, before its first update
             self._invert_observed(first)
         if update:
-            self._update(getattr(self, "grad_scale", None), found_inf)
+            self._update(grad_scale, found_inf)
         if self._steps % self.inv_period == 0:
             self._invert([layer for layer in self._active if layer not in first and self._ready(layer)])
+            self._warn_unobserved()
         return loss
+
+    def _warn_unobserved(self) -> None:
+        """Name, once, the layers that a whole period of training did not give one observed sample."""
+        names = [layer.name for layer in self._active if not self._ready(layer)]
+        if names and self._steps >= self.inv_period:
+            self._warn_once("unobserved", f"{self.KIND}: no training forward of {', '.join(names)} was observed in "
+                            f"{self._steps} steps, so they step with U = G/λ (a forward that never runs, such as "
+                            "nn.MultiheadAttention's out_proj, or one only in eval mode or under no_grad)")
 
     def _creates_buffers(self) -> bool:
         """Whether this step's update creates a momentum buffer (a parameter's first step with momentum)."""
@@ -431,10 +472,7 @@ class KroneckerOptimizer(Optimizer):
 
     def remove_hooks(self) -> None:
         """Detach the hooks: no statistic is observed afterwards."""
-        for hook in self._hooks + list(self._grad_hooks.values()):
-            hook.remove()
-        self._hooks = []
-        self._grad_hooks = {}
+        self._hooks.remove()
         self._clear_statistics()
 
     def state_dict(self) -> dict:

@@ -54,6 +54,19 @@ def batch_size(x: torch.Tensor, module: nn.Module) -> int:
     return x.shape[0] if x.dim() > spatial + 1 else 1
 
 
+def check_input(x: torch.Tensor, module: nn.Module) -> None:
+    """ValueError unless `x` is an input `module` accepts: features (channels) and dims that fit."""
+    name = type(module).__name__
+    if isinstance(module, nn.Linear):
+        if x.dim() < 1 or x.shape[-1] != module.in_features:
+            raise ValueError(f"x: shape {tuple(x.shape)} does not fit {name}(in_features={module.in_features})")
+        return
+    nd = len(module.kernel_size)
+    if x.dim() not in (nd + 1, nd + 2) or x.shape[-nd - 1] != module.in_channels:
+        raise ValueError(f"x: shape {tuple(x.shape)} does not fit {name}(in_channels={module.in_channels}): "
+                         f"expected [B, {module.in_channels}, <{nd} spatial dims>]")
+
+
 def patch_input(x: torch.Tensor, module: nn.Module) -> tuple[torch.Tensor, PatchGeometry]:
     """The tensor whose zero-padded patches are the layer's patch vectors, and their geometry.
 

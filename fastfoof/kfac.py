@@ -11,7 +11,7 @@ Grouped convolutions are block-diagonal over their groups: each group has its ow
 from __future__ import annotations
 
 import math
-from functools import partial
+from itertools import chain
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +19,52 @@ from torch import nn
 
 from . import ops
 from .core import INPUTS, KroneckerOptimizer, Statistic
-from .geometry import output_module, positions_per_sample
-from .layers import Block, Layer, Skip, in_backward
+from .geometry import batch_size, output_module, positions_per_sample
+from .layers import Block, Layer, Skip
+from .observe import first_samples, in_backward
 from .reference import aligned, joint_gradient, padded_zeros
 
 DAMPING_MODES = ("heuristic", "exact", "factor")
 FISHERS = ("empirical", "mc")
 FISHER_LOSSES = ("cross_entropy", "mse")
 MIN_DAMPING = 1e-8  # Martens & Grosse's heuristic damping is clamped from below (as curvlinops does)
+
+
+class _OutputGradient:
+    """Tensor hook on one observed forward's output: its gradient enters the layer's G. Empirical
+    Fisher: raw Σ ggᵀ, the forward's batch counted once (scaled at the fold); a second backward
+    through the same forward is warned about. Monte Carlo: α = B² of the sampled loss's mean."""
+
+    def __init__(self, owner: "KFAC", layer: Layer, batch: int, empirical: bool):
+        self.owner, self.layer, self.batch, self.empirical = owner, layer, batch, empirical
+        self.taken = False
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        if not self.empirical:
+            self.owner._take_output_grad(self.layer, grad, float(self.batch) ** 2)
+            return
+        if self.taken:
+            self.owner._warn_once("several_backwards", "KFAC(fisher='empirical'): several backwards through one "
+                                  "forward; G then sums the second moments of each backward's output gradients, "
+                                  "not that of their sum")
+        else:
+            self.layer.grad_batch += self.batch
+        self.taken = True
+        self.owner._take_output_grad(self.layer, grad, 1.0)
+
+
+def _has_reentrant_checkpoint(node) -> bool:
+    """Whether the autograd graph behind `node` holds a reentrant checkpoint (use_reentrant=True)."""
+    seen, todo = set(), [node]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 # G: second moment of the scaled output gradients, [groups, O/groups, O/groups]
 OUTPUT_GRADS = Statistic("grad_stat", "grad_samples", "grad_ema", "grad_ema_count",
@@ -57,7 +95,8 @@ class KFAC(KroneckerOptimizer):
                  damping_mode: str = "heuristic", fisher: str = "empirical", momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
                  ema_decay: float = 0.95, inv_period: int = 100, stats_steps: int = 10,
-                 precondition_bias: bool = True, skip: Skip = None, backend: str = "auto", process_group=None):
+                 precondition_bias: bool = True, skip: Skip = None, backend: str = "auto",
+                 stats_batch: int | None = None, process_group=None):
         if damping_mode not in DAMPING_MODES:
             raise ValueError(f"damping_mode: expected one of {DAMPING_MODES}, got {damping_mode!r}")
         if fisher not in FISHERS:
@@ -67,33 +106,52 @@ class KFAC(KroneckerOptimizer):
         super().__init__(model, params, lr=lr, damping=damping, momentum=momentum, dampening=dampening,
                          nesterov=nesterov, weight_decay=weight_decay, ema_decay=ema_decay, inv_period=inv_period,
                          stats_steps=stats_steps, precondition_bias=precondition_bias, skip=skip, backend=backend,
-                         process_group=process_group)
+                         stats_batch=stats_batch, process_group=process_group)
         self._output_modules = {id(layer): output_module(layer.module) for layer in self.layers}
+        # backward_fisher samples from generators of the optimizer's own (one per device), whose
+        # states the state_dict carries: a resumed run draws the same labels
+        self._seed = torch.initial_seed()
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._fisher_backward = False  # backward_fisher's own backward is running (see there)
 
     # ---- statistics -------------------------------------------------------------------------
 
     def _input_scale(self, x: torch.Tensor, module: nn.Module) -> float:
         return 1.0 / positions_per_sample(x, module)  # A = C / R (DESIGN §6)
 
-    def _record_output(self, layer: Layer, output, batch: int) -> None:
-        if torch.compiler.is_compiling() or self._warming_up or not self._observing(layer):
+    def _observe(self, layer: Layer, x: torch.Tensor, output, batch: int) -> None:
+        if self._fisher_backward:  # backward_fisher's backward re-runs a reentrant checkpoint: G only
+            self._watch_output(layer, output, batch)
             return
-        if self.fisher == "mc" and in_backward():
-            return  # a checkpointed forward re-run by a backward: backward_fisher has used its outputs
-        if not (isinstance(output, torch.Tensor) and output.requires_grad):
-            return
+        super()._observe(layer, x, output, batch)
+        if self._warming_up or not (isinstance(output, torch.Tensor) and output.requires_grad):
+            return  # warm-up observes A only: no backward follows
         if self.fisher == "empirical":
-            output.register_hook(partial(self._take_output_grad, layer, batch))
-        else:
+            self._watch_output(layer, output, batch)
+        elif not in_backward():  # a reentrant checkpoint's re-run in the user's backward: G came already
             layer.outputs.append((output, batch))
 
-    def _take_output_grad(self, layer: Layer, batch: int, grad: torch.Tensor) -> None:
-        """G's pending sum gains (1/B)·Σ ĝĝᵀ·B = B²·Σ ggᵀ for g = ∂L/∂s of one forward of batch B."""
-        if layer.active:
-            self._accumulate(layer, OUTPUT_GRADS, grad.detach(), self._output_modules[id(layer)], False,
-                             float(batch) ** 2, batch)
+    def _watch_output(self, layer: Layer, output: torch.Tensor, batch: int) -> None:
+        """G from the gradient that reaches this forward's output in backward."""
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(_OutputGradient(self, layer, batch, empirical=not self._fisher_backward))
 
-    def backward_fisher(self, logits: torch.Tensor, loss: str = "cross_entropy") -> torch.Tensor | None:
+    def _take_output_grad(self, layer: Layer, grad: torch.Tensor, alpha: float) -> None:
+        """G's pending sum gains α·Σ ggᵀ over the output gradient's first `stats_batch` samples."""
+        if layer.active:
+            module = self._output_modules[id(layer)]
+            g = first_samples(grad.detach(), module, self.stats_batch)
+            self._accumulate(layer, OUTPUT_GRADS, g, module, False, alpha, batch_size(g, module))
+
+    def _fold_scale(self, layer: Layer, statistic: Statistic) -> float:
+        if statistic is OUTPUT_GRADS and self.fisher == "empirical":
+            # ĝ = B·∂L/∂s with B the whole batch behind the loss: every forward of the step (gradient
+            # accumulation), so known only now; G = B²/k·Σ ggᵀ over the k samples taken
+            return layer.grad_batch ** 2 / layer.grad_samples
+        return super()._fold_scale(layer, statistic)
+
+    def backward_fisher(self, logits: torch.Tensor, loss: str = "cross_entropy",
+                        generator: torch.Generator | None = None) -> torch.Tensor | None:
         """Record G of the Monte Carlo Fisher (fisher="mc"): sample one label per input from the
         model's predictive distribution given `logits` ([B, C]) and backpropagate that loss to the
         observed layers' outputs only. Parameters' `.grad` stay untouched and the graph is retained
@@ -101,6 +159,14 @@ class KFAC(KroneckerOptimizer):
 
         loss: "cross_entropy" (labels from softmax(logits)) or "mse" (targets from N(logits, C/2·I),
         the Gaussian whose Fisher is the Gauss–Newton matrix of `F.mse_loss`'s mean over B·C).
+        generator: what the samples are drawn from; default the optimizer's own, whose state the
+        state_dict carries (a resumed run draws the same labels).
+
+        With reentrant activation checkpointing (`use_reentrant=True`) in the graph, the layers
+        inside a checkpoint have no recorded outputs (their forward ran under no_grad): the sampled
+        loss then takes a whole backward, which re-runs those forwards, with every parameter's
+        `.grad` set aside and restored after. Gradient hooks of parameters (DDP's among them) see
+        that backward too: under DDP, use `use_reentrant=False`.
         """
         if self.fisher != "mc":
             raise ValueError(f"backward_fisher: needs fisher='mc', this KFAC has fisher={self.fisher!r}")
@@ -109,29 +175,78 @@ class KFAC(KroneckerOptimizer):
         recorded = [(layer, output, batch) for layer in self._active for output, batch in layer.outputs]
         for layer in self.layers:
             layer.outputs.clear()
-        if not recorded:
+        if not recorded and not any(self._observing(layer) for layer in self._active):
             return None
+        reentrant = logits.grad_fn is not None and _has_reentrant_checkpoint(logits.grad_fn)
+        if not recorded and not reentrant:
+            return None
+        generator = generator if generator is not None else self._generator(logits.device)
         dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16 logits: sample in fp32
         with torch.no_grad():
             scores = logits.detach().to(dtype)
             if loss == "cross_entropy":
-                targets = torch.multinomial(scores.softmax(-1), 1).squeeze(-1)
+                targets = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
             else:
-                targets = scores + math.sqrt(scores.shape[-1] / 2) * torch.randn_like(scores)
+                noise = torch.randn(scores.shape, generator=generator, dtype=dtype, device=scores.device)
+                targets = scores + math.sqrt(scores.shape[-1] / 2) * noise
         with torch.enable_grad():
             sampled = (F.cross_entropy if loss == "cross_entropy" else F.mse_loss)(logits.to(dtype), targets)
-            grads = torch.autograd.grad(sampled, [output for _, output, _ in recorded], retain_graph=True,
-                                        allow_unused=True)
-        for (layer, _, batch), grad in zip(recorded, grads):
-            if grad is not None:
-                self._take_output_grad(layer, batch, grad)
+            if reentrant:
+                self._backward_whole(sampled, recorded)
+            else:
+                grads = torch.autograd.grad(sampled, [output for _, output, _ in recorded], retain_graph=True,
+                                            allow_unused=True)
+                for (layer, _, batch), grad in zip(recorded, grads):
+                    if grad is not None:
+                        self._take_output_grad(layer, grad, float(batch) ** 2)
         return targets
 
-    def _fold_statistics(self, found_inf: torch.Tensor | None = None) -> int:
+    def _backward_whole(self, sampled: torch.Tensor, recorded: list) -> None:
+        """The sampled loss's backward through reentrant checkpoints (which refuse `autograd.grad`):
+        a plain backward whose re-run forwards report their outputs (`_fisher_backward`), with the
+        parameters' gradients set aside and restored."""
+        params = {id(p): p for p in chain(self._group_of, (q for layer in self.layers
+                                                            for q in layer.module.parameters()))}.values()
+        kept = [(p, p.grad) for p in params]
+        handles = [output.register_hook(_OutputGradient(self, layer, batch, empirical=False))
+                   for layer, output, batch in recorded]
+        for p in params:
+            p.grad = None
+        self._fisher_backward = True
+        try:
+            torch.autograd.backward(sampled, retain_graph=True)
+        finally:
+            self._fisher_backward = False
+            for handle in handles:
+                handle.remove()
+            for p, grad in kept:
+                p.grad = grad
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device).manual_seed(self._seed)
+        return self._generators[device]
+
+    def _fold_statistics(self, found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None) -> int:
         if self.fisher == "mc" and any(layer.samples and not layer.grad_samples for layer in self._active):
             self._warn_once("backward_fisher", "KFAC(fisher='mc'): a step observed layer inputs but no Fisher "
                                                "gradients; call opt.backward_fisher(logits) before loss.backward()")
-        return super()._fold_statistics(found_inf)
+        if grad_scale is not None and self.fisher == "empirical":
+            for layer in self._active:  # GradScaler scaled the output gradients: G by scale² (exact for 2^k)
+                if layer.grad_samples:
+                    layer.grad_stat.mul_(grad_scale.to(layer.grad_stat).reciprocal().square())
+        return super()._fold_statistics(found_inf, grad_scale)
+
+    def state_dict(self) -> dict:
+        state_dict = super().state_dict()
+        state_dict["foof"]["generators"] = {str(device): g.get_state() for device, g in self._generators.items()}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._generators = {}
+        for device, state in state_dict["foof"].get("generators", {}).items():
+            self._generator(torch.device(device)).set_state(state)
 
     # ---- preconditioners --------------------------------------------------------------------
 

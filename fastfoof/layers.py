@@ -35,15 +35,17 @@ class Layer:
     module: nn.Module
     groups: int
     dim: int  # D, without the bias row
-    # (input, recomputed) of each training forward not yet turned into statistics; `recomputed`:
-    # a forward re-run by activation checkpointing during backward
+    # inputs recorded by a compiled forward, not yet turned into statistics (an eager forward's
+    # statistic is computed in its hook)
     inputs: list = field(default_factory=list)
     stat: torch.Tensor | None = None  # Σ a aᵀ over the inputs taken since the last step
     samples: int = 0  # Σ B over those inputs
-    # KFAC: the output gradients' statistic since the last step, and (Monte Carlo Fisher) the outputs
-    # with their batch sizes, kept for `KFAC.backward_fisher`
+    # KFAC: the output gradients' statistic since the last step, the samples it holds, the batch
+    # sizes of the forwards they came from, and (Monte Carlo Fisher) the outputs with their batch
+    # sizes, kept for `KFAC.backward_fisher`
     grad_stat: torch.Tensor | None = None
     grad_samples: int = 0
+    grad_batch: int = 0
     outputs: list = field(default_factory=list)
     handed: bool = False  # these two are set from the optimizer's parameters
     bias_row: bool = False
@@ -67,20 +69,18 @@ class Layer:
         return self.weight.shape[0] // self.groups
 
     def take_inputs(self) -> list[torch.Tensor]:
-        """The recorded inputs to count, now forgotten: the forwards outside backward if there are any,
-        else checkpointing's recomputes (reentrant checkpointing runs the original under no_grad)."""
+        """The recorded inputs, now forgotten."""
         records = list(self.inputs)
         self.inputs.clear()  # in place: a compiled forward's side effects append to this very list
-        outside = [x for x, recomputed in records if not recomputed]
-        return outside or [x for x, _ in records]
+        return records
 
     def clear(self) -> None:
         self.inputs.clear()
         self.outputs.clear()
-        self.samples = self.grad_samples = 0
+        self.samples = self.grad_samples = self.grad_batch = 0
 
 
-def _skip_predicate(skip: Skip) -> Callable[[str, nn.Module], bool]:
+def _skip_predicate(skip: Skip, names_in_model: set[str]) -> Callable[[str, nn.Module], bool]:
     if skip is None:
         return lambda name, module: False
     if isinstance(skip, (str, type)):
@@ -92,6 +92,9 @@ def _skip_predicate(skip: Skip) -> Callable[[str, nn.Module], bool]:
     types = tuple(e for e in entries if isinstance(e, type))
     if len(names) + len(types) != len(entries):
         raise ValueError("skip: expected module names, module types, or a predicate(name, module)")
+    unknown = sorted(names - names_in_model)
+    if unknown:  # a typo would silently precondition the layer
+        raise ValueError(f"skip: no module named {', '.join(map(repr, unknown))} in the model")
     return lambda name, module: name in names or isinstance(module, types)
 
 
@@ -102,9 +105,10 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
 
 def find_layers(model: nn.Module, skip: Skip) -> list[Layer]:
     """Every Linear/Conv layer of `model` not skipped, in `named_modules` order, each weight once."""
-    skipped = _skip_predicate(skip)
+    modules = list(unwrap_compiled(model).named_modules())
+    skipped = _skip_predicate(skip, {name for name, _ in modules})
     layers, claimed = [], set()
-    for name, module in unwrap_compiled(model).named_modules():
+    for name, module in modules:
         if not isinstance(module, LAYER_TYPES) or skipped(name, module):
             continue
         if not isinstance(module.weight, torch.Tensor) or id(module.weight) in claimed:
@@ -113,8 +117,3 @@ def find_layers(model: nn.Module, skip: Skip) -> list[Layer]:
         groups, dim = patch_dim(module)
         layers.append(Layer(name, module, groups, dim))
     return layers
-
-
-def in_backward() -> bool:
-    """True while the autograd engine runs a backward pass (checkpointing may re-run forwards)."""
-    return torch._C._current_graph_task_id() != -1

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .geometry import patch_dim
+from .geometry import check_input, patch_dim
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -44,12 +44,18 @@ def triton_available() -> bool:
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """'reference' or 'triton' for tensors on `device`."""
+    """'reference' or 'triton' for tensors on `device`; ValueError where a forced Triton cannot run."""
     backend = check_backend(backend)
     if backend == "auto":
         backend = check_backend(os.environ.get("FASTFOOF_BACKEND", "auto"))
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" and triton_available() else "reference"
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError("backend: 'triton' needs the triton package, which is not importable here")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend: 'triton' cannot run {device.type} tensors (CUDA tensors, or CPU "
+                             "tensors with TRITON_INTERPRET=1 set before triton is imported)")
     return backend
 
 
@@ -60,6 +66,7 @@ def implementation(op: str, backend: str | None, device: torch.device):
     return getattr(reference, op)  # also for ops that have no kernel (small elementwise work)
 
 
+@torch.no_grad()
 def patch_gram_(out: torch.Tensor, x: torch.Tensor, module: nn.Module, *, alpha: float = 1.0,
                 beta: float = 0.0, bias: bool | None = None, backend: str | None = None) -> torch.Tensor:
     """out ← β·out + α·Σ a aᵀ over the patch vectors of input `x` of `module` ([groups, D', D']).
@@ -72,8 +79,9 @@ def patch_gram_(out: torch.Tensor, x: torch.Tensor, module: nn.Module, *, alpha:
     expected = (groups, dim + bias, dim + bias)
     if tuple(out.shape) != expected:
         raise ValueError(f"out: expected shape {expected} for {type(module).__name__}, got {tuple(out.shape)}")
+    check_input(x, module)
     fn = implementation("patch_gram_", backend, x.device)
-    return fn(out, x, module, alpha=alpha, beta=beta, bias=bias)
+    return fn(out, x.detach(), module, alpha=alpha, beta=beta, bias=bias)
 
 
 def patch_gram(x: torch.Tensor, module: nn.Module, *, bias: bool | None = None,
@@ -87,6 +95,7 @@ def patch_gram(x: torch.Tensor, module: nn.Module, *, bias: bool | None = None,
     return patch_gram_(out, x, module, bias=bias, backend=backend)
 
 
+@torch.no_grad()
 def fold_statistics_(emas, counts, stats, scales, decay, *, found_inf=None, backend=None) -> torch.Tensor:
     """EMA fold of many layers' statistics with the non-finite drop of DESIGN §1.3; nothing is folded
     where `found_inf` ≠ 0 (GradScaler's skipped step, decided on the device)."""
@@ -95,13 +104,14 @@ def fold_statistics_(emas, counts, stats, scales, decay, *, found_inf=None, back
     return implementation("fold_statistics_", backend, emas[0].device)(emas, counts, stats, scales, decay, found_inf)
 
 
+@torch.no_grad()
 def damped_inverse_with_status(mats, damping, *, scales=None, previous=None, backend=None, method=None):
     """(inverses, status per matrix): `reference.damped_inverse` through the dispatch. `method`: one of
     `reference.INVERSE_METHODS`; None takes FASTFOOF_INVERSE, else the default."""
     if not mats:
         return [], []
-    return implementation("damped_inverse", backend, mats[0].device)(mats, damping, scales=scales,
-                                                                      previous=previous, method=method)
+    return implementation("damped_inverse", backend, mats[0].device)([m.detach() for m in mats], damping,
+                                                                      scales=scales, previous=previous, method=method)
 
 
 def damped_inverse(mats: list[torch.Tensor], damping: float, *, backend: str | None = None) -> list[torch.Tensor]:
@@ -122,6 +132,7 @@ def preconditioned_update_(blocks, momentum_buffers, *, damping, grad_scale=None
     fn(blocks, momentum_buffers, damping=damping, grad_scale=grad_scale, found_inf=found_inf)
 
 
+@torch.no_grad()
 def eigh_with_status(mats, *, scales=None, previous=None, backend=None):
     """(w, Q) with s·M = Q diag(w) Qᵀ for each [groups, D, D] symmetric M, batched by size, with the
     fallbacks of DESIGN §1.3 (KFAC's exact damping): `reference.eigh_with_status` on every backend

@@ -33,6 +33,8 @@ class FOOF(KroneckerOptimizer):
         precondition_bias: treat a layer's bias as the last column of [Ŵ | b].
         skip: module names, module types, or a predicate(name, module) not to precondition.
         backend: "auto", "reference" or "triton" (see `fastfoof.ops`).
+        stats_batch: take the statistics from the first k samples of each observed forward (None:
+            all); still a mean over the samples used.
         process_group: the torch.distributed group whose ranks share statistics and inversions
             (default: the default group, when one is initialised).
     """

@@ -419,8 +419,12 @@ def resolve_failures(mats: list[torch.Tensor], damping: float, scales: list[torc
 
 
 def _cholesky_inverse(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched SPD inverse via Cholesky, symmetric, and a bool per matrix: the factorisation failed."""
+    """Batched SPD inverse via Cholesky, symmetric, and a bool per matrix: the factorisation failed.
+    Never raises on bad numbers: a failed factor (zero or NaN pivots, which potri refuses) is
+    replaced by the identity before it is inverted, and flagged."""
     chol, info = torch.linalg.cholesky_ex(a)
+    broken = (info != 0) | ~torch.isfinite(chol.diagonal(dim1=-2, dim2=-1).sum(-1))
+    chol = torch.where(broken[:, None, None], torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device), chol)
     if chol.device.type == "cpu" and chol.shape[-1] > TRIANGULAR_SOLVE_MAX_CPU:
         inv = torch.cholesky_inverse(chol)  # LAPACK potri: fills both triangles, exactly symmetric
         if inv.stride(-1) != 1:
@@ -430,20 +434,12 @@ def _cholesky_inverse(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # matrices on CPU and for all on CUDA (where cholesky_inverse loops over the batch).
         chol_inv = _triangular_inverse(chol)
         inv = _symmetric(_product(chol_inv.mT, chol_inv, "ieee"))
-    return inv, _failures(chol, inv, info)
+    return inv, broken | ~torch.isfinite(inv.sum((-2, -1)))
 
 
 def _triangular_inverse(chol: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
     return torch.linalg.solve_triangular(chol, eye, upper=False)
-
-
-def _failures(chol: torch.Tensor, inv: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
-    """Failed factorisations: not positive definite, or a non-finite factor or inverse (an inf pivot
-    too: it would give a finite inverse). A sum is non-finite iff an entry is, or it overflows, which
-    a float64 retry then settles."""
-    finite = torch.isfinite(chol.diagonal(dim1=-2, dim2=-1).sum(-1)) & torch.isfinite(inv.sum((-2, -1)))
-    return (info != 0) | ~finite
 
 
 def _symmetric(x: torch.Tensor) -> torch.Tensor:
