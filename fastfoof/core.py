@@ -200,12 +200,11 @@ class KroneckerOptimizer(Optimizer):
         layer computes with it (`layer_input`), which autograd keeps for the weight's gradient anyway."""
         if not (module.training and torch.is_grad_enabled() and layer.handed and module.weight.requires_grad):
             return
-        raw = args[0] if args else kwargs["input"]
-        x = layer_input(raw, module, self.stats_batch)
+        x = args[0] if args else kwargs["input"]
         if torch.compiler.is_compiling():
-            layer.inputs.append(x)
+            layer.inputs.append(layer_input(x, module, self.stats_batch))
         elif not in_transform() and not in_checkpoint_recompute() and self._observing(layer):
-            self._observe(layer, x, output, batch_size(raw, module))
+            self._observe(layer, layer_input(x, module, self.stats_batch), output, batch_size(x, module))
 
     def _take_input(self, layer: Layer, x: torch.Tensor) -> None:
         self._accumulate(layer, INPUTS, x, layer.module, layer.bias_row, self._input_scale(x, layer.module),
