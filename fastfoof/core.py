@@ -92,7 +92,7 @@ class KroneckerOptimizer(Optimizer):
         self.stats_batch = stats_batch
         self.precondition_bias = precondition_bias
         self.process_group = process_group
-        self.layers = find_layers(model, skip)
+        self.layers, excluded = find_layers(model, skip)
         # Hooks hold this optimizer weakly: it is collected when unreferenced, and its hooks with it.
         self._hooks = Hooks(self)
         for layer in self.layers:
@@ -109,6 +109,10 @@ class KroneckerOptimizer(Optimizer):
         self._blocks_key = None
         self._assign_params()
         self._refresh_blocks()
+        if excluded:  # their parameters step with U = G/λ
+            warnings.warn(f"{self.KIND} does not precondition these layers, which step with U = G/λ: " +
+                          "; ".join(f"{name or type(model).__name__}: {why}" for name, why in excluded),
+                          RuntimeWarning, stacklevel=3)
 
     @staticmethod
     def _check_group(group: dict) -> None:
@@ -202,9 +206,9 @@ class KroneckerOptimizer(Optimizer):
             return
         x = args[0] if args else kwargs["input"]
         if torch.compiler.is_compiling():
-            layer.inputs.append(layer_input(x, module, self.stats_batch))
+            layer.inputs.append(layer_input(x, layer, self.stats_batch))
         elif not in_transform() and not in_checkpoint_recompute() and self._observing(layer):
-            self._observe(layer, layer_input(x, module, self.stats_batch), output, batch_size(x, module))
+            self._observe(layer, layer_input(x, layer, self.stats_batch), output, batch_size(x, module))
 
     def _take_input(self, layer: Layer, x: torch.Tensor) -> None:
         self._accumulate(layer, INPUTS, x, layer.module, layer.bias_row, self._input_scale(x, layer.module),

@@ -113,3 +113,67 @@ def output_module(module: nn.Module) -> nn.Module:
         return nn.Linear(module.out_features, module.out_features, bias=False, device="meta")
     conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(module.kernel_size)]
     return conv(module.out_channels, module.out_channels, 1, groups=module.groups, bias=False, device="meta")
+
+
+# ---- layers whose forward is not what FOOF believes ------------------------------------------------
+#
+# FOOF's patch vectors are right for a module that computes F.linear / the stock convolution of its
+# own weight and bias on its input. Subclasses that override forward may not (weight standardisation,
+# padding computed in forward); `computation` runs such a forward once on a random input and says
+# what it computes.
+
+_STOCK_FORWARDS = (nn.Linear.forward,) + tuple(cls.forward for cls in CONV_TYPES)
+_STOCK_CONV_FORWARDS = tuple(cls._conv_forward for cls in CONV_TYPES)
+STOCK, SAME_PADDING = "stock", "same"
+
+
+def stock_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What FOOF's patch vectors assume `module` computes on `x`."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, module.weight, module.bias)
+    base = next(cls for cls in CONV_TYPES if isinstance(module, cls))
+    return base._conv_forward(module, x, module.weight, module.bias)
+
+
+def same_padding(x: torch.Tensor, module: nn.Module) -> list[int]:
+    """F.pad's pads for TensorFlow's "SAME" padding of `x` (timm's Conv2dSame, computed in forward
+    from the input size): total max((⌈n/s⌉ − 1)·s + (k − 1)·d + 1 − n, 0) per dim, the odd one after."""
+    pads = []
+    for n, k, s, d in zip(reversed(x.shape[2:]), reversed(module.kernel_size), reversed(module.stride),
+                          reversed(module.dilation)):
+        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        pads += [total // 2, total - total // 2]
+    return pads
+
+
+def computation(module: nn.Module) -> str:
+    """STOCK if the module computes `stock_forward` (checked on a random input where its class
+    overrides forward), SAME_PADDING if it does so after TF "SAME" padding of its input, else why not."""
+    cls = type(module)
+    if cls.forward in _STOCK_FORWARDS and (isinstance(module, nn.Linear) or cls._conv_forward in _STOCK_CONV_FORWARDS):
+        return STOCK
+    weight = module.weight
+    if weight.is_meta:
+        return STOCK  # nothing to run on: trusted (a model materialised later is checked by its user)
+    generator = torch.Generator().manual_seed(0)
+    if isinstance(module, nn.Linear):
+        shape = (3, module.in_features)
+    else:  # sizes that make "SAME" padding differ from the module's own, odd and unaligned to the stride
+        shape = (2, module.in_channels) + tuple((k - 1) * d + 2 * s + 1 for k, s, d in
+                                                zip(module.kernel_size, module.stride, module.dilation))
+    x = torch.randn(shape, generator=generator).to(weight.device, weight.dtype)
+    tolerance = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 2e-2
+    try:
+        with torch.no_grad():
+            out = cls.forward(module, x)
+            candidates = [(STOCK, stock_forward(module, x))]
+            if not isinstance(module, nn.Linear):
+                candidates.append((SAME_PADDING, stock_forward(module, F.pad(x, same_padding(x, module)))))
+    except Exception as error:  # noqa: BLE001 — any failure means the layer cannot be checked
+        return f"its forward could not be checked on a random input ({type(error).__name__}: {error})"
+    for kind, expected in candidates:
+        if isinstance(out, torch.Tensor) and out.shape == expected.shape and \
+                (out - expected).norm() <= tolerance * expected.norm():
+            return kind
+    return (f"{cls.__name__}.forward does not compute {'F.linear' if isinstance(module, nn.Linear) else 'a convolution'}"
+            " of its weight on its input (e.g. a standardised or reparametrised weight)")

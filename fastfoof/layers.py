@@ -7,7 +7,7 @@ from typing import Callable, Iterable, Union
 import torch
 from torch import nn
 
-from .geometry import LAYER_TYPES, patch_dim
+from .geometry import LAYER_TYPES, SAME_PADDING, STOCK, computation, patch_dim
 
 Skip = Union[None, str, type, Callable[[str, nn.Module], bool], Iterable[Union[str, type]]]
 
@@ -49,6 +49,7 @@ class Layer:
     outputs: list = field(default_factory=list)
     handed: bool = False  # these two are set from the optimizer's parameters
     bias_row: bool = False
+    same_padding: bool = False  # its forward pads its input to TensorFlow's "SAME" first (timm's Conv2dSame)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -103,17 +104,25 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
 
 
-def find_layers(model: nn.Module, skip: Skip) -> list[Layer]:
-    """Every Linear/Conv layer of `model` not skipped, in `named_modules` order, each weight once."""
+def find_layers(model: nn.Module, skip: Skip) -> tuple[list[Layer], list[tuple[str, str]]]:
+    """Every Linear/Conv layer of `model` not skipped, in `named_modules` order, each weight once;
+    and the (name, reason) of those FOOF cannot precondition as it believes (their forward never
+    runs, or does not compute what their patch vectors assume)."""
     modules = list(unwrap_compiled(model).named_modules())
     skipped = _skip_predicate(skip, {name for name, _ in modules})
-    layers, claimed = [], set()
+    bypassed = {id(m.out_proj) for _, m in modules if isinstance(m, nn.MultiheadAttention)}
+    layers, excluded, claimed = [], [], set()
     for name, module in modules:
         if not isinstance(module, LAYER_TYPES) or skipped(name, module):
             continue
         if not isinstance(module.weight, torch.Tensor) or id(module.weight) in claimed:
             continue  # a tied weight is preconditioned by its first layer only
         claimed.add(id(module.weight))
+        kind = "nn.MultiheadAttention uses its weight without calling its forward" if id(module) in bypassed \
+            else computation(module)
+        if kind not in (STOCK, SAME_PADDING):
+            excluded.append((name, kind))
+            continue
         groups, dim = patch_dim(module)
-        layers.append(Layer(name, module, groups, dim))
-    return layers
+        layers.append(Layer(name, module, groups, dim, same_padding=kind == SAME_PADDING))
+    return layers, excluded

@@ -10,9 +10,10 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .geometry import batch_size
+from .geometry import batch_size, same_padding
 
 
 def inert_hook(*args, **kwargs) -> None:
@@ -86,14 +87,16 @@ def in_checkpoint_recompute() -> bool:
     return hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_recomputation_hook.")
 
 
-def layer_input(x: torch.Tensor, module: nn.Module, stats_batch: int | None) -> torch.Tensor:
+def layer_input(x: torch.Tensor, layer, stats_batch: int | None) -> torch.Tensor:
     """The input as the layer computes with it: cast to the autocast dtype where autocast casts it
     (so that the statistic is of what the layer saw, and a later in-place change of `x` cannot
-    reach it), and cut to the first `stats_batch` samples (DESIGN §1.2)."""
+    reach it), padded where its forward pads it (`Layer.same_padding`), and cut to the first
+    `stats_batch` samples (DESIGN §1.2)."""
     device = x.device.type
     if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device):
         x = x.to(torch.get_autocast_dtype(device))
-    return first_samples(x, module, stats_batch).detach()
+    x = first_samples(x, layer.module, stats_batch).detach()
+    return F.pad(x, same_padding(x, layer.module)) if layer.same_padding else x
 
 
 def first_samples(x: torch.Tensor, module: nn.Module, count: int | None) -> torch.Tensor:

@@ -466,3 +466,69 @@ def test_a_diverging_kfac_run_falls_back_instead_of_crashing(damping_mode):
         for step in range(40):
             train_step(model, opt, x[step % 4 * 64:][:64], y[step % 4 * 64:][:64])
     assert sum(opt.diagnostics.values()) > 0  # it diverged, and the fallbacks caught it
+
+
+# ---- layers FOOF cannot precondition as it believes ---------------------------------------------------
+
+class SamePaddedConv(nn.Conv2d):
+    """timm's Conv2dSame: padding 0, TensorFlow's "SAME" padding computed in forward."""
+
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        pad_h = max((math.ceil(ih / sh) - 1) * sh + (kh - 1) + 1 - ih, 0)
+        pad_w = max((math.ceil(iw / sw) - 1) * sw + (kw - 1) + 1 - iw, 0)
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class StandardisedConv(nn.Conv2d):
+    """timm's StdConv2d: the weight is standardised per output channel in forward."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class CastingLinear(nn.Linear):
+    """timm's Linear: overrides forward, computes F.linear all the same."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+
+class Zoo(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.same = SamePaddedConv(2, 4, 3, stride=2)
+        self.std = StandardisedConv(4, 4, 3, padding=1)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = CastingLinear(4, 5)
+        self.unused = nn.Linear(4, 4)  # a branch that never runs
+
+    def forward(self, x):
+        h = torch.relu(self.std(torch.relu(self.same(x))))
+        t = h.flatten(2).mT
+        t = self.attn(t, t, t, need_weights=False)[0]
+        return self.head(t.mean(1))
+
+
+def test_layers_whose_forward_is_not_what_foof_believes_are_handled_or_named(float64):
+    model = Zoo()
+    with pytest.warns(RuntimeWarning) as record:
+        opt = fastfoof.FOOF(model, lr=0.1, inv_period=2, stats_steps=1)
+    message = " ".join(str(w.message) for w in record)
+    assert "std: StandardisedConv.forward does not compute a convolution" in message
+    assert "attn.out_proj: nn.MultiheadAttention uses its weight without calling its forward" in message
+    assert [layer.name for layer in opt.layers] == ["same", "head", "unused"]
+    x, y = torch.randn(3, 2, 7, 6), torch.randint(0, 5, (3,))
+    train_step(model, opt, x, y)  # Conv2dSame's patches are those of the padded input it convolved
+    padded = F.pad(x, (0, 1, 1, 1))  # 7×6 at stride 2, kernel 3: "SAME" pads rows (1, 1) and columns (0, 1)
+    state = opt.state[model.same.weight]
+    assert rel_error(state["ema"] / state["ema_count"], gram64(padded, model.same, True) / 3) <= 1e-12
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.warns(RuntimeWarning, match="no training forward of unused was observed"):
+        train_step(model, opt, x, y)  # t = 2 = T: a whole period without a forward of `unused`
