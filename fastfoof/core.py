@@ -412,7 +412,7 @@ class KroneckerOptimizer(Optimizer):
 
     def _warn_unobserved(self) -> None:
         """Name, once, the layers that a whole period of training did not give one observed sample."""
-        names = [layer.name for layer in self._active if not self._ready(layer)]
+        names = [layer.name or type(layer.module).__name__ for layer in self._active if not self._ready(layer)]
         if names and self._steps >= self.inv_period:
             self._warn_once("unobserved", f"{self.KIND}: no training forward of {', '.join(names)} was observed in "
                             f"{self._steps} steps, so they step with U = G/λ (a forward that never runs, such as "
