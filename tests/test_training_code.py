@@ -305,13 +305,14 @@ def test_kfac_mc_inside_checkpoints_equals_the_plain_model(mode, float64):
 
 # ---- 9. KFAC under GradScaler ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("damping_mode", ["heuristic", "factor", "exact"])
-def test_kfac_under_a_power_of_two_grad_scale_changes_nothing(damping_mode):
+@pytest.mark.parametrize("damping_mode, backend", [("heuristic", "reference"), ("factor", "reference"),
+                                                   ("exact", "reference"), ("heuristic", "triton")])
+def test_kfac_under_a_power_of_two_grad_scale_changes_nothing(damping_mode, backend):
     x, y = batch(n=8)
     results = []
     for scale in (None, 2.0 ** 16):
         model = small_net()
-        opt = fastfoof.KFAC(model, lr=0.3, damping_mode=damping_mode, inv_period=2, stats_steps=2)
+        opt = fastfoof.KFAC(model, lr=0.3, damping_mode=damping_mode, inv_period=2, stats_steps=2, backend=backend)
         scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=2) if scale else None
         for _ in range(4):
             opt.zero_grad()
