@@ -202,6 +202,7 @@ class KroneckerOptimizer(Optimizer):
         the input is recorded every step and its statistic computed when the weight's gradient is
         ready, so that the graph holds no statistics op and no branch on t; it is recorded as the
         layer computes with it (`layer_input`), which autograd keeps for the weight's gradient anyway."""
+        layer.called = True
         if not (module.training and torch.is_grad_enabled() and layer.handed and module.weight.requires_grad):
             return
         x = args[0] if args else kwargs["input"]
@@ -395,6 +396,7 @@ class KroneckerOptimizer(Optimizer):
         self._steps += 1  # t counts every call, steps that GradScaler skips included (DESIGN §1.5)
         self._refresh_blocks()
         self._follow_params()
+        self._warn_bypassed()
         # GradScaler's flag of non-finite gradients: the fold and the update are masked on the device,
         # except where this step would create momentum buffers, which a skipped step must not leave
         found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
@@ -410,13 +412,24 @@ class KroneckerOptimizer(Optimizer):
             self._warn_unobserved()
         return loss
 
+    def _warn_bypassed(self) -> None:
+        """Name, once, the layers whose weight has a gradient though their forward did not run: the
+        model uses the weight some other way (F.linear on `layer.weight`), so FOOF never sees its
+        inputs, and it steps with U = G/λ."""
+        names = [layer.name or type(layer.module).__name__ for layer in self._active
+                 if not layer.called and layer.weight.grad is not None and not self._ready(layer)]
+        if names:
+            self._warn_once("bypassed", f"{self.KIND}: the weights of {', '.join(names)} have gradients but their "
+                            "forward did not run (the model uses the weight directly, e.g. F.linear(x, "
+                            "layer.weight)); FOOF cannot see their inputs, so they step with U = G/λ")
+
     def _warn_unobserved(self) -> None:
         """Name, once, the layers that a whole period of training did not give one observed sample."""
         names = [layer.name or type(layer.module).__name__ for layer in self._active if not self._ready(layer)]
         if names and self._steps >= self.inv_period:
             self._warn_once("unobserved", f"{self.KIND}: no training forward of {', '.join(names)} was observed in "
-                            f"{self._steps} steps, so they step with U = G/λ (a forward that never runs, such as "
-                            "nn.MultiheadAttention's out_proj, or one only in eval mode or under no_grad)")
+                            f"{self._steps} steps, so they step with U = G/λ (a branch that never runs, or runs only in "
+                            "eval mode or under no_grad)")
 
     def _creates_buffers(self) -> bool:
         """Whether this step's update creates a momentum buffer (a parameter's first step with momentum)."""

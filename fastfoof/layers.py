@@ -50,6 +50,7 @@ class Layer:
     handed: bool = False  # these two are set from the optimizer's parameters
     bias_row: bool = False
     same_padding: bool = False  # its forward pads its input to TensorFlow's "SAME" first (timm's Conv2dSame)
+    called: bool = False  # its forward ran since the last step (in any mode)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -79,6 +80,7 @@ class Layer:
         self.inputs.clear()
         self.outputs.clear()
         self.samples = self.grad_samples = self.grad_batch = 0
+        self.called = False
 
 
 def _skip_predicate(skip: Skip, names_in_model: set[str]) -> Callable[[str, nn.Module], bool]:
@@ -106,11 +108,9 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
 
 def find_layers(model: nn.Module, skip: Skip) -> tuple[list[Layer], list[tuple[str, str]]]:
     """Every Linear/Conv layer of `model` not skipped, in `named_modules` order, each weight once;
-    and the (name, reason) of those FOOF cannot precondition as it believes (their forward never
-    runs, or does not compute what their patch vectors assume)."""
+    and the (name, reason) of those whose forward does not compute what their patch vectors assume."""
     modules = list(unwrap_compiled(model).named_modules())
     skipped = _skip_predicate(skip, {name for name, _ in modules})
-    bypassed = {id(m.out_proj) for _, m in modules if isinstance(m, nn.MultiheadAttention)}
     layers, excluded, claimed = [], [], set()
     for name, module in modules:
         if not isinstance(module, LAYER_TYPES) or skipped(name, module):
@@ -118,8 +118,7 @@ def find_layers(model: nn.Module, skip: Skip) -> tuple[list[Layer], list[tuple[s
         if not isinstance(module.weight, torch.Tensor) or id(module.weight) in claimed:
             continue  # a tied weight is preconditioned by its first layer only
         claimed.add(id(module.weight))
-        kind = "nn.MultiheadAttention uses its weight without calling its forward" if id(module) in bypassed \
-            else computation(module)
+        kind = computation(module)
         if kind not in (STOCK, SAME_PADDING):
             excluded.append((name, kind))
             continue

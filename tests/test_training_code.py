@@ -521,15 +521,16 @@ def test_layers_whose_forward_is_not_what_foof_believes_are_handled_or_named(flo
     model = Zoo()
     with pytest.warns(RuntimeWarning) as record:
         opt = fastfoof.FOOF(model, lr=0.1, inv_period=2, stats_steps=1)
-    message = " ".join(str(w.message) for w in record)
-    assert "std: StandardisedConv.forward does not compute a convolution" in message
-    assert "attn.out_proj: nn.MultiheadAttention uses its weight without calling its forward" in message
-    assert [layer.name for layer in opt.layers] == ["same", "head", "unused"]
+    assert "std: StandardisedConv.forward does not compute a convolution" in " ".join(str(w.message) for w in record)
+    assert [layer.name for layer in opt.layers] == ["same", "attn.out_proj", "head", "unused"]
     x, y = torch.randn(3, 2, 7, 6), torch.randint(0, 5, (3,))
-    train_step(model, opt, x, y)  # Conv2dSame's patches are those of the padded input it convolved
+    with pytest.warns(RuntimeWarning, match=r"weights of attn.out_proj have gradients but their forward did not run"):
+        train_step(model, opt, x, y)  # nn.MultiheadAttention computes out_proj with F.linear on its weight
+    assert [layer.name for layer in opt.layers if opt._ready(layer)] == ["same", "head"]
+    # Conv2dSame's patches are those of the padded input it convolved
     padded = F.pad(x, (0, 1, 1, 1))  # 7×6 at stride 2, kernel 3: "SAME" pads rows (1, 1) and columns (0, 1)
     state = opt.state[model.same.weight]
     assert rel_error(state["ema"] / state["ema_count"], gram64(padded, model.same, True) / 3) <= 1e-12
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    with pytest.warns(RuntimeWarning, match="no training forward of unused was observed"):
+    with pytest.warns(RuntimeWarning, match="no training forward of attn.out_proj, unused was observed"):
         train_step(model, opt, x, y)  # t = 2 = T: a whole period without a forward of `unused`
