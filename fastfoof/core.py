@@ -418,7 +418,7 @@ class KroneckerOptimizer(Optimizer):
         inputs, and it steps with U = G/λ."""
         names = [layer.name or type(layer.module).__name__ for layer in self._active
                  if not layer.called and layer.weight.grad is not None and not self._ready(layer)]
-        if names:
+        if names and self._hooks:  # (after remove_hooks() no forward is seen at all)
             self._warn_once("bypassed", f"{self.KIND}: the weights of {', '.join(names)} have gradients but their "
                             "forward did not run (the model uses the weight directly, e.g. F.linear(x, "
                             "layer.weight)); FOOF cannot see their inputs, so they step with U = G/λ")
