@@ -203,7 +203,7 @@ class KroneckerOptimizer(Optimizer):
         ready, so that the graph holds no statistics op and no branch on t; it is recorded as the
         layer computes with it (`layer_input`), which autograd keeps for the weight's gradient anyway."""
         layer.called = True
-        if not (module.training and torch.is_grad_enabled() and layer.handed and module.weight.requires_grad):
+        if not (module.training and torch.is_grad_enabled() and layer.active):
             return
         x = args[0] if args else kwargs["input"]
         if torch.compiler.is_compiling():

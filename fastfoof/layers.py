@@ -33,6 +33,10 @@ class Layer:
 
     name: str
     module: nn.Module
+    # the weight parameter as found at construction, which keys the optimizer state: FSDP2 sets
+    # `module.weight` to an unsharded copy while it is gathered (in and after a forward that does
+    # not reshard)
+    weight: torch.Tensor
     groups: int
     dim: int  # D, without the bias row
     # inputs recorded by a compiled forward, not yet turned into statistics (an eager forward's
@@ -51,10 +55,6 @@ class Layer:
     bias_row: bool = False
     same_padding: bool = False  # its forward pads its input to TensorFlow's "SAME" first (timm's Conv2dSame)
     called: bool = False  # its forward ran since the last step (in any mode)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.module.weight
 
     @property
     def active(self) -> bool:
@@ -123,5 +123,5 @@ def find_layers(model: nn.Module, skip: Skip) -> tuple[list[Layer], list[tuple[s
             excluded.append((name, kind))
             continue
         groups, dim = patch_dim(module)
-        layers.append(Layer(name, module, groups, dim, same_padding=kind == SAME_PADDING))
+        layers.append(Layer(name, module, module.weight, groups, dim, same_padding=kind == SAME_PADDING))
     return layers, excluded
