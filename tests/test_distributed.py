@@ -1,23 +1,16 @@
 """FOOF and KFAC on torch.distributed: 2 gloo ranks on CPU equal one process on the union of their batches."""
-import datetime
-import faulthandler
 import os
-import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import fastfoof
-
-WORLD = 2
-SPAWN_TIMEOUT_S = 300  # the ranks take about 10 s on 2 cores
-COLLECTIVE_TIMEOUT_S = 120
+import gloo_ranks
+from gloo_ranks import WORLD
 STEPS, RESUME_AT = 7, 4  # inversions at t = 1, 3, 6 (T = 3); the checkpoint is taken after step 3
 KW = dict(lr=0.2, damping=0.5, momentum=0.9, weight_decay=0.01, inv_period=3, stats_steps=2, backend="reference")
 
@@ -62,15 +55,7 @@ def count_inversions(log):
     fastfoof.ops.damped_inverse_with_status = counting
 
 
-def worker(rank, world, init_file, out_dir):
-    # A rank stuck anywhere prints every thread's stack before the parent gives up on it.
-    faulthandler.dump_traceback_later(SPAWN_TIMEOUT_S - 30, exit=True)
-    torch.set_num_threads(1)  # two ranks on two cores
-    # Gloo connects the ranks over the address the hostname resolves to, which on some machines is
-    # an interface that does not carry local traffic; both ranks are on this machine, so use loopback.
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+def worker(rank, world, out_dir):
     inverted = []
     count_inversions(inverted)
     data = batches()
@@ -102,22 +87,13 @@ def worker(rank, world, init_file, out_dir):
     ddp = DistributedDataParallel(kfac_model)
     train(ddp, fastfoof.KFAC(ddp, **KW), data, rank, world)
     results["kfac"] = [p.detach().clone() for p in kfac_model.parameters()]
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    sys.path.insert(0, os.path.dirname(__file__))  # spawned workers import this module by name
-    ranks = mp.spawn(worker, args=(WORLD, str(out / "init"), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ranks.join(timeout=1):  # raises if a rank failed
-        if time.monotonic() > deadline:  # a rank that died silently leaves the other in a collective
-            for process in ranks.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD} ranks did not finish within {SPAWN_TIMEOUT_S} s")
-    return out, [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return out, gloo_ranks.run(worker, out)
 
 
 def single_process(data, opt_state=None, model_state=None, kind=fastfoof.FOOF):
