@@ -16,7 +16,7 @@ import torch._dynamo
 from torch import nn
 from torch.optim import Optimizer
 
-from . import distributed, ops
+from . import distributed, ops, sharded
 from .geometry import batch_size
 from .layers import Block, Layer, Skip, find_layers
 from .observe import Hooks, LayerHook, in_checkpoint_recompute, in_transform, layer_input
@@ -91,7 +91,9 @@ class KroneckerOptimizer(Optimizer):
         self.stats_steps = stats_steps
         self.stats_batch = stats_batch
         self.precondition_bias = precondition_bias
-        self.process_group = process_group
+        # under FSDP2 the ranks of the parameters' mesh share statistics and inversions
+        mesh_group = sharded.mesh_group(p for group in self.param_groups for p in group["params"])
+        self.process_group = process_group if process_group is not None else mesh_group
         self.layers, excluded = find_layers(model, skip)
         # Hooks hold this optimizer weakly: it is collected when unreferenced, and its hooks with it.
         self._hooks = Hooks(self)
@@ -132,6 +134,7 @@ class KroneckerOptimizer(Optimizer):
     def _assign_params(self) -> None:
         """Which layers' weights (and biases, as the row of [Ŵ | b]) are handed to the optimizer."""
         self._group_of = {p: group for group in self.param_groups for p in group["params"]}
+        self._sharded = any(map(sharded.is_sharded, self._group_of))
         for layer in self.layers:
             bias = layer.module.bias
             layer.handed = layer.weight in self._group_of
@@ -458,10 +461,13 @@ class KroneckerOptimizer(Optimizer):
                 blocks.append(block)
             else:  # no preconditioner yet (P = I/λ), or a weight without a gradient: U = G/λ per parameter
                 blocks += [Block([p], [group]) for p, group in zip(block.params, block.options)]
+        options = dict(damping=self.damping, grad_scale=grad_scale, found_inf=found_inf, backend=self.backend)
+        if self._sharded:  # FSDP2: each rank updates the rows it holds (DESIGN §7)
+            sharded.preconditioned_update_(blocks, self.state, **options)
+            return
         params = [p for block in blocks for p in block.params]
         buffers = [self.state[p].get("momentum_buffer") for p in params]
-        ops.preconditioned_update_(blocks, buffers, damping=self.damping, grad_scale=grad_scale,
-                                   found_inf=found_inf, backend=self.backend)
+        ops.preconditioned_update_(blocks, buffers, **options)
         for p, buf in zip(params, buffers):
             if buf is not None:
                 self.state[p]["momentum_buffer"] = buf

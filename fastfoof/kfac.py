@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import ops, sharded
 from .core import INPUTS, KroneckerOptimizer, Statistic
 from .geometry import batch_size, output_module, positions_per_sample
 from .layers import Block, Layer, Skip
@@ -323,12 +323,15 @@ class KFAC(KroneckerOptimizer):
         return templates
 
     def _prepare_block(self, block: Block, layer: Layer, state: dict) -> None:
-        g = joint_gradient(block)
+        # The left factor mixes a layer's rows: under FSDP2 it takes the gradient's rows from every
+        # rank (one all-gather) and computes the rows this rank holds (DESIGN §7).
+        fsdp = sharded.is_sharded(block.params[0])
+        g = sharded.full_joint_gradient(block) if fsdp else joint_gradient(block)
         if self.damping_mode == "exact":
-            q_g = state["grad_eigvecs"]
-            rotated = q_g.mT @ g @ state["precond"].mT  # Q_Gᵀ Ĝ Q_A
-            scale = state["grad_eigvals"][:, :, None] * state["eigvals"][:, None, :] + self.damping
-            block.grad = q_g @ (rotated / scale)
+            left = state["grad_eigvecs"]
+            rotated = left.mT @ g @ state["precond"].mT  # Q_Gᵀ Ĝ Q_A
+            right = rotated / (state["grad_eigvals"][:, :, None] * state["eigvals"][:, None, :] + self.damping)
         else:
-            block.grad = state["grad_precond"] @ g
+            left, right = state["grad_precond"], g
+        block.grad = sharded.left_product(block, left, right) if fsdp else left @ right
         block.precond = state["precond"]
