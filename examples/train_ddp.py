@@ -39,7 +39,7 @@ def main():
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
                           nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 10)).to(device)
     model = DistributedDataParallel(model)
-    opt = fastfoof.FOOF(model, lr=0.1, damping=0.1, momentum=0.9, inv_period=10, stats_steps=2)
+    opt = fastfoof.FOOF(model, lr=0.1, damping=1.0, momentum=0.9, inv_period=10, stats_steps=2)  # README's Use
 
     g = torch.Generator().manual_seed(1)  # every rank draws the same global batch, then takes its slice
     per_rank = args.batch // world
