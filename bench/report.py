@@ -156,8 +156,9 @@ def cpu_memory_note(rows: list[dict]) -> str:
 def device_label(data: dict) -> str:
     info = data.get("machine_info", {})
     ours = info.get("fastfoof", {})
+    threads = ours.get("torch_threads", "?")
     return ours.get("cuda_device") or (f"CPU ({info.get('cpu', {}).get('brand_raw', '?')}, "
-                                       f"{ours.get('torch_threads', '?')} threads)")
+                                       f"{threads} thread{'' if threads == 1 else 's'})")
 
 
 def ratio_cell(bench: dict | None, adamw: dict | None) -> str:
