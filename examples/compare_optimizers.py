@@ -1,12 +1,14 @@
-"""FOOF vs KFAC vs SGD with momentum vs Adam vs Muon on a small conv net, each over a small grid.
+"""FOOF vs KFAC vs SGD with momentum vs Adam vs Muon on small nets, each over a small grid.
 
-    python examples/compare_optimizers.py                       # scikit-learn's digits, bundled
+    python examples/compare_optimizers.py --dataset mnist1d    # the MNIST-1D benchmark's CNN and MLP
+    python examples/compare_optimizers.py                      # scikit-learn's digits, bundled
     python examples/compare_optimizers.py --dataset cifar10 --data-dir ~/data --device cuda
 
-Every run starts from the same initial weights and sees the same batches in the same order.
-Prints a table (the best final training loss per optimizer, time per step, time to a target
-training loss) and writes a PNG of the training loss per epoch and against wall-clock seconds on a
-log scale (--plot).
+Every run of a model starts from the same initial weights and sees the same batches in the same
+order. The runs take turns step by step (every run takes its step k before any takes step k+1), so
+that a change in background load hits every run alike and the step times compare. Prints a table
+per model (final training loss, test accuracy, time per step, time to a target training loss) and
+writes a PNG of the training loss per epoch and against training seconds on a log scale (--plot).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -25,26 +28,50 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fastfoof  # noqa: E402
 from data import channel_stats, normalise, read_cifar10  # noqa: E402
-from models import SmallConvNet  # noqa: E402
+from models import MNIST1DConvNet, MNIST1DMLP, SmallConvNet  # noqa: E402
 
-# Learning rates swept per optimizer, about 3x apart (on digits, SGD at 0.6 and Adam at 3e-2 did worse
-# than these). FOOF's and KFAC's damping λ = 1: parameters without a preconditioner (BatchNorm) then
-# step with lr/λ = lr, as under SGD. KFAC uses Martens & Grosse's heuristic damping and the Monte Carlo
-# Fisher (the paper's choice). Muon's grid pairs its learning rate with the AdamW rate of the
-# parameters it does not take.
-SWEEPS = {
-    "SGD": [0.1, 0.3, 1.0],
-    "Adam": [1e-3, 3e-3, 1e-2],
-    "Muon": [0.01, 0.03, 0.1],
-    "FOOF": [0.1, 0.3, 1.0],
-    "KFAC": [0.1, 0.3, 1.0],
+
+def foof_grid(dampings: tuple[float, ...], steps: tuple[float, ...]) -> list[tuple[float, float]]:
+    """(lr, damping) with lr = damping × step: FOOF's and KFAC's parameters without a preconditioner
+    (BatchNorm), and the weights along directions where a layer's inputs barely vary, step with
+    lr/damping, so `step` is the SGD-equivalent step size."""
+    return [(round(damping * step, 6), damping) for damping in dampings for step in steps]
+
+
+# (lr, damping) per run, 3x apart, placed so that each optimizer's best setting on the dataset lies inside
+# its grid (README: the sweeps that placed them). KFAC uses Martens & Grosse's heuristic damping and the
+# Monte Carlo Fisher (the paper's choice). The parameters Muon does not take step with AdamW at a tenth
+# of Muon's rate.
+MNIST1D_GRIDS = {
+    "SGD": [(0.03, None), (0.1, None), (0.3, None)],
+    "Adam": [(3e-3, None), (1e-2, None), (3e-2, None)],
+    "Muon": [(3e-3, None), (0.01, None), (0.03, None)],
+    "FOOF": foof_grid((0.1, 1.0), (0.3, 1.0, 3.0)),
+    "KFAC": foof_grid((0.1, 1.0), (0.1, 0.3)),
 }
-MUON_ADAMW_LR = {0.01: 1e-3, 0.03: 3e-3, 0.1: 1e-2}
+DIGITS_GRIDS = {
+    "SGD": [(0.1, None), (0.3, None), (1.0, None)],
+    "Adam": [(3e-3, None), (1e-2, None), (3e-2, None)],
+    "Muon": [(0.03, None), (0.1, None), (0.3, None)],
+    "FOOF": foof_grid((0.1, 1.0), (0.3, 1.0, 3.0)),
+    "KFAC": foof_grid((0.1, 1.0), (0.1, 0.3, 1.0)),
+}
 MOMENTUM = 0.9
-DAMPING = 1.0
-DEFAULT_EPOCHS = {"digits": 10, "cifar10": 5}
-DEFAULT_TARGET_LOSS = {"digits": 0.05, "cifar10": 1.0}
+PERIOD, STATS_STEPS = 100, 10  # FOOF's and KFAC's inv_period T and stats_steps S (their defaults)
+# dataset -> models, grids, epochs, batch size, target training loss per model
+DATASETS = {
+    "mnist1d": dict(models={"CNN": MNIST1DConvNet, "MLP": MNIST1DMLP}, grids=MNIST1D_GRIDS, epochs=20,
+                    batch_size=100, target_loss={"CNN": 0.1, "MLP": 0.1}),
+    "digits": dict(models={"SmallConvNet": lambda: SmallConvNet(in_channels=1)}, grids=DIGITS_GRIDS, epochs=10,
+                   batch_size=64, target_loss={"SmallConvNet": 0.05}),
+    # Not swept on CIFAR-10: the digits grids, for the same net.
+    "cifar10": dict(models={"SmallConvNet": lambda: SmallConvNet(in_channels=3)}, grids=DIGITS_GRIDS, epochs=5,
+                    batch_size=64, target_loss={"SmallConvNet": 1.0}),
+}
 SMOKE_EPOCHS, SMOKE_STEPS_PER_EPOCH = 2, 3
+# Steps of every optimizer on a throwaway model before the race, so that the process's one-time costs
+# (first calls into each kernel library) are charged to no run.
+WARM_UP_STEPS = 3
 COLORS = {"SGD": "tab:blue", "Adam": "tab:green", "Muon": "tab:purple", "FOOF": "tab:red", "KFAC": "tab:orange"}
 
 
@@ -57,7 +84,7 @@ class MuonWithAdamW:
         classifier = {id(p) for p in model.classifier.parameters()}
         self.flattened = []  # (filter, its [O, C·k·k] view that Muon updates)
         matrices, rest = [], []
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim >= 2 and id(p) not in classifier:
                 view = p.detach().view(p.shape[0], -1)
                 self.flattened.append((p, view))
@@ -81,16 +108,16 @@ class MuonWithAdamW:
         self.adamw.step()
 
 
-def make_optimizer(name: str, model: torch.nn.Module, lr: float):
+def make_optimizer(name: str, model: torch.nn.Module, lr: float, damping: float | None):
     if name == "SGD":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
     if name == "Adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
     if name == "Muon":
-        return MuonWithAdamW(model, lr, MUON_ADAMW_LR[lr])
+        return MuonWithAdamW(model, lr, adamw_lr=lr / 10)
     if name == "KFAC":
-        return fastfoof.KFAC(model, lr=lr, damping=DAMPING, damping_mode="heuristic", fisher="mc", momentum=MOMENTUM)
-    return fastfoof.FOOF(model, lr=lr, damping=DAMPING, momentum=MOMENTUM)
+        return fastfoof.KFAC(model, lr=lr, damping=damping, damping_mode="heuristic", fisher="mc", momentum=MOMENTUM)
+    return fastfoof.FOOF(model, lr=lr, damping=damping, momentum=MOMENTUM)
 
 
 def load_digits_data():
@@ -107,6 +134,17 @@ def load_digits_data():
     return (x[train] - mean) / std, y[train], (x[test] - mean) / std, y[test]
 
 
+def load_mnist1d_data():
+    """MNIST-1D with its default arguments: 4000 training and 1000 test signals of length 40, generated
+    locally by the mnist1d package (make_dataset computes them; it downloads nothing), standardised."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    data = make_dataset(get_dataset_args())
+    signals = lambda key: torch.tensor(data[key], dtype=torch.float32).unsqueeze(1)  # noqa: E731
+    labels = lambda key: torch.tensor(data[key], dtype=torch.int64)  # noqa: E731
+    return signals("x"), labels("y"), signals("x_test"), labels("y_test")
+
+
 def load_cifar10_data(data_dir: Path):
     x_train, y_train, x_test, y_test = read_cifar10(data_dir)
     mean, std = channel_stats(x_train)
@@ -117,10 +155,49 @@ def load_cifar10_data(data_dir: Path):
 class Run:
     optimizer: str
     lr: float
+    damping: float | None
     epoch_losses: list[float] = field(default_factory=list)
-    epoch_seconds: list[float] = field(default_factory=list)  # training time (steps only) at each epoch's end
+    step_seconds: list[float] = field(default_factory=list)
+    steps_per_epoch: int = 0
     test_accuracy: float = math.nan
-    seconds_per_step: float = math.nan  # median over the run's steps: robust to a busy machine
+    period: int = PERIOD  # FOOF's T and S, which amortised_step weighs the kinds of steps by
+    stats_steps: int = STATS_STEPS
+
+    @property
+    def label(self) -> str:
+        return f"{self.optimizer} lr={self.lr:g}" + ("" if self.damping is None else f" λ={self.damping:g}")
+
+    @property
+    def median_step(self) -> float:
+        """A typical step: the median over the run's steps after its first epoch."""
+        return statistics.median(seconds for _, seconds in self.timed_steps())
+
+    @cached_property  # read once training is over
+    def amortised_step(self) -> float:
+        """The median step of each kind in FOOF's schedule (DESIGN §1.5: plain, observed, observed and
+        inverting), weighted by its share of a period, over the run's steps after its first epoch: the
+        observed steps and the inversion count as often as they occur, and a step that another process
+        slowed down does not count. For an optimizer without a schedule it is about its median step."""
+        shares = {"plain": self.period - self.stats_steps, "observed": self.stats_steps - 1, "inverting": 1}
+        steps = {kind: [] for kind in shares}
+        for index, seconds in self.timed_steps():
+            position = (index + 1) % self.period  # index + 1: the optimizer's step count t
+            kind = "inverting" if position == 0 else "observed" if position > self.period - self.stats_steps else "plain"
+            steps[kind].append(seconds)
+        measured = [kind for kind in shares if steps[kind] and shares[kind]]
+        return sum(shares[kind] * statistics.median(steps[kind]) for kind in measured) / sum(
+            shares[kind] for kind in measured)
+
+    def timed_steps(self) -> list[tuple[int, float]]:
+        """(step index, seconds) of the steps after the first epoch (all of them if there was one only)."""
+        steps = list(enumerate(self.step_seconds))
+        return steps[self.steps_per_epoch:] or steps
+
+    @property
+    def epoch_seconds(self) -> list[float]:
+        """Training seconds at each epoch's end, at the amortised step time: what the run's steps cost
+        without the noise of whatever else ran on the machine."""
+        return [(epoch + 1) * self.steps_per_epoch * self.amortised_step for epoch in range(len(self.epoch_losses))]
 
     def seconds_to(self, target: float) -> float:
         """Training seconds until an epoch's mean loss first reached `target` (inf if none did)."""
@@ -145,48 +222,78 @@ def accuracy(model, x, y, batch_size=1000) -> float:
     return correct / len(x)
 
 
-def train(run: Run, data, args, device: torch.device) -> Run:
+def train_step(model, optimizer, x, y) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(x)
+    if isinstance(optimizer, fastfoof.KFAC):
+        optimizer.backward_fisher(logits)  # G from labels sampled from the model
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def epoch_steps(examples: int, args) -> int:
+    steps = examples // args.batch_size
+    return min(steps, SMOKE_STEPS_PER_EPOCH) if args.smoke else steps
+
+
+def optimizer_for(run: Run, model: torch.nn.Module):
+    return make_optimizer(run.optimizer, model, run.lr, run.damping)
+
+
+def warm_up_process(runs: list[Run], make_model, optimizer_for, x, y, device: torch.device) -> None:
+    for run in {run.optimizer: run for run in runs}.values():  # one of each optimizer
+        model = make_model().to(device)
+        optimizer = optimizer_for(run, model)
+        for _ in range(WARM_UP_STEPS):
+            train_step(model, optimizer, x, y)
+    sync(device)
+
+
+def race(name: str, runs: list[Run], make_model, data, args, device: torch.device, bar: tqdm,
+         optimizer_for=optimizer_for) -> list:
+    """Train every run for args.epochs on the same batches, the runs taking turns step by step.
+    Returns the optimizers."""
     x_train, y_train, x_test, y_test = data
-    torch.manual_seed(args.seed)  # the same initial weights for every run
-    model = SmallConvNet(in_channels=x_train.shape[1], num_classes=10).to(device)
-    optimizer = make_optimizer(run.optimizer, model, run.lr)
+    steps_per_epoch = epoch_steps(len(x_train), args)
+    models, optimizers = [], []
+    for run in runs:
+        run.steps_per_epoch = steps_per_epoch
+        torch.manual_seed(args.seed)  # the same initial weights for every run
+        models.append(make_model().to(device))
+        optimizers.append(optimizer_for(run, models[-1]))
+    warm_up_process(runs, make_model, optimizer_for, x_train[:args.batch_size], y_train[:args.batch_size], device)
     order = torch.Generator().manual_seed(args.seed)  # the same batches for every run
-    steps_per_epoch = len(x_train) // args.batch_size
-    if args.smoke:
-        steps_per_epoch = min(steps_per_epoch, SMOKE_STEPS_PER_EPOCH)
-    step_seconds = []
-    bar = tqdm(total=args.epochs * steps_per_epoch, desc=f"{run.optimizer:4s} lr={run.lr:g}", file=sys.stderr,
-               leave=False, dynamic_ncols=True)
-    for _ in range(args.epochs):
+    # On a CPU the process's CPU time: with one thread it is the step's own work, where the wall clock
+    # also counts the time the OS gives the cores to other processes (on a busy machine that tripled
+    # some optimizers' steps and not others'). On a GPU the wall clock, synchronised.
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    live = list(range(len(runs)))
+    for epoch in range(args.epochs):
+        bar.set_description(f"{name} ({len(runs)} runs), epoch {epoch + 1}/{args.epochs}")
         perm = torch.randperm(len(x_train), generator=order)
-        total = torch.zeros((), device=device)
+        totals = [torch.zeros((), device=device) for _ in runs]
         for i in range(steps_per_epoch):
             idx = perm[i * args.batch_size:(i + 1) * args.batch_size].to(device)
             x, y = x_train[idx], y_train[idx]
-            sync(device)
-            start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
-            if isinstance(optimizer, fastfoof.KFAC):
-                optimizer.backward_fisher(logits)  # G from labels sampled from the model
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
-            optimizer.step()
-            sync(device)
-            step_seconds.append(time.perf_counter() - start)
-            total += loss.detach()
-            bar.update()
-        run.epoch_losses.append(total.item() / steps_per_epoch)
-        run.epoch_seconds.append(sum(step_seconds))
-        bar.set_postfix(loss=f"{run.epoch_losses[-1]:.3g}")
-        if not math.isfinite(run.epoch_losses[-1]):
-            break  # diverged: this learning rate is out of the race
-    bar.close()
-    if isinstance(optimizer, MuonWithAdamW) and run.lr == SWEEPS["Muon"][0]:
-        print(optimizer.description)
-    run.seconds_per_step = statistics.median(step_seconds)
-    run.test_accuracy = accuracy(model, x_test, y_test)
-    return run
+            for k in live:
+                sync(device)
+                start = clock()
+                loss = train_step(models[k], optimizers[k], x, y)
+                sync(device)
+                runs[k].step_seconds.append(clock() - start)
+                totals[k] += loss
+            bar.update(len(live))
+        for k in list(live):
+            run = runs[k]
+            run.epoch_losses.append(totals[k].item() / steps_per_epoch)
+            if not math.isfinite(run.epoch_losses[-1]):  # diverged: this setting is out of the race
+                live.remove(k)
+                bar.total -= (args.epochs - epoch - 1) * steps_per_epoch
+    for run, model in zip(runs, models):
+        run.test_accuracy = accuracy(model, x_test, y_test)
+    return optimizers
 
 
 def loss_key(run: Run) -> float:
@@ -207,90 +314,143 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds:.2f}" if math.isfinite(seconds) else "never"
 
 
-def print_table(runs: list[Run], epochs: int, target: float) -> None:
-    print(f"\nAll runs ({epochs} epochs each):")
-    print(f"{'optimizer':<10} {'lr':>8} {'final train loss':>17} {'test acc':>9} {'ms/step':>8} "
-          f"{'s to target':>12}")
+def format_damping(damping: float | None) -> str:
+    return "-" if damping is None else f"{damping:g}"
+
+
+def print_tables(name: str, runs: list[Run], epochs: int, target: float) -> None:
+    print(f"{name}: all runs ({epochs} epochs each; ms per step after the first epoch: the median step, and "
+          f"amortised over FOOF's period T={PERIOD}, S={STATS_STEPS}; seconds to the target loss {target:g} at the "
+          f"amortised step)")
+    print(f"{'optimizer':<10} {'lr':>8} {'damping':>8} {'final train loss':>17} {'test acc':>9} {'median ms':>10} "
+          f"{'amort. ms':>10} {'s to target':>12}")
     for run in runs:
-        print(f"{run.optimizer:<10} {run.lr:>8g} {run.final_loss:>17.3e} {run.test_accuracy:>9.2%} "
-              f"{1e3 * run.seconds_per_step:>8.2f} {format_seconds(run.seconds_to(target)):>12}")
+        print(f"{run.optimizer:<10} {run.lr:>8g} {format_damping(run.damping):>8} {run.final_loss:>17.3e} "
+              f"{run.test_accuracy:>9.2%} {1e3 * run.median_step:>10.2f} {1e3 * run.amortised_step:>10.2f} "
+              f"{format_seconds(run.seconds_to(target)):>12}")
     best = best_runs(runs)
-    sgd_step = best["SGD"].seconds_per_step
-    print(f"\nBest learning rate per optimizer (lowest final training loss; target loss {target:g}):")
-    print(f"{'optimizer':<10} {'best lr':>8} {'final train loss':>17} {'test acc':>9} {'ms/step':>8} "
+    sgd_step = best["SGD"].amortised_step
+    print(f"\n{name}: best setting per optimizer (lowest final training loss; step / SGD: amortised step over "
+          f"SGD's best run's)")
+    print(f"{'optimizer':<10} {'best lr':>8} {'damping':>8} {'final train loss':>17} {'test acc':>9} {'amort. ms':>10} "
           f"{'step / SGD':>11} {'s to target':>12}")
-    for name, run in sorted(best.items(), key=lambda item: loss_key(item[1])):
-        print(f"{name:<10} {run.lr:>8g} {run.final_loss:>17.3e} {run.test_accuracy:>9.2%} "
-              f"{1e3 * run.seconds_per_step:>8.2f} {run.seconds_per_step / sgd_step:>10.2f}x "
+    for optimizer, run in sorted(best.items(), key=lambda item: loss_key(item[1])):
+        print(f"{optimizer:<10} {run.lr:>8g} {format_damping(run.damping):>8} {run.final_loss:>17.3e} "
+              f"{run.test_accuracy:>9.2%} {1e3 * run.amortised_step:>10.2f} {run.amortised_step / sgd_step:>10.2f}x "
               f"{format_seconds(run.seconds_to(target)):>12}")
 
 
-def plot(runs: list[Run], path: Path, title: str) -> None:
+def plot(results: dict[str, list[Run]], targets: dict[str, float], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
-    best = best_runs(runs)
-    fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for run in runs:
-        is_best = best[run.optimizer] is run
-        style = dict(color=COLORS[run.optimizer], alpha=1.0 if is_best else 0.3, linewidth=2.0 if is_best else 1.0,
-                     marker="o" if is_best else None, markersize=3)
-        by_epoch.plot(range(1, len(run.epoch_losses) + 1), run.epoch_losses,
-                      label=f"{run.optimizer} lr={run.lr:g}" + (" (best)" if is_best else ""), **style)
-        by_time.plot(run.epoch_seconds, run.epoch_losses, **style)
-    by_epoch.set_xlabel("epoch")
-    by_time.set_xlabel("training seconds (optimizer steps, wall clock)")
-    by_epoch.set_ylabel("training loss (mean over the epoch)")
-    for ax in (by_epoch, by_time):
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-    by_epoch.legend(fontsize=6, ncol=3)
+    fig, axes = plt.subplots(len(results), 2, figsize=(13, 4.2 * len(results) + 0.8), squeeze=False)
+    for (name, runs), (by_epoch, by_time) in zip(results.items(), axes):
+        best = best_runs(runs)
+        for run in runs:
+            if best[run.optimizer] is not run:
+                by_epoch.plot(range(1, len(run.epoch_losses) + 1), run.epoch_losses, color=COLORS[run.optimizer],
+                              alpha=0.25, linewidth=0.8)
+        for run in best.values():  # on top of the others
+            style = dict(color=COLORS[run.optimizer], linewidth=2.0)
+            by_epoch.plot(range(1, len(run.epoch_losses) + 1), run.epoch_losses, **style)
+            by_time.plot(run.epoch_seconds, run.epoch_losses, label=run.label, **style)
+        # Runs on their way to diverging would stretch the axis: it ends just above the best runs' start.
+        top = 1.5 * max(run.epoch_losses[0] for run in best.values() if run.epoch_losses)
+        for ax in (by_epoch, by_time):
+            ax.axhline(targets[name], color="black", linestyle="--", linewidth=1.0)
+            ax.set_yscale("log")
+            ax.set_ylim(top=top)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.set_ylabel("training loss (mean over the epoch)")
+        by_epoch.set_title(f"{name}: every run (faint) and each optimizer's best (bold)", fontsize=10)
+        by_time.set_title(f"{name}: the best runs against their own training time", fontsize=10)
+        by_epoch.set_xlabel("epoch")
+        by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
+        by_time.set_xlabel("training seconds at the run's amortised step (forward, backward, optimizer step)")
+        handles, labels = by_time.get_legend_handles_labels()
+        handles += [Line2D([], [], color="gray", alpha=0.4, linewidth=0.8),
+                    Line2D([], [], color="black", linestyle="--", linewidth=1.0)]
+        labels += ["other grid points (faint)", f"target loss {targets[name]:g}"]
+        by_time.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.text(0.01, 0.005, "Right: steps taken × the run's amortised step time (on a CPU its CPU time), measured while "
+             "the runs took turns step by step. A run that needs fewer epochs arrives later if its steps cost enough "
+             "more.", fontsize=8)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
+    parser.add_argument("--dataset", choices=tuple(DATASETS), default="digits")
     parser.add_argument("--data-dir", type=Path, help="folder holding cifar-10-batches-py (for --dataset cifar10)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--epochs", type=int, help="default: 10 for digits, 5 for cifar10")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, help="default: " + ", ".join(
+        f"{name} {setting['epochs']}" for name, setting in DATASETS.items()))
+    parser.add_argument("--batch-size", type=int, help="default: " + ", ".join(
+        f"{name} {setting['batch_size']}" for name, setting in DATASETS.items()))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", type=Path, default=Path("compare_optimizers.png"), help="where the PNG goes")
     parser.add_argument("--target-loss", type=float,
-                        help="training loss whose time to reach is reported (default: 0.05 digits, 1.0 cifar10)")
+                        help="training loss whose time to reach is reported (default: per dataset and model)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"{SMOKE_EPOCHS} epochs of {SMOKE_STEPS_PER_EPOCH} steps (a quick check that it runs)")
     args = parser.parse_args(argv)
     if args.dataset == "cifar10" and args.data_dir is None:
         parser.error("--dataset cifar10 needs --data-dir (the folder holding cifar-10-batches-py)")
+    setting = DATASETS[args.dataset]
     if args.epochs is None:
-        args.epochs = SMOKE_EPOCHS if args.smoke else DEFAULT_EPOCHS[args.dataset]
-    if args.target_loss is None:
-        args.target_loss = DEFAULT_TARGET_LOSS[args.dataset]
+        args.epochs = SMOKE_EPOCHS if args.smoke else setting["epochs"]
+    if args.batch_size is None:
+        args.batch_size = setting["batch_size"]
     return args
 
 
 def main(argv=None) -> None:
+    started = time.perf_counter()
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no CUDA device")
-    data = load_digits_data() if args.dataset == "digits" else load_cifar10_data(args.data_dir)
-    data = tuple(t.to(device) for t in data)
-    print(f"{args.dataset}: {len(data[0])} training / {len(data[2])} test images of shape "
+    if device.type == "cpu":
+        # Layers this small gain little from a second thread, and while other processes share the cores,
+        # waiting for it made steps several times slower (README).
+        torch.set_num_threads(1)
+    loaders = {"digits": load_digits_data, "mnist1d": load_mnist1d_data,
+               "cifar10": lambda: load_cifar10_data(args.data_dir)}
+    data = tuple(t.to(device) for t in loaders[args.dataset]())
+    setting = DATASETS[args.dataset]
+    print(f"{args.dataset}: {len(data[0])} training / {len(data[2])} test examples of shape "
           f"{tuple(data[0].shape[1:])}; batch {args.batch_size}, {args.epochs} epochs, device {device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    runs = [train(Run(name, lr), data, args, device) for name, lrs in SWEEPS.items() for lr in lrs]
-    print_table(runs, args.epochs, args.target_loss)
-    plot(runs, args.plot, f"{args.dataset}: SmallConvNet, batch {args.batch_size}")
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; step times: "
+          f"{'CPU time' if device.type == 'cpu' else 'wall clock'}")
+    grids = setting["grids"]
+    runs_per_model = sum(len(grid) for grid in grids.values())
+    bar = tqdm(total=len(setting["models"]) * runs_per_model * args.epochs * epoch_steps(len(data[0]), args), unit="step",
+               file=sys.stderr, dynamic_ncols=True)
+    results, targets, muon_parameters = {}, {}, {}
+    for name, make_model in setting["models"].items():
+        runs = [Run(optimizer, lr, damping) for optimizer, grid in grids.items() for lr, damping in grid]
+        optimizers = race(name, runs, make_model, data, args, device, bar)
+        muon_parameters[name] = next(o.description for o in optimizers if isinstance(o, MuonWithAdamW))
+        results[name] = runs
+        targets[name] = args.target_loss if args.target_loss is not None else setting["target_loss"][name]
+    bar.close()
+    for name, runs in results.items():
+        parameters = sum(p.numel() for p in setting["models"][name]().parameters())
+        print(f"\n{name}: {parameters:,} parameters. {muon_parameters[name]}")
+        print_tables(name, runs, args.epochs, targets[name])
+    plot(results, targets, args.plot, f"{args.dataset}: batch {args.batch_size}, {args.epochs} epochs, "
+         f"{device}, {torch.get_num_threads()} CPU threads")
     print(f"\nplot: {args.plot.resolve()}")
+    print(f"wall time: {time.perf_counter() - started:.0f} s (data, every run, tables and plot)")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 `resnet18` follows torchvision's ResNet-18 (same module names, BasicBlock, initialisation) with the
 usual CIFAR stem: a 3x3 stride-1 first convolution and no max-pool, for 32x32 inputs. `width` is the
 first stage's channel count (torchvision's 64); smoke runs use a narrow one.
+
+`MNIST1DConvNet` and `MNIST1DMLP` are the MNIST-1D benchmark's own CNN and MLP (Greydanus 2020,
+`ConvBase` and `MLPBase` of its notebooks/models.py), for [N, 1, 40] signals.
 """
 from __future__ import annotations
 
@@ -26,6 +29,39 @@ class SmallConvNet(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
+
+
+class MNIST1DConvNet(nn.Module):
+    """Three Conv1d of 25 channels (kernel 5 stride 2, then kernel 3 stride 2 twice; padding 1) with ReLU,
+    and a linear classifier on the flattened 25 x 5 features of a length-40 signal. No normalisation."""
+
+    def __init__(self, channels: int = 25, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(1, channels, 5, stride=2, padding=1), nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Linear(5 * channels, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class MNIST1DMLP(nn.Module):
+    """Two hidden layers of 100 ReLU units, the second one residual, on the flattened length-40 signal."""
+
+    def __init__(self, length: int = 40, hidden: int = 100, num_classes: int = 10):
+        super().__init__()
+        self.hidden1 = nn.Linear(length, hidden)
+        self.hidden2 = nn.Linear(hidden, hidden)
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        h = self.hidden1(x.flatten(1)).relu()
+        h = h + self.hidden2(h).relu()
+        return self.classifier(h)
 
 
 class BasicBlock(nn.Module):

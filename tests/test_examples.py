@@ -13,6 +13,10 @@ import pytest
 import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import compare_optimizers  # noqa: E402  (the grids and settings that the printed tables must show)
+import tune_foof  # noqa: E402
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The examples pick CUDA when present; CPU always runs (and is the device where runs are bit-reproducible).
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -38,21 +42,34 @@ def table_rows(stdout: str, title: str) -> list[list[str]]:
     return rows
 
 
-def check_comparison(stdout: str, plot: Path) -> None:
-    runs = table_rows(stdout, "All runs")
-    assert sorted(row[0] for row in runs) == ["Adam"] * 3 + ["FOOF"] * 3 + ["KFAC"] * 3 + ["Muon"] * 3 + ["SGD"] * 3
+def approx_ratio(ms: float, baseline_ms: float):
+    """ms / baseline_ms as printed with two decimals, from two numbers printed with two decimals."""
+    ratio = ms / baseline_ms
+    return pytest.approx(ratio, abs=0.005 + ratio * (0.005 / ms + 0.005 / baseline_ms))
+
+
+def check_comparison(stdout: str, dataset: str, model: str, muon_matrices: int, plot: Path) -> None:
+    """One model's two tables: every grid point once, then the best of each optimizer."""
+    grids = compare_optimizers.DATASETS[dataset]["grids"]
+    runs = table_rows(stdout, f"{model}: all runs")
+    points = sorted((r[0], float(r[1]), None if r[2] == "-" else float(r[2])) for r in runs)
+    assert points == sorted((name, lr, damping) for name, grid in grids.items() for lr, damping in grid)
     for row in runs:
-        assert math.isfinite(float(row[2])) and float(row[4]) > 0, row
-        assert row[5] == "never" or float(row[5]) > 0
-    best = table_rows(stdout, "Best learning rate")
-    assert sorted(row[0] for row in best) == ["Adam", "FOOF", "KFAC", "Muon", "SGD"]
-    assert "Muon: 3 conv filters and hidden weight matrices" in stdout  # it says which parameters take Muon
-    losses = [float(row[2]) for row in best]
+        assert math.isfinite(float(row[3])) and 0 <= float(row[4].rstrip("%")) <= 100, row
+        assert float(row[5]) > 0 and float(row[6]) > 0, row
+        assert row[7] == "never" or float(row[7]) > 0
+    best = table_rows(stdout, f"{model}: best setting")
+    assert sorted(row[0] for row in best) == sorted(grids)
+    losses = [float(row[3]) for row in best]
     assert losses == sorted(losses), "the best-per-optimizer table is sorted by loss"
+    sgd_mean_ms = float(next(row for row in best if row[0] == "SGD")[5])
     for row in best:
-        lrs = {float(r[1]) for r in runs if r[0] == row[0]}
-        assert float(row[1]) in lrs
-        assert float(row[2]) == min(float(r[2]) for r in runs if r[0] == row[0])
+        own = [r for r in runs if r[0] == row[0]]
+        assert float(row[3]) == min(float(r[3]) for r in own)
+        assert row[1:5] in [r[1:5] for r in own]  # the best run's lr, damping, loss and accuracy
+        assert row[5] in [r[6] for r in own]  # and its mean step
+        assert float(row[6].rstrip("x")) == approx_ratio(float(row[5]), sgd_mean_ms)
+    assert f"Muon: {muon_matrices} conv filters and hidden weight matrices" in stdout
     assert plot.read_bytes()[:8] == PNG_MAGIC
 
 
@@ -60,9 +77,19 @@ def check_comparison(stdout: str, plot: Path) -> None:
 def test_compare_optimizers_smoke_on_digits(tmp_path, device):
     result = run_example("compare_optimizers.py", "--smoke", "--device", device, "--plot", "plots/loss.png",
                          cwd=tmp_path)
-    assert result.stdout.startswith("digits: 1437 training / 360 test images of shape (1, 8, 8)")
+    assert result.stdout.startswith("digits: 1437 training / 360 test examples of shape (1, 8, 8); batch 64")
     assert f"device {device}" in result.stdout.splitlines()[0]
-    check_comparison(result.stdout, tmp_path / "plots" / "loss.png")
+    check_comparison(result.stdout, "digits", "SmallConvNet", 3, tmp_path / "plots" / "loss.png")
+
+
+def test_compare_optimizers_smoke_on_mnist1d(tmp_path):
+    result = run_example("compare_optimizers.py", "--smoke", "--dataset", "mnist1d", "--device", "cpu", cwd=tmp_path)
+    assert result.stdout.startswith("mnist1d: 4000 training / 1000 test examples of shape (1, 40); batch 100")
+    assert "1 CPU threads" in result.stdout.splitlines()[0]
+    for model, parameters, muon_matrices in (("CNN", 5_210, 3), ("MLP", 15_210, 2)):
+        assert f"\n{model}: {parameters:,} parameters." in result.stdout
+        check_comparison(result.stdout, "mnist1d", model, muon_matrices, tmp_path / "compare_optimizers.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["compare_optimizers.png"], "MNIST-1D is neither cached nor downloaded"
 
 
 def write_fake_cifar10(folder: Path, per_batch: int) -> None:
@@ -80,8 +107,8 @@ def test_compare_optimizers_reads_cifar10_batches(tmp_path):
     write_fake_cifar10(tmp_path / "data" / "cifar-10-batches-py", per_batch=16)
     result = run_example("compare_optimizers.py", "--smoke", "--dataset", "cifar10", "--data-dir", "data",
                          "--batch-size", "8", "--device", "cpu", cwd=tmp_path)
-    assert result.stdout.startswith("cifar10: 80 training / 16 test images of shape (3, 32, 32)")
-    check_comparison(result.stdout, tmp_path / "compare_optimizers.png")
+    assert result.stdout.startswith("cifar10: 80 training / 16 test examples of shape (3, 32, 32)")
+    check_comparison(result.stdout, "cifar10", "SmallConvNet", 3, tmp_path / "compare_optimizers.png")
 
 
 def test_missing_cifar10_is_a_clear_error(tmp_path):
@@ -89,6 +116,45 @@ def test_missing_cifar10_is_a_clear_error(tmp_path):
                          cwd=tmp_path, expect_ok=False)
     assert result.returncode != 0
     assert "CIFAR-10 not found" in result.stderr and "data_batch_1" in result.stderr
+
+
+def training_losses(line: str) -> list[float]:
+    """The per-seed numbers after "final training loss" in a line of tune_foof.py."""
+    return [float(v) for v in line.split("final training loss ")[1].split(",")[0].split()]
+
+
+def test_tune_foof_settings_smoke(tmp_path):
+    result = run_example("tune_foof.py", "settings", "--smoke", cwd=tmp_path)
+    lines = result.stdout.splitlines()
+    lr, damping = tune_foof.SNIPPET["lr"], tune_foof.SNIPPET["damping"]
+    snippet = next(line for line in lines if line.startswith(f"Use snippet FOOF(lr={lr}, damping={damping}, "))
+    sgd = next(line for line in lines if line.startswith(f"SGD(lr={tune_foof.SGD_LR}, momentum=0.9): "))
+    wins = sum(f < s for f, s in zip(training_losses(snippet), training_losses(sgd)))
+    assert f"lower than SGD's on {wins} of 1 seeds" in result.stdout
+    # With one seed the grid's cell is that seed's loss: the snippet's row, at the snippet's lr.
+    header = next(line for line in lines if line.strip().startswith("lr="))
+    column = header.split().index(f"lr={lr:g}")
+    row = next(line for line in lines if line.startswith(f"FOOF λ={damping:g} ")).split()
+    assert float(row[2 + 2 * column]) == pytest.approx(training_losses(snippet)[0], rel=1e-2)
+    assert len([line for line in lines if line.startswith("FOOF λ=")]) == len(tune_foof.SETTINGS_DAMPINGS)
+
+
+def test_readme_use_snippet_is_the_swept_one():
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    lr, damping = tune_foof.SNIPPET["lr"], tune_foof.SNIPPET["damping"]
+    assert f"opt = fastfoof.FOOF(model, lr={lr}, damping={damping}, momentum=0.9)" in readme
+
+
+def test_tune_foof_schedule_smoke(tmp_path):
+    result = run_example("tune_foof.py", "schedule", "--smoke", cwd=tmp_path)
+    rows = table_rows(result.stdout, "schedule:")
+    assert [row[0] for row in rows] == ["SGD"] + ["FOOF"] * len(tune_foof.SCHEDULES)
+    assert [" ".join(row[3:5]) for row in rows[1:]] == [f"T={t} S={s}" for t, s in tune_foof.SCHEDULES]
+    sgd_ms = float(rows[0][-2])
+    assert rows[0][-1] == "1.00x"
+    for row in rows:
+        assert math.isfinite(float(row[-4])) and float(row[-2]) > 0
+        assert float(row[-1].rstrip("x")) == approx_ratio(float(row[-2]), sgd_ms)
 
 
 EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+): train loss (\S+) acc .* test loss (\S+) acc", re.M)

@@ -1,0 +1,53 @@
+"""bench/report.py: the decision table at the top of RESULTS.md carries the JSON's ratios."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+import report  # noqa: E402
+
+E2E_JSON = BENCH / "measured" / "cpu_bench_e2e.json"
+
+
+def decision_rows(markdown: str) -> list[list[str]]:
+    lines = markdown.splitlines()
+    start = lines.index("## Per-step cost against SGD+M and AdamW") + 4  # title, blank, header, rule
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_decision_table_is_the_first_table_and_carries_the_json_ratios():
+    markdown = report.render([E2E_JSON])
+    assert markdown.index("## Per-step cost against SGD+M and AdamW") < markdown.index("| model | precision")
+    benches = [b for b in json.loads(E2E_JSON.read_text())["benchmarks"] if b["name"].startswith("test_e2e_step")]
+    by_row = {(b["extra_info"]["model"], b["extra_info"]["optimizer"]): b for b in benches}
+    rows = decision_rows(markdown)
+    assert sorted(row[1] for row in rows) == sorted({model for model, _ in by_row})
+    for device, model, precision, batch, sgd_step, adamw, foof, kfac, *_ in rows:
+        assert device.startswith("CPU") and precision == "fp32"
+        assert int(batch) == by_row[model, "sgd"]["extra_info"]["batch_size"]
+        assert sgd_step == report.format_seconds(by_row[model, "sgd"]["stats"]["median"])
+        adamw_ratio = by_row[model, "adamw"]["extra_info"]["ratio_mean"]
+        assert adamw == f"{adamw_ratio:.2f}× SGD"
+        for cell, optimizer in ((foof, "foof_T100_S10"), (kfac, "kfac_T100_S10")):
+            ratio = by_row[model, optimizer]["extra_info"]["ratio_mean"]
+            against_sgd, against_adamw = (float(part.split("×")[0]) for part in cell.split(", "))
+            assert against_sgd == pytest.approx(ratio, abs=0.005)
+            assert against_adamw == pytest.approx(ratio / adamw_ratio, abs=0.005)
+
+
+def test_cpu_peak_memory_is_explained_with_the_rows_numbers():
+    markdown = report.render([E2E_JSON])
+    benches = [b for b in json.loads(E2E_JSON.read_text())["benchmarks"] if b["name"].startswith("test_e2e_step")]
+    first = benches[0]["extra_info"]
+    note = next(line for line in markdown.splitlines() if line.startswith("Peak memory on CPU"))
+    assert f"`{first['model']}` `{first['optimizer']}`, {first['peak_memory_bytes'] / 2**20:.1f} MiB" in note
