@@ -183,12 +183,14 @@ class KroneckerOptimizer(Optimizer):
         """Weight of one forward's Σ a aᵀ in the input statistic (FOOF: 1)."""
         return 1.0
 
-    def _observe(self, layer: Layer, x: torch.Tensor, output, batch: int) -> None:
+    def _observe(self, layer: Layer, x: torch.Tensor, output, batch: int) -> torch.Tensor | None:
         """An observed eager training forward of `layer`: `x` its input (`layer_input`), `output` its
-        output, `batch` the forward's whole batch size. FOOF takes the input statistic; KFAC also
-        watches the output's gradient. A forward inside backward here is a reentrant checkpoint's
-        re-run, which stands for its original (run under no_grad, so not observed)."""
+        output, `batch` the forward's whole batch size; returns what the module should return
+        instead of `output`, or None. FOOF takes the input statistic; KFAC also watches the output's
+        gradient. A forward inside backward here is a reentrant checkpoint's re-run, which stands for
+        its original (run under no_grad, so not observed)."""
         self._take_input(layer, x)
+        return None
 
     # ---- statistics -------------------------------------------------------------------------
 
@@ -199,7 +201,7 @@ class KroneckerOptimizer(Optimizer):
         r = (self._steps + 1) % self.inv_period
         return r == 0 or r > self.inv_period - self.stats_steps
 
-    def _record(self, layer: Layer, module: nn.Module, args, kwargs, output) -> None:
+    def _record(self, layer: Layer, module: nn.Module, args, kwargs, output) -> torch.Tensor | None:
         """Forward hook of a layer (DESIGN §1.2). Eager: an observed forward's statistic is computed
         here, so no input is held past the hook (nor changed in place before it is read). Compiled:
         the input is recorded every step and its statistic computed when the weight's gradient is
@@ -207,12 +209,13 @@ class KroneckerOptimizer(Optimizer):
         layer computes with it (`layer_input`), which autograd keeps for the weight's gradient anyway."""
         layer.called = True
         if not (module.training and torch.is_grad_enabled() and layer.active):
-            return
+            return None
         x = args[0] if args else kwargs["input"]
         if torch.compiler.is_compiling():
             layer.inputs.append(layer_input(x, layer, self.stats_batch))
         elif not in_transform() and not in_checkpoint_recompute() and self._observing(layer):
-            self._observe(layer, layer_input(x, layer, self.stats_batch), output, batch_size(x, module))
+            return self._observe(layer, layer_input(x, layer, self.stats_batch), output, batch_size(x, module))
+        return None
 
     def _take_input(self, layer: Layer, x: torch.Tensor) -> None:
         self._accumulate(layer, INPUTS, x, layer.module, layer.bias_row, self._input_scale(x, layer.module),

@@ -11,11 +11,13 @@ Grouped convolutions are block-diagonal over their groups: each group has its ow
 from __future__ import annotations
 
 import math
+from functools import partial
 from itertools import chain
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from . import ops, sharded
 from .core import INPUTS, KroneckerOptimizer, Statistic
@@ -51,6 +53,12 @@ class _OutputGradient:
             self.layer.grad_batch += self.batch
         self.taken = True
         self.owner._take_output_grad(self.layer, grad, 1.0)
+
+
+def _edge_gradient(index: int, hook: _OutputGradient, grad_outputs: tuple) -> None:
+    """A node pre-hook handing the gradient of its output `index` to `hook`."""
+    if grad_outputs[index] is not None:
+        hook(grad_outputs[index])
 
 
 def _has_reentrant_checkpoint(node) -> bool:
@@ -119,21 +127,31 @@ class KFAC(KroneckerOptimizer):
     def _input_scale(self, x: torch.Tensor, module: nn.Module) -> float:
         return 1.0 / positions_per_sample(x, module)  # A = C / R (DESIGN §6)
 
-    def _observe(self, layer: Layer, x: torch.Tensor, output, batch: int) -> None:
+    def _observe(self, layer: Layer, x: torch.Tensor, output, batch: int):
+        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+            output = None  # nothing to take G from
+        elif output._is_view():
+            # A Linear on a [B, N, F] input returns a view; a hook on a view that is then changed in
+            # place (an inplace ReLU) never fires, so the module returns a copy (the hook's return value)
+            output = output.clone()
         if self._fisher_backward:  # backward_fisher's backward re-runs a reentrant checkpoint: G only
             self._watch_output(layer, output, batch)
-            return
+            return output
         super()._observe(layer, x, output, batch)
-        if self._warming_up or not (isinstance(output, torch.Tensor) and output.requires_grad):
-            return  # warm-up observes A only: no backward follows
+        if self._warming_up or output is None:
+            return output  # warm-up observes A only: no backward follows
         if self.fisher == "empirical":
             self._watch_output(layer, output, batch)
         elif not in_backward():  # a reentrant checkpoint's re-run in the user's backward: G came already
-            layer.outputs.append((output, batch))
+            # the edge into the layer's own node: its gradient is that of the output as the layer
+            # returned it, even after an in-place change of the output
+            layer.outputs.append((get_gradient_edge(output), batch))
+        return output
 
-    def _watch_output(self, layer: Layer, output: torch.Tensor, batch: int) -> None:
-        """G from the gradient that reaches this forward's output in backward."""
-        if isinstance(output, torch.Tensor) and output.requires_grad:
+    def _watch_output(self, layer: Layer, output: torch.Tensor | None, batch: int) -> None:
+        """G from the gradient that reaches this forward's output in backward (a tensor hook fires
+        with the gradient of the output as it was before any in-place change)."""
+        if output is not None:
             output.register_hook(_OutputGradient(self, layer, batch, empirical=not self._fisher_backward))
 
     def _take_output_grad(self, layer: Layer, grad: torch.Tensor, alpha: float) -> None:
@@ -194,7 +212,7 @@ class KFAC(KroneckerOptimizer):
             if reentrant:
                 self._backward_whole(sampled, recorded)
             else:
-                grads = torch.autograd.grad(sampled, [output for _, output, _ in recorded], retain_graph=True,
+                grads = torch.autograd.grad(sampled, [edge for _, edge, _ in recorded], retain_graph=True,
                                             allow_unused=True)
                 for (layer, _, batch), grad in zip(recorded, grads):
                     if grad is not None:
@@ -208,8 +226,9 @@ class KFAC(KroneckerOptimizer):
         params = {id(p): p for p in chain(self._group_of, (q for layer in self.layers
                                                             for q in layer.module.parameters()))}.values()
         kept = [(p, p.grad) for p in params]
-        handles = [output.register_hook(_OutputGradient(self, layer, batch, empirical=False))
-                   for layer, output, batch in recorded]
+        handles = [edge.node.register_prehook(partial(_edge_gradient, edge.output_nr,
+                                                      _OutputGradient(self, layer, batch, empirical=False)))
+                   for layer, edge, batch in recorded]
         for p in params:
             p.grad = None
         self._fisher_backward = True

@@ -36,7 +36,8 @@ class LayerHook:
     def __call__(self, *args):
         owner = self._owner()
         if owner is not None:
-            getattr(owner, self._method)(self.layer, *args)
+            return getattr(owner, self._method)(self.layer, *args)
+        return None
 
     def __deepcopy__(self, memo) -> object:
         return inert_hook

@@ -534,3 +534,43 @@ def test_layers_whose_forward_is_not_what_foof_believes_are_handled_or_named(flo
     assert all(torch.isfinite(p).all() for p in model.parameters())
     with pytest.warns(RuntimeWarning, match="no training forward of attn.out_proj, unused was observed"):
         train_step(model, opt, x, y)  # t = 2 = T: a whole period without a forward of `unused`
+
+
+# ---- KFAC's G when the layer's output is changed in place ---------------------------------------------
+
+class InplaceAfterLayers(nn.Module):
+    """A conv (plain output) and a Linear on [B, N, F] (its output a view), each followed by an
+    activation that may work in place on the layer's output."""
+
+    def __init__(self, inplace):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.token, self.head = nn.Conv2d(2, 4, 3), nn.Linear(4, 6), nn.Linear(6, 5)
+        self.act = nn.ReLU(inplace=inplace)
+        self.inplace = inplace
+
+    def forward(self, x):
+        h = self.act(self.conv(x)).flatten(2).mT.contiguous()  # [B, 9, 4]: the Linear returns a view
+        t = self.token(h)
+        t = t.mul_(2.0) if self.inplace else t * 2.0
+        return self.head(t.mean(1))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_kfac_takes_g_of_the_layer_output_before_an_in_place_change(fisher, float64):
+    x, y = batch(n=4)
+    results = []
+    for inplace in (False, True):
+        model = InplaceAfterLayers(inplace)
+        opt = fastfoof.KFAC(model, lr=0.3, fisher=fisher, inv_period=2, stats_steps=2)
+        for _ in range(3):
+            opt.zero_grad()
+            logits = model(x)
+            if fisher == "mc":
+                opt.backward_fisher(logits)
+            F.cross_entropy(logits, y).backward()
+            opt.step()
+        assert all(opt._ready(layer) for layer in opt.layers)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert rel_error(b, a) <= 1e-12
