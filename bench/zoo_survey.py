@@ -9,13 +9,18 @@ For each model (built offline, `weights=None` / `pretrained=False`, small input,
      unfold_patches`, plus the bias row) must reproduce the output: out = Ŵ·a + b;
    - `F.linear/F.convNd(x, weight, bias, module attrs)` is compared too, to say whether the
      module's forward differs from its attributes or fastfoof's geometry is wrong;
-   and per module: weight.grad must equal Σ_calls E·Aᵀ (E the output gradient), bias.grad Σ E.
-   Parameters that are all zero are re-drawn first (zero-initialised BN gammas and heads would make
-   every gradient zero and the check vacuous).
+   and per module: [weight.grad | bias.grad] must equal Σ_calls E·[A | 1]ᵀ (E the output gradient,
+   taken by a tensor hook on the output, as KFAC takes it: a hook that never fires is reported).
+   Also reported: a module whose forward never runs, an input changed in place after the forward, a
+   Linear/Conv that fastfoof does not hook (tied weight). Parameters that are all zero are re-drawn
+   first (zero-initialised BN gammas and heads would make every gradient zero and the check vacuous).
 2. FOOF and KFAC (empirical Fisher, damping=1) train a float32 copy 4 steps each on random data and
-   random labels (cross entropy); parameters must stay finite. Crashes are kept with tracebacks.
+   random labels (cross entropy); parameters must stay finite. Crashes are kept with tracebacks; a run
+   over `--budget` CPU-seconds is stopped and recorded as skipped.
 
-Every model runs in a forked child with a wall-clock limit and a memory limit.
+Every model runs in a forked child (one thread) with a wall-clock limit and a memory limit. Models are
+run smallest first; torchvision's whole classification list, and per timm family (module × name
+prefix) the smallest model plus the named ones of MUST.
 
     python bench/zoo_survey.py --out /tmp/zoo/survey.json            # the whole zoo
     python bench/zoo_survey.py --models tv:resnet18 timm:convnext_atto  # a few
@@ -28,8 +33,8 @@ import copy
 import json
 import math
 import multiprocessing as mp
-import os
 import gc
+import os
 import re
 import signal
 import time
@@ -46,7 +51,7 @@ from fastfoof.geometry import CONV_TYPES, LAYER_TYPES, patch_input
 from fastfoof.layers import find_layers
 from fastfoof.reference import unfold_patches
 
-SIZES = (64, 96, 128, 160, 224, 256, 299)
+SIZES = (64, 96, 128, 160, 224, 240, 256, 299)
 BATCH = 2
 CLASSES = 10
 TOL = 1e-9  # float64 relative error
@@ -80,7 +85,8 @@ def as_rows(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
     if t.dim() == nd + 1:
         t = t.unsqueeze(0)
     g = module.groups
-    return t.reshape(t.shape[0], g, module.out_channels // g, -1).permute(1, 0, 3, 2).reshape(g, -1, module.out_channels // g)
+    rows = module.out_channels // g
+    return t.reshape(t.shape[0], g, rows, -1).permute(1, 0, 3, 2).reshape(g, -1, rows)
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -112,6 +118,7 @@ class Recorder:
             rec = {"x": x.detach().clone(), "alias": x, "version": x._version, "out": None, "grad": None}
             if isinstance(output, torch.Tensor):
                 rec["out"] = output.detach().clone()
+                rec["out_alias"], rec["out_version"] = output, output._version
                 if output.requires_grad:
                     output.register_hook(lambda g: rec.__setitem__("grad", g.detach().clone()))
             self.calls[name].append(rec)
@@ -181,6 +188,14 @@ def check_layer(name: str, m: nn.Module, calls: list) -> tuple[list[str], dict]:
                 if gb is not None:
                     gb += eg.sum(1).reshape(-1)
     if any(k.startswith(("output", "fastfoof")) for k in kinds):
+        return sorted(set(kinds)), detail
+    if w.grad is not None and not grads_seen and any(r["out"] is not None for r in calls):
+        # the hook KFAC registers on the output tensor too: autograd never calls it when the output is a
+        # view (F.linear of a ≥3-D input) that a later op changed in place (e.g. ReLU(inplace=True))
+        views = [r["out_alias"]._base is not None and r["out_alias"]._version != r["out_version"] for r in calls]
+        kinds.append("output-gradient tensor hook never fires" +
+                     (" (output is a view changed in place after the forward)" if all(views) else "") +
+                     ": KFAC gets no G, gradient not checked")
         return sorted(set(kinds)), detail
     if w.grad is None:
         if grads_seen:
@@ -355,7 +370,7 @@ def run_model(spec: str, conn, budget: int) -> None:
         try:
             torch.manual_seed(0)
             m = build(spec, s)
-            m.eval()
+            m.train()  # training mode: auxiliary heads (inception_v3) need a larger input
             with torch.no_grad():
                 m(torch.randn(BATCH, 3, s, s))
             model, size = m, s
@@ -374,7 +389,7 @@ def run_model(spec: str, conn, budget: int) -> None:
     res["params"] = sum(p.numel() for p in model.parameters())
     if res["params"] > MAX_PARAMS:
         res["status"] = "skipped"
-        res["reason"] = f"{res['params'] / 1e6:.0f}M parameters > {MAX_PARAMS / 1e6:.0f}M (CPU budget; smaller variants of the family run)"
+        res["reason"] = too_large(res["params"], MAX_PARAMS)
         conn.send(res)
         return
     gen = torch.Generator().manual_seed(0)
@@ -396,6 +411,10 @@ def run_model(spec: str, conn, budget: int) -> None:
     res["KFAC"] = train(build(spec, size).train(), "KFAC", x, y, budget)
     res["status"] = "run"
     conn.send(res)
+
+
+def too_large(n: int, limit: float) -> str:
+    return f"{n / 1e6:.0f}M parameters > {limit / 1e6:.0f}M (CPU budget; smaller variants of the family run)"
 
 
 def rss_mb(pid: int) -> float:
@@ -483,41 +502,67 @@ def short_cls(cls: str) -> str:
     return cls.replace("torch.nn.modules.", "nn.").replace("timm.layers.", "timm.").replace("timm.models.", "timm.")
 
 
+SHORT_KINDS = [
+    ("forward never runs; weight used elsewhere (has a gradient)", "forward never runs, weight used elsewhere"),
+    ("output != W·a + b (module forward differs from F.conv/F.linear with its attributes)",
+     "output != W·a+b (forward differs from F.conv with its attributes)"),
+    ("output-gradient tensor hook never fires (output is a view changed in place after the forward): "
+     "KFAC gets no G, gradient not checked", "output tensor hook never fires (view changed in place): KFAC gets no G"),
+    ("output shape differs from the patches'", "output shape != patches' (dynamic padding)"),
+    ("fastfoof patch extraction raises", "fastfoof patch extraction raises"),
+]
+
+
+def short_kind(kind: str) -> str:
+    for long, short in SHORT_KINDS:
+        kind = kind.replace(long, short)
+    return kind
+
+
+def opt_cell(r: dict | None) -> str:
+    if not r:
+        return "-"
+    if r["status"] == "ok":
+        s = "ok"
+        if r.get("never_preconditioned"):
+            s += f" ({len(r['never_preconditioned'])} never preconditioned)"
+        return s
+    err = r.get("error", "")
+    if r["status"] == "crash":
+        err = err.split(":")[0] + ": " + err.split(":", 1)[-1].strip()[:70]
+    if r["status"] == "non-finite":
+        err = "non-finite parameters, loss " + str(r.get("losses"))
+    return f"{r['status']}: {err}".replace("|", "/").replace("\n", " ")
+
+
 def report(results: list[dict]) -> str:
-    lines = ["| model | size | params (M) | Linear/Conv | reproduce | failing layers (class: kind × n) | FOOF | KFAC |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Markdown: models with failing layers or failed runs in full, then the clean ones, then the skipped."""
+    bad = ["| model | size | params (M) | Linear/Conv | reproduce | failing layers (class: kind × n) "
+           "| FOOF 4 steps | KFAC 4 steps |", "|---|---|---|---|---|---|---|---|"]
+    clean = ["| model | size | Linear/Conv (all reproduce) | FOOF | KFAC |", "|---|---|---|---|---|"]
     skipped = []
-
-    def opt_cell(r):
-        if not r:
-            return "-"
-        if r["status"] == "ok":
-            s = f"ok {r['time']:.0f}s"
-            if r.get("never_preconditioned"):
-                s += f", {len(r['never_preconditioned'])} never preconditioned"
-            return s
-        return f"{r['status']}: {r.get('error', '')[:90]}".replace("|", "/").replace("\n", " ")
-
     for r in results:
         if r["status"] == "skipped":
-            skipped.append(r)
+            skipped.append(f"- {r['model']}: {r['reason']}")
             continue
         c = r.get("check", {})
         if "error" in c:
             fails, n, ok = f"check error: {c['error'][:80]}", "?", "?"
         else:
-            groups = Counter((short_cls(f["cls"]), "; ".join(f["kinds"])) for f in c["failures"])
-            fails = "<br>".join(f"{cls}: {kind} × {k}" for (cls, kind), k in sorted(groups.items())) or ""
+            groups = Counter((short_cls(f["cls"]), short_kind("; ".join(f["kinds"]))) for f in c["failures"])
+            fails = "<br>".join(f"{cls}: {kind} × {k}" for (cls, kind), k in sorted(groups.items()))
             n, ok = c["layers"], c["ok"]
-        lines.append(f"| {r['model']} | {r.get('size')} | {r.get('params', 0) / 1e6:.1f} | {n} | {ok} | {fails} | "
-                     f"{opt_cell(r.get('FOOF'))} | {opt_cell(r.get('KFAC'))} |")
+        foof, kfac = opt_cell(r.get("FOOF")), opt_cell(r.get("KFAC"))
+        if fails or not foof.startswith("ok") or not kfac.startswith("ok"):
+            bad.append(f"| {r['model']} | {r.get('size')} | {r.get('params', 0) / 1e6:.1f} | {n} | {ok} | {fails} | "
+                       f"{foof} | {kfac} |")
+        else:
+            clean.append(f"| {r['model']} | {r.get('size')} | {n} | {foof} | {kfac} |")
+    out = ["Models with a failing layer or a run that did not finish:", ""] + bad
+    out += ["", "Models whose every Linear/Conv layer reproduces output and gradient, and FOOF/KFAC ran:", ""] + clean
     if skipped:
-        lines += ["", "Skipped:", ""] + [f"- {r['model']}: {r['reason']}" for r in skipped]
-    partial = [r for r in results if r["status"] == "partial"]
-    if partial:
-        lines += ["", "Partial (layer check done, training stopped):", ""] + \
-                 [f"- {r['model']}: {r['reason']}" for r in partial]
-    return "\n".join(lines)
+        out += ["", "Skipped:", ""] + skipped
+    return "\n".join(out)
 
 
 def main():
@@ -553,7 +598,7 @@ def main():
         n = sizes[spec]
         if n is not None and n > args.max_params:
             res = {"model": spec, "status": "skipped", "params": n,
-                   "reason": f"{n / 1e6:.0f}M parameters > {args.max_params / 1e6:.0f}M (CPU budget; smaller variants of the family run)"}
+                   "reason": too_large(n, args.max_params)}
         else:
             res = survey_one(spec, args.timeout, args.max_rss_mb, args.budget)
         results.append(res)
