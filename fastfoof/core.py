@@ -54,7 +54,7 @@ class KroneckerOptimizer(Optimizer):
                  momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, ema_decay: float = 0.95, inv_period: int = 100,
                  stats_steps: int = 10, precondition_bias: bool = True, skip: Skip = None,
-                 backend: str = "auto", process_group=None):
+                 backend: str = "auto", rank: int | None = None, process_group=None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
         if not damping > 0:
@@ -65,6 +65,8 @@ class KroneckerOptimizer(Optimizer):
             raise ValueError(f"inv_period: must be an integer ≥ 1, got {inv_period}")
         if not (isinstance(stats_steps, int) and 1 <= stats_steps <= inv_period):
             raise ValueError(f"stats_steps: must be an integer in [1, inv_period={inv_period}], got {stats_steps}")
+        if rank is not None and not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+            raise ValueError(f"rank: must be None or an integer ≥ 1, got {rank!r}")
         self.backend = ops.check_backend(backend)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         weight_decay=weight_decay)
@@ -77,6 +79,7 @@ class KroneckerOptimizer(Optimizer):
         self.inv_period = inv_period
         self.stats_steps = stats_steps
         self.precondition_bias = precondition_bias
+        self.rank = rank
         self.process_group = process_group
         self.layers = find_layers(model, skip)
         self._hooks = [layer.module.register_forward_hook(partial(self._record, layer), with_kwargs=True)
@@ -137,6 +140,10 @@ class KroneckerOptimizer(Optimizer):
             self._blocks.append(Block(params, [self._group_of[p] for p in params], layer.groups))
         self._blocks += [Block([p], [group]) for p, group in self._group_of.items() if p not in in_layer]
         self._layer_of_block = {id(b): layer for b, layer in zip(self._blocks, self._active)}
+
+    def _low_rank(self, layer: Layer) -> bool:
+        """Whether the layer's input factor is kept as its top `rank` eigenpairs (DESIGN §1.3)."""
+        return self.rank is not None and layer.dim_out > 2 * self.rank
 
     # ---- what a subclass defines ------------------------------------------------------------
 

@@ -541,7 +541,8 @@ def _float32_matmul_precision(precision: str):
 
 def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | None], *, damping: float,
                            grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
-    """DESIGN §1.4: U = Ĝ·P per block (G/λ without P), then each parameter's SGD epilogue.
+    """DESIGN §1.4: U = Ĝ·P per block (low rank: from (Q, s), §1.3; G/λ without P), then each
+    parameter's SGD epilogue.
 
     `blocks` are `fastfoof.layers.Block`s; each parameter's lr, momentum, dampening, nesterov and
     weight_decay come from its param group. `momentum_buffers` is aligned with the blocks'
@@ -604,12 +605,17 @@ def block_updates(block, damping: float) -> list[torch.Tensor | None]:
     """U for each parameter of a block, in the statistics' dtype; None where the grad is None."""
     grads = [p.grad for p in block.params]
     dtype = stat_dtype(block.params[0].dtype)
-    if block.precond is None:
+    if block.precond is None and block.eigvecs is None:
         return [None if g is None else g.to(dtype) / damping for g in grads]
     weight = block.params[0]
     if grads[0] is None:
         return [None] * len(grads)
-    u = torch.bmm(joint_gradient(block) if block.grad is None else block.grad, block.precond)
+    g = joint_gradient(block) if block.grad is None else block.grad
+    if block.eigvecs is None:
+        u = torch.bmm(g, block.precond)
+    else:  # U = (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ (DESIGN §1.3)
+        q, s = block.eigvecs, block.eigvals
+        u = torch.baddbmm(g, torch.bmm(g, q) * (s / (s + damping))[:, None, :], q.mT, alpha=-1).div_(damping)
     dim = weight[0].numel()
     updates = [u[..., :dim].reshape(weight.shape)]
     if len(grads) == 2:
@@ -672,3 +678,84 @@ def _eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return values, vectors, torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
     bad = ~(torch.isfinite(values.sum(-1)) & torch.isfinite(vectors.sum((-2, -1))))
     return values, vectors, bad
+
+
+# ---- low-rank preconditioner (DESIGN §1.3, `rank`) ----------------------------------------------
+#
+# The top r eigenpairs of s·M by randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg.
+# 4.4 with Rayleigh–Ritz, 5.3): Y = M·Ω for a Gaussian Ω of k = `sketch_size` columns (r plus an
+# oversampling of r/4, at least LOW_RANK_MIN_OVERSAMPLING), LOW_RANK_POWER_STEPS times Y ← M·orth(Y),
+# then the eigenpairs of QᵀMQ on Q = orth(Y), the top r kept: (LOW_RANK_POWER_STEPS + 2)·2·D²·k flops
+# per matrix against Cholesky's and the inverse's 4/3·D³. Measured on flat (Wishart) and slowly
+# decaying (k^-0.5, k^-1, k^-2, e^(-k/30)) spectra and a ReLU conv gram, D' = 577, r ∈ {32, 128, 256}:
+# ‖M − Q diag(s) Qᵀ‖_F within 1.031× of the exact truncation's (DESIGN asks 1.05×); one power step
+# less, or an oversampling of 10, gives up to 1.11×. Ω is drawn from a generator seeded with
+# LOW_RANK_SEED for every matrix, so that a decomposition depends on its matrix alone (not on the
+# others in the call, the rank that computes it under DDP, or a resume).
+LOW_RANK_POWER_STEPS = 3
+LOW_RANK_MIN_OVERSAMPLING = 10
+LOW_RANK_SEED = 0
+
+
+def sketch_size(dim: int, rank: int) -> int:
+    """Columns of the random subspace for the top `rank` eigenpairs of a `dim`-sized matrix."""
+    return min(dim, rank + max(LOW_RANK_MIN_OVERSAMPLING, rank // 4))
+
+
+def top_eigenpairs(mats: list[torch.Tensor], rank: int, damping: float, *,
+                   scales: list[torch.Tensor | None] | None = None,
+                   previous: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
+                   ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+    """(s, Q) for each symmetric [G, D, D] M (D > rank): the top `rank` eigenvalues [G, r] (descending)
+    and eigenvectors [G, D, r] of s·M, by the randomized method above, and a status per matrix ([G]
+    int8, as `damped_inverse`). A decomposition that is non-finite, fails, or leaves Σ̂_r + λI
+    indefinite (an eigenvalue ≤ −λ) is retried in float64, then keeps `previous` ((s, Q)), or (0, I[:, :r])
+    where there is none: P = I/λ. One host synchronisation per call, to decide the fallbacks."""
+    if not mats:
+        return [], []
+    scales = scales if scales is not None else [None] * len(mats)
+    previous = previous if previous is not None else [None] * len(mats)
+    results, failed = [], []
+    for m, scale in zip(mats, scales):
+        s, q, bad = _top_eigenpairs(m, scale, rank, damping)
+        results.append((s, q))
+        failed.append(bad)
+    status = [torch.zeros(m.shape[0], dtype=torch.int8, device=m.device) for m in mats]
+    for i, fails in enumerate(_read_failures(failed)):
+        if not fails.any():
+            continue
+        idx = fails.nonzero().squeeze(1).to(mats[i].device)
+        scale = None if scales[i] is None else scales[i].double()
+        # one by one: LAPACK fails a whole batch for one bad matrix
+        s64, q64, bad64 = (torch.cat(parts) for parts in zip(*(_top_eigenpairs(one, scale, rank, damping)
+                                                               for one in mats[i][idx].double().split(1))))
+        s, q = results[i]
+        if previous[i] is not None:
+            kept_s, kept_q = (t[idx].to(s.dtype) for t in previous[i])
+        else:
+            kept_s = torch.zeros_like(s[idx])
+            kept_q = torch.eye(q.shape[1], rank, dtype=q.dtype, device=q.device).expand(len(idx), -1, -1)
+        retried = ~bad64
+        s[idx] = torch.where(retried[:, None], s64.to(s.dtype), kept_s)
+        q[idx] = torch.where(retried[:, None, None], q64.to(q.dtype), kept_q)
+        status[i][idx] = torch.where(retried, RETRIED, KEPT_PREVIOUS).to(torch.int8)
+    return results, status
+
+
+def _top_eigenpairs(m: torch.Tensor, scale: torch.Tensor | None, rank: int, damping: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s, Q, failed) of one batch [G, D, D]: `top_eigenpairs` without the fallbacks; failed: [G] bool."""
+    groups, dim = m.shape[0], m.shape[-1]
+    generator = torch.Generator(m.device).manual_seed(LOW_RANK_SEED)
+    omega = torch.randn(groups, dim, sketch_size(dim, rank), generator=generator, dtype=m.dtype, device=m.device)
+    y = _matmul(m, omega, tf32=False)
+    for _ in range(LOW_RANK_POWER_STEPS):
+        y = _matmul(m, torch.linalg.qr(y).Q, tf32=False)
+    basis = torch.linalg.qr(y).Q
+    values, vectors, bad = _eigh(_symmetric(_matmul(basis.mT, _matmul(m, basis, tf32=False), tf32=False)))
+    s = values[..., -rank:].flip(-1)
+    q = _matmul(basis, vectors[..., -rank:].flip(-1), tf32=False)
+    if scale is not None:
+        s = s * scale.to(s.dtype)
+    bad = bad | ~torch.isfinite(s.sum(-1)) | ~torch.isfinite(q.sum((-2, -1))) | ~(s > -damping).all(-1)
+    return s, q, bad

@@ -519,7 +519,10 @@ def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | N
     for block in blocks:
         first = block.params[0]
         variants, plain, scalar_rows = launches.setdefault((first.device, first.dtype), ({}, {}, []))
-        if block.precond is None:
+        if block.eigvecs is not None:  # low rank (DESIGN §1.3): the reference, until its kernel
+            if first.grad is not None:
+                _reference_block(block, slot, momentum_buffers, damping, grad_scale, found_inf)
+        elif block.precond is None:
             if first.grad is not None:
                 if _plain_ready(first, momentum_buffers[slot]):
                     entry, vec = _plain_entry(first, slot, momentum_buffers, scalar_rows, block.options[0])
