@@ -145,6 +145,17 @@ class KroneckerOptimizer(Optimizer):
         """Whether the layer's input factor is kept as its top `rank` eigenpairs (DESIGN §1.3)."""
         return self.rank is not None and layer.dim_out > 2 * self.rank
 
+    def _has_input_factor(self, layer: Layer) -> bool:
+        """Whether the layer's state holds its input factor's preconditioner for its current D': P
+        (KFAC exact: Q_Aᵀ), or the top eigenvectors of a low-rank layer."""
+        factor = self.state[layer.weight].get("top_eigvecs" if self._low_rank(layer) else "precond")
+        return factor is not None and factor.shape[1] == layer.dim_out
+
+    def _top_eigenpairs_like(self, ema: torch.Tensor) -> dict:
+        """Empty (s, Q) of a low-rank layer with the input statistic `ema`, for `_preconditioners_like`."""
+        return {"top_eigvals": ema.new_empty(ema.shape[0], self.rank),
+                "top_eigvecs": ema.new_empty(ema.shape[0], ema.shape[-1], self.rank)}
+
     # ---- what a subclass defines ------------------------------------------------------------
 
     def _ready(self, layer: Layer) -> bool:

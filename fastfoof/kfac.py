@@ -141,10 +141,8 @@ class KFAC(KroneckerOptimizer):
     # ---- preconditioners --------------------------------------------------------------------
 
     def _ready(self, layer: Layer) -> bool:
-        state = self.state[layer.weight]
-        factor = state.get("top_eigvecs" if self._low_rank(layer) else "precond")
-        return factor is not None and factor.shape[1] == layer.dim_out and \
-            ("grad_eigvecs" if self.damping_mode == "exact" else "grad_precond") in state
+        return self._has_input_factor(layer) and \
+            ("grad_eigvecs" if self.damping_mode == "exact" else "grad_precond") in self.state[layer.weight]
 
     def _preconditioners(self, layers: list[Layer], states: list[dict]) -> tuple[list[dict], list[torch.Tensor]]:
         # bias correction 1/n; an empty EMA (n = 0) gives a zero factor, whose preconditioner the
@@ -166,8 +164,8 @@ class KFAC(KroneckerOptimizer):
         inverses, status = ops.damped_inverse_with_status(mats, 1.0, previous=previous, backend=self.backend)
         a_inverses, a_status = iter(inverses[:len(dense)]), iter(status[:len(dense)])
         g_inverses, g_status = inverses[len(dense):], status[len(dense):]
-        # A low rank: (Â_r + d_A I)⁻¹ = (λ/d_A)·((λ/d_A)·Â_r + λI)⁻¹, so the top eigenpairs of (λ/d_A)·Â let
-        # the update's λ serve every d_A, and λ/d_A joins (G + d_G I)⁻¹
+        # A low rank: (Â_r + d_A I)⁻¹ = (λ/d_A)·((λ/d_A)·Â_r + λI)⁻¹, so the top eigenpairs of (λ/d_A)·Â
+        # let the update's λ serve every d_A, and λ/d_A joins (G + d_G I)⁻¹
         ratios = [self.damping / d for d in d_a]
         pairs, pair_status = ops.top_eigenpairs_with_status(
             [s["ema"] * (a * r)[:, None, None] for s, a, r, is_low in zip(states, a_scale, ratios, low) if is_low],
@@ -180,7 +178,8 @@ class KFAC(KroneckerOptimizer):
             p_g = g_inverses[i].div_(d_g[i][:, None, None])  # in place: P's layout stays
             if low[i]:
                 s, q = next(pairs)
-                results.append({"top_eigvals": s, "top_eigvecs": q, "grad_precond": p_g.mul_(ratios[i][:, None, None])})
+                results.append({"top_eigvals": s, "top_eigvecs": q,
+                                "grad_precond": p_g.mul_(ratios[i][:, None, None])})
                 codes.append(torch.cat([next(pair_status), g_status[i]]))
             else:
                 results.append({"precond": next(a_inverses).div_(d_a[i][:, None, None]), "grad_precond": p_g})
@@ -223,11 +222,8 @@ class KFAC(KroneckerOptimizer):
         templates = []
         for layer, s in zip(layers, states):
             a, g = s["ema"], s["grad_ema"]
-            if self._low_rank(layer):
-                tensors = {"top_eigvals": a.new_empty(a.shape[0], self.rank),
-                           "top_eigvecs": a.new_empty(a.shape[0], a.shape[-1], self.rank)}
-            else:
-                tensors = {"precond": padded_zeros(a.shape[0], a.shape[-1], a.dtype, a.device)}  # P's layout
+            tensors = self._top_eigenpairs_like(a) if self._low_rank(layer) else \
+                {"precond": padded_zeros(a.shape[0], a.shape[-1], a.dtype, a.device)}  # P's layout
             if self.damping_mode == "exact":
                 tensors.update(eigvals=a.new_empty(a.shape[:-1]), grad_eigvecs=torch.empty_like(g),
                                grad_eigvals=g.new_empty(g.shape[:-1]))

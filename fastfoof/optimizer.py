@@ -45,9 +45,7 @@ class FOOF(KroneckerOptimizer):
     KIND = "FOOF"
 
     def _ready(self, layer: Layer) -> bool:
-        state = self.state[layer.weight]
-        factor = state.get("top_eigvecs" if self._low_rank(layer) else "precond")
-        return factor is not None and factor.shape[1] == layer.dim_out
+        return self._has_input_factor(layer)
 
     def _preconditioners(self, layers: list[Layer], states: list[dict]) -> tuple[list[dict], list[torch.Tensor]]:
         """P = (Σ/n + λI)⁻¹ (DESIGN §1.3), one batched call for all dense layers; the top `rank`
@@ -73,13 +71,9 @@ class FOOF(KroneckerOptimizer):
         templates = []
         for layer, s in zip(layers, states):
             ema = s["ema"]
-            groups, dim = ema.shape[0], ema.shape[-1]
-            if self._low_rank(layer):
-                tensors = {"top_eigvals": ema.new_empty(groups, self.rank),
-                           "top_eigvecs": ema.new_empty(groups, dim, self.rank)}
-            else:
-                tensors = {"precond": padded_zeros(groups, dim, ema.dtype, ema.device)}
-            templates.append((tensors, torch.empty(groups, dtype=torch.int8, device=ema.device)))
+            tensors = self._top_eigenpairs_like(ema) if self._low_rank(layer) else \
+                {"precond": padded_zeros(ema.shape[0], ema.shape[-1], ema.dtype, ema.device)}
+            templates.append((tensors, torch.empty(ema.shape[0], dtype=torch.int8, device=ema.device)))
         return templates
 
     def _prepare_block(self, block: Block, layer: Layer, state: dict) -> None:

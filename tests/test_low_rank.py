@@ -25,18 +25,25 @@ def relu_conv_gram(groups, dim, gen):
     """The patch gram of ReLU'd, spatially smoothed random images (a conv layer's Σ): 3×3 patches of
     (dim − 1) / 9 channels plus the bias row."""
     channels = (dim - 1) // 9
-    x = F.avg_pool2d(torch.randn(groups * 24, channels, 13, 11, generator=gen, dtype=torch.float64), 3, 1, 1).relu()
-    a = F.unfold(x, 3, padding=1).reshape(groups, 24, channels * 9, -1).transpose(1, 2).reshape(groups, channels * 9, -1)
+    x = torch.randn(groups * 24, channels, 13, 11, generator=gen, dtype=torch.float64)
+    x = F.avg_pool2d(x, 3, 1, 1).relu()
+    a = F.unfold(x, 3, padding=1).reshape(groups, 24, channels * 9, -1).transpose(1, 2)
+    a = a.reshape(groups, channels * 9, -1)
     a = torch.cat([a, torch.ones(groups, 1, a.shape[-1], dtype=torch.float64)], 1)
     return a @ a.mT / 24
+
+
+def wishart(groups, dim, samples, gen):
+    """A·Aᵀ/dim of Gaussian A [dim, samples]: a flat spectrum, the hardest for a low-rank method."""
+    a = torch.randn(groups, dim, samples, generator=gen, dtype=torch.float64)
+    return a @ a.mT / dim
 
 
 DIM = 397  # odd, 44 channels × 9 + 1
 k = torch.arange(1, DIM + 1, dtype=torch.float64)
 SPECTRA = {
-    "wishart": lambda gen: (lambda a: a @ a.mT / DIM)(torch.randn(2, DIM, 2 * DIM + 3, generator=gen,
-                                                                   dtype=torch.float64)),
-    "wishart-short": lambda gen: (lambda a: a @ a.mT / DIM)(torch.randn(2, DIM, 301, generator=gen, dtype=torch.float64)),
+    "wishart": lambda gen: wishart(2, DIM, 2 * DIM + 3, gen),
+    "wishart-short": lambda gen: wishart(2, DIM, 301, gen),
     "power-0.5": lambda gen: rotated(2, k ** -0.5, gen),
     "power-1": lambda gen: rotated(2, k ** -1.0, gen),
     "power-2": lambda gen: rotated(2, k ** -2.0, gen),
