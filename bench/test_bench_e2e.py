@@ -11,8 +11,10 @@ load hits both sides alike.
 
 Rows: SGD+M (foreach), AdamW (fused on CUDA, foreach on CPU), FOOF (T=100, S=10; S=100), FOOF
 through the reference ops (CUDA: what the Triton kernels buy), KFAC (heuristic damping, Monte Carlo
-Fisher, T=100, S=10: its extra backward on observed steps included), and with the model under
-`torch.compile` (inductor): SGD+M and FOOF. Precisions: fp32, and on CUDA bf16 autocast with
+Fisher, T=100, S=10: its extra backward on observed steps included), with the model under
+`torch.compile` (inductor): SGD+M and FOOF, and FOOF at its cost floor (`rank` 256 and 512: the
+top-r eigenpairs for layers with D' > 2r; ResNet-18 only, on CPU at batch 16 and, as the model
+resnet18_cifar_b128, at 128 next to full FOOF). Precisions: fp32, and on CUDA bf16 autocast with
 channels_last model and inputs. On CUDA (where the GPU check's time is short) only ResNet-18 runs,
 and its compiled rows only in bf16.
 
@@ -24,11 +26,17 @@ FASTFOOF_BENCH_SMOKE=1: narrow models, batch 4, 3 rounds, no compiled rows, no C
 profiler's start-up would dominate).
 
 `test_inversion_round` times one inversion round of every layer of ResNet-18 from the statistics of
-one batch: FOOF (one factor per layer), KFAC heuristic (two) and KFAC exact (two eigendecompositions).
+one batch: FOOF (one factor per layer; with rank 256 and 512, the top eigenpairs of the wide ones), KFAC
+heuristic (two factors) and KFAC exact (two eigendecompositions).
+
+`test_digits_final_loss` trains the examples' small conv net on digits (10 epochs) with full FOOF and
+with `rank=256` at the same lr and damping, and records the final training loss (extra_info
+"final_train_loss"): what the cheaper preconditioner costs in training.
 """
 from __future__ import annotations
 
 import gc
+import math
 import json
 import os
 import statistics
@@ -58,15 +66,17 @@ LR = 0.01  # small enough that no run diverges over the rounds (a diverged run w
 # name -> (model factory, batch size on CUDA, batch size on CPU)
 MODELS = {
     "resnet18_cifar": (lambda: resnet18(width=8 if SMOKE else 64), 128, 16),
+    # ResNet-18 at CUDA's batch on CPU too, for the rows of what FOOF's cost floor options buy (COST_FLOOR)
+    "resnet18_cifar_b128": (lambda: resnet18(width=8 if SMOKE else 64), 128, 128),
     "smallconv_cifar": (lambda: SmallConvNet(in_channels=3, width=8 if SMOKE else 32), 128, 128),
 }
 # precision -> (autocast dtype or None, channels_last); bf16 rows need CUDA
 PRECISIONS = {"fp32": (None, False), "bf16_channels_last": (torch.bfloat16, True)}
 
 
-def foof(backend="auto", stats_steps=10):
+def foof(backend="auto", stats_steps=10, **options):
     return lambda m: fastfoof.FOOF(m, lr=LR, momentum=0.9, inv_period=INV_PERIOD, stats_steps=stats_steps,
-                                   backend=backend)
+                                   backend=backend, **options)
 
 
 # name -> (factory(model) -> optimizer, compiled model, needs CUDA)
@@ -81,7 +91,13 @@ OPTIMIZERS = {
                                               damping_mode="heuristic", fisher="mc"), False, False),
     "sgd_compiled": (lambda m: torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9, foreach=True), True, False),
     "foof_T100_S10_compiled": (foof(), True, False),
+    # FOOF at its cost floor (issue 20): a low-rank preconditioner for layers with D' > 2·rank.
+    # stats_batch's rows (at most B/4 samples per statistic, alone and with rank 256) belong here too.
+    "foof_T100_S10_rank256": (foof(rank=256), False, False),
+    "foof_T100_S10_rank512": (foof(rank=512), False, False),
 }
+# The rows that compare the cost floor options with full FOOF: the only ones resnet18_cifar_b128 runs
+COST_FLOOR = ("foof_T100_S10", "foof_T100_S10_rank256", "foof_T100_S10_rank512")
 
 
 def baseline_of(optimizer: str) -> str:
@@ -149,6 +165,10 @@ def cpu_peak_bytes(fn) -> int:
 
 
 def skip_reason(model: str, precision: str, optimizer: str) -> str | None:
+    if model == "resnet18_cifar_b128" and (CUDA or SMOKE or optimizer not in COST_FLOOR):
+        return "CPU rows of the cost floor options at full size (on CUDA resnet18_cifar runs at batch 128)"
+    if optimizer in COST_FLOOR[1:] and (not model.startswith("resnet") or CUDA and PRECISIONS[precision][0] is None):
+        return "the cost floor rows are ResNet-18's (on CUDA in bf16 with channels_last)"
     if OPTIMIZERS[optimizer][2] and not CUDA:
         return "needs CUDA (on CPU this row is foof_T100_S10)"
     if PRECISIONS[precision][0] is not None and not CUDA:
@@ -224,12 +244,13 @@ def test_e2e_step(benchmark, model, precision, optimizer):
             info["ratio_mean"] = row.mean / baseline_median
 
 
-@pytest.mark.parametrize("kind", ["foof", "kfac_heuristic", "kfac_exact"])
+@pytest.mark.parametrize("kind", ["foof", "foof_rank256", "foof_rank512", "kfac_heuristic", "kfac_exact"])
 def test_inversion_round(benchmark, kind):
     torch.manual_seed(0)
     model = MODELS["resnet18_cifar"][0]().to(DEVICE)
-    if kind == "foof":
-        opt = fastfoof.FOOF(model, lr=LR, inv_period=INV_PERIOD)
+    if kind.startswith("foof"):
+        rank = int(kind.removeprefix("foof_rank")) if "rank" in kind else None
+        opt = fastfoof.FOOF(model, lr=LR, inv_period=INV_PERIOD, rank=rank)
     else:
         opt = fastfoof.KFAC(model, lr=LR, inv_period=INV_PERIOD, damping_mode=kind.split("_")[1])
     x, y = fixed_batch(4 if SMOKE else 16)
@@ -243,5 +264,49 @@ def test_inversion_round(benchmark, kind):
     benchmark.pedantic(round_, rounds=2 if SMOKE else 5, warmup_rounds=1)
     dims = [layer.dim_out for layer in opt._active]
     benchmark.extra_info.update(kind=kind, layers=len(dims), max_dim=max(dims), smoke=SMOKE,
+                                low_rank_layers=sum(opt._low_rank(layer) for layer in opt._active),
                                 device=torch.cuda.get_device_name() if CUDA else "cpu",
                                 backend=ops.resolve_backend(opt.backend, DEVICE))
+
+
+# Digits, as examples/compare_optimizers.py trains it (its data, net, seed, batches, momentum 0.9 and
+# damping 1): the final training loss of the cost floor options against full FOOF at the same lr.
+# stats_batch's rows belong here too.
+DIGITS_VARIANTS = {"foof": {}, "foof_rank256": {"rank": 256}}
+DIGITS_LRS = (0.3, 1.0)  # FOOF's best two on digits (README)
+DIGITS_EPOCHS, DIGITS_BATCH = 10, 64
+
+
+@pytest.mark.parametrize("lr", DIGITS_LRS)
+@pytest.mark.parametrize("variant", list(DIGITS_VARIANTS))
+def test_digits_final_loss(benchmark, variant, lr):
+    from compare_optimizers import load_digits_data
+
+    x_train, y_train, _, _ = load_digits_data()
+    torch.manual_seed(0)
+    model = SmallConvNet(in_channels=1, num_classes=10)
+    opt = fastfoof.FOOF(model, lr=lr, damping=1.0, momentum=0.9, **DIGITS_VARIANTS[variant])
+    order = torch.Generator().manual_seed(0)
+    epochs, steps = (1, 3) if SMOKE else (DIGITS_EPOCHS, len(x_train) // DIGITS_BATCH)
+
+    def train() -> list[float]:
+        losses = []
+        for _ in range(epochs):
+            perm = torch.randperm(len(x_train), generator=order)
+            total = 0.0
+            for i in range(steps):
+                idx = perm[i * DIGITS_BATCH:(i + 1) * DIGITS_BATCH]
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+                loss.backward()
+                opt.step()
+                total += loss.item()
+            losses.append(total / steps)
+        return losses
+
+    losses = benchmark.pedantic(train, rounds=1, iterations=1)
+    assert all(math.isfinite(loss) for loss in losses)
+    benchmark.extra_info.update(variant=variant, lr=lr, damping=1.0, epochs=epochs, batch_size=DIGITS_BATCH,
+                                final_train_loss=losses[-1], epoch_losses=losses, smoke=SMOKE,
+                                low_rank_layers=[layer.name for layer in opt.layers if opt._low_rank(layer)],
+                                diagnostics=opt.diagnostics)

@@ -13,6 +13,10 @@ Triton rows run where CUDA is present (the only skip). On CPU the reference runs
 samples, so that each call stays under CPU_MACS multiply-adds and the suite within a minute
 (extra_info["samples"] and ["reduced"] say so). FASTFOOF_BENCH_SMOKE=1 uses one sample and
 spatial sizes of at most 8.
+
+`test_reference_at_batch` (CPU only) times the reference on the ResNet layers' fp32 inputs at the
+training batch sizes of bench/test_bench_e2e.py, 16 and 128, with the allocator's peak of one call
+above what was allocated before (the workspace: the chunk of patch vectors and its padded input).
 """
 import math
 import os
@@ -123,4 +127,36 @@ def test_patch_gram(benchmark, layer, layout, path, dtype):
         device=torch.cuda.get_device_name() if CUDA else "cpu")
     if benchmark.stats is not None:  # absent under --benchmark-disable
         benchmark.extra_info["tflops"] = 2 * macs / benchmark.stats.stats.mean / 1e12
+    assert torch.isfinite(out).all()
+
+
+BATCH_LAYERS = [name for name in sorted(LAYERS) if name.startswith("resnet")]
+BATCHES = (16, 128)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("layer", BATCH_LAYERS)
+def test_reference_at_batch(benchmark, layer, batch):
+    if CUDA:
+        pytest.skip("CPU rows: on CUDA the patch gram rows are the Triton paths'")
+    from test_bench_e2e import cpu_peak_bytes
+
+    make, full = LAYERS[layer]
+    module = make()
+    shape = (1, full[1]) + tuple(min(s, SMOKE_SIZE) for s in full[2:]) if SMOKE else (batch,) + full[1:]
+    x = torch.randn(shape)
+    groups, dim = patch_dim(module)
+    bias = getattr(module, "bias", None) is not None
+    out = torch.empty(groups, dim + bias, dim + bias)
+
+    def run():
+        ops.patch_gram_(out, x, module, bias=bias, backend="reference")
+
+    run()
+    benchmark.pedantic(run, rounds=1 if SMOKE else 3, iterations=1, warmup_rounds=0)
+    _, geom = patch_input(x, module)
+    benchmark.extra_info.update(input_shape=list(shape), samples=shape[0], groups=groups, dim_out=dim + bias,
+                                positions=shape[0] * geom.positions, device="cpu",
+                                im2col_bytes=shape[0] * geom.positions * groups * dim * x.element_size(),
+                                peak_memory_bytes=None if SMOKE else cpu_peak_bytes(run))
     assert torch.isfinite(out).all()

@@ -63,7 +63,8 @@ class KroneckerOptimizer(Optimizer):
                  momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, ema_decay: float = 0.95, inv_period: int = 100,
                  stats_steps: int = 10, precondition_bias: bool = True, skip: Skip = None,
-                 backend: str = "auto", stats_batch: int | None = None, process_group=None):
+                 backend: str = "auto", stats_batch: int | None = None,
+                 rank: int | None = None, process_group=None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
         if not (_is_number(damping) and damping > 0):
@@ -76,6 +77,8 @@ class KroneckerOptimizer(Optimizer):
             raise ValueError(f"stats_steps: must be an integer in [1, inv_period={inv_period}], got {stats_steps!r}")
         if stats_batch is not None and not (_is_int(stats_batch) and stats_batch >= 1):
             raise ValueError(f"stats_batch: must be None or an integer ≥ 1, got {stats_batch!r}")
+        if rank is not None and not (_is_int(rank) and rank >= 1):
+            raise ValueError(f"rank: must be None or an integer ≥ 1, got {rank!r}")
         self.backend = ops.check_backend(backend)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         weight_decay=weight_decay)
@@ -91,6 +94,7 @@ class KroneckerOptimizer(Optimizer):
         self.stats_steps = stats_steps
         self.stats_batch = stats_batch
         self.precondition_bias = precondition_bias
+        self.rank = rank
         # under FSDP2 the ranks of the parameters' mesh share statistics and inversions
         mesh_group = sharded.mesh_group(p for group in self.param_groups for p in group["params"])
         self.process_group = process_group if process_group is not None else mesh_group
@@ -162,6 +166,21 @@ class KroneckerOptimizer(Optimizer):
             self._blocks.append(Block(params, [self._group_of[p] for p in params], layer.groups))
         self._blocks += [Block([p], [group]) for p, group in self._group_of.items() if p not in in_layer]
         self._layer_of_block = {id(b): layer for b, layer in zip(self._blocks, self._active)}
+
+    def _low_rank(self, layer: Layer) -> bool:
+        """Whether the layer's input factor is kept as its top `rank` eigenpairs (DESIGN §1.3)."""
+        return self.rank is not None and layer.dim_out > 2 * self.rank
+
+    def _has_input_factor(self, layer: Layer) -> bool:
+        """Whether the layer's state holds its input factor's preconditioner for its current D': P
+        (KFAC exact: Q_Aᵀ), or the top eigenvectors of a low-rank layer."""
+        factor = self.state[layer.weight].get("top_eigvecs" if self._low_rank(layer) else "precond")
+        return factor is not None and factor.shape[1] == layer.dim_out
+
+    def _top_eigenpairs_like(self, ema: torch.Tensor) -> dict:
+        """Empty (s, Q) of a low-rank layer with the input statistic `ema`, for `_preconditioners_like`."""
+        return {"top_eigvals": ema.new_empty(ema.shape[0], self.rank),
+                "top_eigvecs": ema.new_empty(ema.shape[0], ema.shape[-1], self.rank)}
 
     # ---- what a subclass defines ------------------------------------------------------------
 

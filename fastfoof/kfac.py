@@ -90,6 +90,8 @@ class KFAC(KroneckerOptimizer):
         fisher: "empirical" (G from the gradients of your own loss, recorded in your backward) or
             "mc" (the paper's choice: G from a loss on labels sampled from the model; call
             `backward_fisher(logits)` before your own backward on observed steps).
+        rank: as FOOF's, for A: layers with D' > 2r use (Â_r + d_A I)⁻¹ from the top r eigenpairs of
+            Â (heuristic and factor damping; damping_mode="exact" takes no rank).
 
     The diagnostics `cholesky_retries` / `cholesky_failures` count the factorisations of either
     factor (eigendecompositions for "exact"). `warm_up()` observes A only: G needs a backward, so
@@ -104,9 +106,11 @@ class KFAC(KroneckerOptimizer):
                  dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
                  ema_decay: float = 0.95, inv_period: int = 100, stats_steps: int = 10,
                  precondition_bias: bool = True, skip: Skip = None, backend: str = "auto",
-                 stats_batch: int | None = None, process_group=None):
+                 stats_batch: int | None = None, rank: int | None = None, process_group=None):
         if damping_mode not in DAMPING_MODES:
             raise ValueError(f"damping_mode: expected one of {DAMPING_MODES}, got {damping_mode!r}")
+        if rank is not None and damping_mode == "exact":
+            raise ValueError("rank: a low-rank A is not available with damping_mode='exact'")
         if fisher not in FISHERS:
             raise ValueError(f"fisher: expected one of {FISHERS}, got {fisher!r}")
         self.damping_mode = damping_mode
@@ -114,7 +118,7 @@ class KFAC(KroneckerOptimizer):
         super().__init__(model, params, lr=lr, damping=damping, momentum=momentum, dampening=dampening,
                          nesterov=nesterov, weight_decay=weight_decay, ema_decay=ema_decay, inv_period=inv_period,
                          stats_steps=stats_steps, precondition_bias=precondition_bias, skip=skip, backend=backend,
-                         stats_batch=stats_batch, process_group=process_group)
+                         stats_batch=stats_batch, rank=rank, process_group=process_group)
         self._output_modules = {id(layer): output_module(layer.module) for layer in self.layers}
         # backward_fisher samples from generators of the optimizer's own (one per device), whose
         # states the state_dict carries: a resumed run draws the same labels
@@ -270,10 +274,8 @@ class KFAC(KroneckerOptimizer):
     # ---- preconditioners --------------------------------------------------------------------
 
     def _ready(self, layer: Layer) -> bool:
-        state = self.state[layer.weight]
-        precond = state.get("precond")
-        return precond is not None and precond.shape[-1] == layer.dim_out and \
-            ("grad_eigvecs" if self.damping_mode == "exact" else "grad_precond") in state
+        return self._has_input_factor(layer) and \
+            ("grad_eigvecs" if self.damping_mode == "exact" else "grad_precond") in self.state[layer.weight]
 
     def _preconditioners(self, layers: list[Layer], states: list[dict]) -> tuple[list[dict], list[torch.Tensor]]:
         # bias correction 1/n; an empty EMA (n = 0) gives a zero factor, whose preconditioner the
@@ -283,18 +285,39 @@ class KFAC(KroneckerOptimizer):
         if self.damping_mode == "exact":
             return self._eigendecompositions(states, a_scale, g_scale)
         d_a, d_g = self._factor_damping(states, a_scale, g_scale)
+        low = [self._low_rank(layer) for layer in layers]
+        dense = [i for i in range(len(states)) if not low[i]]
         # (M/n + dI)⁻¹ = (M/(n·d) + I)⁻¹ / d: one batched inversion with damping 1 serves every d
-        mats = [s["ema"] * (a / d)[:, None, None] for s, a, d in zip(states, a_scale, d_a)] + \
+        mats = [states[i]["ema"] * (a_scale[i] / d_a[i])[:, None, None] for i in dense] + \
                [s["grad_ema"] * (g / d)[:, None, None] for s, g, d in zip(states, g_scale, d_g)]
-        previous = [None if s.get("precond") is None else s["precond"] * d[:, None, None]
-                    for s, d in zip(states, d_a)] + \
+        previous = [None if states[i].get("precond") is None else states[i]["precond"] * d_a[i][:, None, None]
+                    for i in dense] + \
                    [None if s.get("grad_precond") is None else s["grad_precond"] * d[:, None, None]
                     for s, d in zip(states, d_g)]
         inverses, status = ops.damped_inverse_with_status(mats, 1.0, previous=previous, backend=self.backend)
-        n = len(states)
-        results = [{"precond": p_a.div_(d[:, None, None]), "grad_precond": p_g.div_(e[:, None, None])}
-                   for p_a, p_g, d, e in zip(inverses[:n], inverses[n:], d_a, d_g)]  # in place: P's layout stays
-        return results, [torch.cat([a, g]) for a, g in zip(status[:n], status[n:])]
+        a_inverses, a_status = iter(inverses[:len(dense)]), iter(status[:len(dense)])
+        g_inverses, g_status = inverses[len(dense):], status[len(dense):]
+        # A low rank: (Â_r + d_A I)⁻¹ = (λ/d_A)·((λ/d_A)·Â_r + λI)⁻¹, so the top eigenpairs of (λ/d_A)·Â
+        # let the update's λ serve every d_A, and λ/d_A joins (G + d_G I)⁻¹
+        ratios = [self.damping / d for d in d_a]
+        pairs, pair_status = ops.top_eigenpairs_with_status(
+            [s["ema"] * (a * r)[:, None, None] for s, a, r, is_low in zip(states, a_scale, ratios, low) if is_low],
+            self.rank, self.damping, backend=self.backend,
+            previous=[(s["top_eigvals"], s["top_eigvecs"]) if "top_eigvecs" in s else None
+                      for s, is_low in zip(states, low) if is_low])
+        pairs, pair_status = iter(pairs), iter(pair_status)
+        results, codes = [], []
+        for i in range(len(states)):
+            p_g = g_inverses[i].div_(d_g[i][:, None, None])  # in place: P's layout stays
+            if low[i]:
+                s, q = next(pairs)
+                results.append({"top_eigvals": s, "top_eigvecs": q,
+                                "grad_precond": p_g.mul_(ratios[i][:, None, None])})
+                codes.append(torch.cat([next(pair_status), g_status[i]]))
+            else:
+                results.append({"precond": next(a_inverses).div_(d_a[i][:, None, None]), "grad_precond": p_g})
+                codes.append(torch.cat([next(a_status), g_status[i]]))
+        return results, codes
 
     def _factor_damping(self, states: list[dict], a_scale: list, g_scale: list):
         """(d_A, d_G) per layer, [groups] each, on the device (DESIGN §6)."""
@@ -330,14 +353,15 @@ class KFAC(KroneckerOptimizer):
 
     def _preconditioners_like(self, layers: list[Layer], states: list[dict]) -> list[tuple[dict, torch.Tensor]]:
         templates = []
-        for s in states:
+        for layer, s in zip(layers, states):
             a, g = s["ema"], s["grad_ema"]
-            precond = padded_zeros(a.shape[0], a.shape[-1], a.dtype, a.device)  # P's layout (reference.py)
+            tensors = self._top_eigenpairs_like(a) if self._low_rank(layer) else \
+                {"precond": padded_zeros(a.shape[0], a.shape[-1], a.dtype, a.device)}  # P's layout
             if self.damping_mode == "exact":
-                tensors = {"precond": precond, "eigvals": a.new_empty(a.shape[:-1]),
-                           "grad_eigvecs": torch.empty_like(g), "grad_eigvals": g.new_empty(g.shape[:-1])}
+                tensors.update(eigvals=a.new_empty(a.shape[:-1]), grad_eigvecs=torch.empty_like(g),
+                               grad_eigvals=g.new_empty(g.shape[:-1]))
             else:
-                tensors = {"precond": precond, "grad_precond": torch.empty_like(g)}
+                tensors["grad_precond"] = torch.empty_like(g)
             templates.append((tensors, torch.empty(2 * a.shape[0], dtype=torch.int8, device=a.device)))
         return templates
 
@@ -353,4 +377,5 @@ class KFAC(KroneckerOptimizer):
         else:
             left, right = state["grad_precond"], g
         block.grad = sharded.left_product(block, left, right) if fsdp else left @ right
-        block.precond = state["precond"]
+        block.precond = state.get("precond")
+        block.eigvecs, block.eigvals = state.get("top_eigvecs"), state.get("top_eigvals")

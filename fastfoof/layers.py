@@ -15,7 +15,7 @@ Skip = Union[None, str, type, Callable[[str, nn.Module], bool], Iterable[Union[s
 @dataclass(eq=False)
 class Block:
     """Parameters updated together: a layer's weight (and bias, as the last column of [Ŵ | b]) with
-    its preconditioner, or a single parameter that has none (U = G/λ)."""
+    its preconditioner (dense P or low-rank (Q, s)), or a single parameter that has none (U = G/λ)."""
 
     params: list[torch.Tensor]
     options: list[dict]  # each parameter's param group: hyperparameters are read at step time
@@ -24,6 +24,10 @@ class Block:
     # the gradient [Ĝ | g_b] already transformed from the left ([groups, rows, D']; KFAC), or None
     # for the parameters' own gradients: U = grad·precond
     grad: torch.Tensor | None = None
+    # a low-rank preconditioner in place of precond (DESIGN §1.3): the top eigenvectors Q [groups, D', r]
+    # and eigenvalues s [groups, r] of the statistic, U = (grad − (grad·Q)·diag(s/(s+λ))·Qᵀ)/λ
+    eigvecs: torch.Tensor | None = None
+    eigvals: torch.Tensor | None = None
 
 
 @dataclass(eq=False)

@@ -124,8 +124,9 @@ def damped_inverse(mats: list[torch.Tensor], damping: float, *, backend: str | N
 @torch.no_grad()
 def preconditioned_update_(blocks, momentum_buffers, *, damping, grad_scale=None, found_inf=None,
                            backend=None) -> None:
-    """DESIGN §1.4 for all blocks: U = Ĝ·P (G/λ without P), then each parameter's SGD epilogue;
-    nothing changes where `found_inf` ≠ 0 (decided on the device)."""
+    """DESIGN §1.4 for all blocks: U = Ĝ·P (low rank: (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ, §1.3; G/λ without
+    either), then each parameter's SGD epilogue; nothing changes where `found_inf` ≠ 0 (decided on
+    the device)."""
     if not blocks:
         return
     fn = implementation("preconditioned_update_", backend, blocks[0].params[0].device)
@@ -140,3 +141,13 @@ def eigh_with_status(mats, *, scales=None, previous=None, backend=None):
     if not mats:
         return [], []
     return implementation("eigh_with_status", backend, mats[0].device)(mats, scales=scales, previous=previous)
+
+
+def top_eigenpairs_with_status(mats, rank, damping, *, scales=None, previous=None, backend=None):
+    """(s, Q): the top `rank` eigenvalues and eigenvectors of s·M for each [groups, D, D] symmetric M,
+    with the fallbacks of DESIGN §1.3 (the low-rank preconditioner): `reference.top_eigenpairs` on every
+    backend (matmuls, QR and a small eigh, which torch runs on any device)."""
+    if not mats:
+        return [], []
+    return implementation("top_eigenpairs", backend, mats[0].device)(mats, rank, damping, scales=scales,
+                                                                     previous=previous)

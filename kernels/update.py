@@ -1,4 +1,4 @@
-"""Triton kernel 3: the preconditioned update of every layer in one grouped GEMM (DESIGN §1.4, §2.3).
+"""Triton kernel 3: the preconditioned update of every layer in one grouped GEMM (DESIGN §1.3, §1.4, §2.3).
 
 `U = Ĝ·P` for all preconditioned layers and conv groups runs as one launch per parameter dtype and
 variant over a device table of problems (pointers, sizes, strides, scalar slots). Each tile reads `Ĝ`
@@ -21,6 +21,13 @@ channels_last convolution weights (and grads) are preconditioned in their memory
 made once per new P (`_memory_order_precond`); P itself, the optimizer state and the state_dict stay
 in DESIGN order. Offsets are 32-bit: a problem whose offsets could exceed int32 takes the reference
 (`offsets_fit_int32`).
+
+Low-rank preconditioners (DESIGN §1.3: the top eigenpairs (Q [D', r], s) of Σ̂, U = (Ĝ − (Ĝ·Q)·
+diag(s/(s+λ))·Qᵀ)/λ) take two launches per dtype and variant over a table of the same problem
+columns plus s and a workspace slice: `low_rank_project_kernel` writes Y = (Ĝ·Q)·diag(s/(s+λ))
+([rows, r], fp32, K loop over D'), then `low_rank_update_kernel` forms U tile by tile from Ĝ and Y·Qᵀ
+(K loop over r) with the same epilogue. λ is a run-time argument; the two products cost 4·rows·D'·r
+flops against the dense 2·rows·D'². channels_last weights get Q's rows in memory order, once per Q.
 
 Parameters without a preconditioner (U = G/λ) take one `torch._foreach_*` update per param group,
 device and dtype. float64 parameters, and weights, grads and buffers with different layouts (or
@@ -66,6 +73,12 @@ PROBLEM_COLUMNS = ("grad_w", "precond", "weight", "buf_w", "rows", "dim", "grad_
                    "precond_row", "precond_cols", "slot_w", "grad_b", "grad_b_stride", "dim_p", "bias", "buf_b",
                    "slot_b", "bias_stride")
 PROBLEM_FIELDS = tl.constexpr(len(PROBLEM_COLUMNS))
+# Low-rank problems (U = (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ): the same columns, "precond" holding Q
+# ([D', r] of the group), "precond_row" its row stride and "precond_cols" r, then s of the group,
+# the offset (elements) of the problem's slice of the launch's workspace for Y = (Ĝ·Q)·diag(s/(s+λ))
+# ([rows, r]) and Y's row stride (r rounded up to 4).
+LOW_RANK_COLUMNS = PROBLEM_COLUMNS + ("eigvals", "projection", "projection_row", "unused")
+LOW_RANK_FIELDS = tl.constexpr(len(LOW_RANK_COLUMNS))
 # Tile schedule: (problem, tile row, tile column, unused) int32, one 128-bit load per tile.
 TILE_FIELDS = tl.constexpr(4)
 # Scalar table: one fp32 row per parameter: lr, 1 − lr·wd, μ, 1 − τ, nesterov, first step, μ ≠ 0, unused.
@@ -123,6 +136,39 @@ def _sgd_epilogue(u, param, buf, offsets, mask, scalars):
 
 
 @triton.jit
+def _problem(row, PARAM_KIND: tl.constexpr, VEC: tl.constexpr):
+    """The columns every problem row starts with (PROBLEM_COLUMNS up to grad_b): typed pointers and
+    int32 sizes and strides, with the vector variant's alignment facts where VEC > 1. Returns (grad_w,
+    factor (P or Q), weight, buf_w, rows, D, Ĝ's and W's row strides, the factor's row stride and
+    readable columns, slot_w, grad_b's address)."""
+    grad_w, factor = _load_pair(row)
+    weight, buf_w = _load_pair(row + 2)
+    grad_w = _param_pointer(grad_w, PARAM_KIND)
+    factor = factor.to(tl.pointer_type(tl.float32))
+    weight = _param_pointer(weight, PARAM_KIND)
+    buf_w = buf_w.to(tl.pointer_type(tl.float32))
+    # Sizes and strides as int32 (the host sends only problems whose offsets fit, with unit column
+    # strides): 32-bit offsets from one base pointer keep the register count down.
+    rows_total, dim = _load_pair(row + 4)
+    g_row, w_row = _load_pair(row + 6)
+    f_row, f_cols = _load_pair(row + 8)
+    slot_w, grad_b_address = _load_pair(row + 10)
+    rows_total, dim, g_row, w_row = rows_total.to(tl.int32), dim.to(tl.int32), g_row.to(tl.int32), w_row.to(tl.int32)
+    f_row, f_cols = f_row.to(tl.int32), f_cols.to(tl.int32)
+    if VEC > 1:
+        grad_w = tl.multiple_of(grad_w, 16)
+        weight = tl.multiple_of(weight, 16)
+        buf_w = tl.multiple_of(buf_w, 16)
+        factor = tl.multiple_of(factor, 16)
+        dim = tl.multiple_of(dim, VEC)
+        g_row = tl.multiple_of(g_row, VEC)
+        w_row = tl.multiple_of(w_row, VEC)
+        f_row = tl.multiple_of(f_row, 4)
+        f_cols = tl.multiple_of(f_cols, 4)
+    return grad_w, factor, weight, buf_w, rows_total, dim, g_row, w_row, f_row, f_cols, slot_w, grad_b_address
+
+
+@triton.jit
 def grouped_update_kernel(problems_ptr, tiles_ptr, scalars_ptr, scale_ptr, found_inf_ptr,
                           PARAM_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, VEC: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -133,51 +179,46 @@ def grouped_update_kernel(problems_ptr, tiles_ptr, scalars_ptr, scale_ptr, found
     m0 = tile_row * BLOCK_M
     n0 = tile_col * BLOCK_N
     row = problems_ptr + problem.to(tl.int64) * PROBLEM_FIELDS
-    grad_w, precond = _load_pair(row)
-    weight, buf_w = _load_pair(row + 2)
-    grad_w = _param_pointer(grad_w, PARAM_KIND)
-    precond = precond.to(tl.pointer_type(tl.float32))
-    weight = _param_pointer(weight, PARAM_KIND)
-    buf_w = buf_w.to(tl.pointer_type(tl.float32))
-    # Sizes and strides as int32 (the host sends only problems whose offsets fit, with unit column
-    # strides): 32-bit offsets from one base pointer keep the register count down.
-    rows_total, dim = _load_pair(row + 4)
-    g_row, w_row = _load_pair(row + 6)
-    p_row, p_cols = _load_pair(row + 8)
-    slot_w, grad_b_address = _load_pair(row + 10)
-    rows_total, dim, g_row, w_row = rows_total.to(tl.int32), dim.to(tl.int32), g_row.to(tl.int32), w_row.to(tl.int32)
-    p_row, p_cols = p_row.to(tl.int32), p_cols.to(tl.int32)
-    if VEC > 1:
-        grad_w = tl.multiple_of(grad_w, 16)
-        weight = tl.multiple_of(weight, 16)
-        buf_w = tl.multiple_of(buf_w, 16)
-        precond = tl.multiple_of(precond, 16)
-        dim = tl.multiple_of(dim, VEC)
-        g_row = tl.multiple_of(g_row, VEC)
-        w_row = tl.multiple_of(w_row, VEC)
-        p_row = tl.multiple_of(p_row, 4)
-        p_cols = tl.multiple_of(p_cols, 4)
-
+    (grad_w, precond, weight, buf_w, rows_total, dim, g_row, w_row, p_row, p_cols, slot_w,
+     grad_b_address) = _problem(row, PARAM_KIND, VEC)
     rows = m0 + tl.arange(0, BLOCK_M)
     cols = n0 + tl.arange(0, BLOCK_N)
     row_ok = rows < rows_total
-    col_ok = cols < p_cols
+    grad_b_stride, dim_p = _load_pair(row + 12)  # D' only sizes the host's tile schedule
+    acc = _gradient_product(grad_w, precond, rows, cols, row_ok, cols < p_cols, dim, g_row, p_row, grad_b_address,
+                            grad_b_stride.to(tl.int32), PARAM_KIND, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    _step_tile(acc / tl.load(scale_ptr), row, rows, cols, row_ok, n0, dim, w_row, weight, buf_w, slot_w,
+               grad_b_address, scalars_ptr, found_inf_ptr, PARAM_KIND, BLOCK_N)
+
+
+@triton.jit
+def _gradient_product(grad_w, factor, rows, cols, row_ok, col_ok, dim, g_row, f_row, grad_b_address, grad_b_stride,
+                      PARAM_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A [BLOCK_M, BLOCK_N] tile of [Ĝ | g_b]·F (F: P, or a low-rank Q; row stride f_row): the K loop
+    over D reads Ĝ from the weight's gradient, and the bias gradient, column D of [Ĝ | g_b], enters as
+    a rank-1 update with row D of F (no concatenated copy)."""
     a_offsets = rows[:, None] * g_row
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, dim, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < dim
         a = tl.load(grad_w + (a_offsets + ks[None, :]), mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(precond + (ks[:, None] * p_row + cols[None, :]), mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        b = tl.load(factor + (ks[:, None] * f_row + cols[None, :]), mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a.to(tl.float32), b, acc, input_precision=INPUT_PRECISION)
-    if grad_b_address != 0:  # the bias gradient is column D of [Ĝ | g_b]: a rank-1 update with row D of P
-        grad_b_stride, dim_p = _load_pair(row + 12)  # D' only sizes the host's tile schedule
+    if grad_b_address != 0:
         grad_b = _param_pointer(grad_b_address, PARAM_KIND)
-        gb = tl.load(grad_b + rows * grad_b_stride.to(tl.int32), mask=row_ok, other=0.0).to(tl.float32)
-        pb = tl.load(precond + (dim * p_row + cols), mask=col_ok, other=0.0)
-        acc += gb[:, None] * pb[None, :]
-    u = acc / tl.load(scale_ptr)
+        gb = tl.load(grad_b + rows * grad_b_stride, mask=row_ok, other=0.0).to(tl.float32)
+        fb = tl.load(factor + (dim * f_row + cols), mask=col_ok, other=0.0)
+        acc += gb[:, None] * fb[None, :]
+    return acc
 
+
+@triton.jit
+def _step_tile(u, row, rows, cols, row_ok, n0, dim, w_row, weight, buf_w, slot_w, grad_b_address, scalars_ptr,
+               found_inf_ptr, PARAM_KIND: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The SGD epilogue of a [BLOCK_M, BLOCK_N] tile of U (columns n0 …) of the problem at `row`: the
+    weight's columns, and the bias where the tile holds column D; nothing where found_inf ≠ 0."""
     if tl.load(found_inf_ptr) == 0:
         w_mask = row_ok[:, None] & (cols < dim)[None, :]
         w_offsets = rows[:, None] * w_row + cols[None, :]
@@ -189,6 +230,83 @@ def grouped_update_kernel(problems_ptr, tiles_ptr, scalars_ptr, scale_ptr, found
             slot_b, bias_stride = _load_pair(row + 16)
             _sgd_epilogue(u_b, _param_pointer(bias, PARAM_KIND), buf_b.to(tl.pointer_type(tl.float32)),
                           rows * bias_stride.to(tl.int32), row_ok, scalars_ptr + slot_b * SCALAR_FIELDS)
+
+
+@triton.jit
+def _low_rank_columns(row, workspace_ptr, VEC: tl.constexpr):
+    """The columns a low-rank problem row has beyond `_problem`'s: (grad_b's stride, D', s, Y's slice of
+    the workspace, Y's row stride), with the vector variant's alignment facts."""
+    grad_b_stride, dim_p = _load_pair(row + 12)
+    eigvals, projection = _load_pair(row + 18)
+    y_row, unused = _load_pair(row + 20)
+    eigvals = eigvals.to(tl.pointer_type(tl.float32))
+    projection = workspace_ptr + projection
+    y_row = y_row.to(tl.int32)
+    if VEC > 1:
+        eigvals = tl.multiple_of(eigvals, 16)
+        projection = tl.multiple_of(projection, 16)
+        y_row = tl.multiple_of(y_row, 4)
+    return grad_b_stride.to(tl.int32), dim_p.to(tl.int32), eigvals, projection, y_row
+
+
+@triton.jit
+def low_rank_project_kernel(problems_ptr, tiles_ptr, workspace_ptr, damping, PARAM_KIND: tl.constexpr,
+                            INPUT_PRECISION: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The first skinny product of a low-rank update (DESIGN §1.3): one [BLOCK_M, BLOCK_N] tile of
+    Y = (Ĝ·Q)·diag(s/(s+λ)) ([rows, r]) of one problem, into its slice of the workspace. VEC > 1: the
+    host guarantees the vector variant's alignment (module docstring)."""
+    problem, tile_row, tile_col, unused = _load_quad(tiles_ptr + tl.program_id(0) * TILE_FIELDS)
+    row = problems_ptr + problem.to(tl.int64) * LOW_RANK_FIELDS
+    (grad_w, basis, weight, buf_w, rows_total, dim, g_row, w_row, q_row, rank, slot_w,
+     grad_b_address) = _problem(row, PARAM_KIND, VEC)
+    grad_b_stride, dim_p, eigvals, projection, y_row = _low_rank_columns(row, workspace_ptr, VEC)
+    rows = tile_row * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_col * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < rows_total
+    col_ok = cols < rank
+    acc = _gradient_product(grad_w, basis, rows, cols, row_ok, col_ok, dim, g_row, q_row, grad_b_address,
+                            grad_b_stride, PARAM_KIND, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    s = tl.load(eigvals + cols, mask=col_ok, other=0.0)
+    acc = acc * (s / (s + damping))[None, :]
+    tl.store(projection + (rows[:, None] * y_row + cols[None, :]), acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def low_rank_update_kernel(problems_ptr, tiles_ptr, workspace_ptr, scalars_ptr, scale_ptr, found_inf_ptr, damping,
+                           PARAM_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, VEC: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The second skinny product and the epilogue: one [BLOCK_M, BLOCK_N] tile of U = (Ĝ − Y·Qᵀ)/λ of
+    one problem ([rows, D']), with Y from `low_rank_project_kernel`, then the SGD step of §1.4, unless
+    found_inf ≠ 0. VEC > 1: the host guarantees the vector variant's alignment."""
+    problem, tile_row, tile_col, unused = _load_quad(tiles_ptr + tl.program_id(0) * TILE_FIELDS)
+    m0 = tile_row * BLOCK_M
+    n0 = tile_col * BLOCK_N
+    row = problems_ptr + problem.to(tl.int64) * LOW_RANK_FIELDS
+    (grad_w, basis, weight, buf_w, rows_total, dim, g_row, w_row, q_row, rank, slot_w,
+     grad_b_address) = _problem(row, PARAM_KIND, VEC)
+    grad_b_stride, dim_p, eigvals, projection, y_row = _low_rank_columns(row, workspace_ptr, VEC)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    row_ok = rows < rows_total
+    col_ok = cols < dim_p
+    y_offsets = rows[:, None] * y_row
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j0 in range(0, rank, BLOCK_K):
+        js = j0 + tl.arange(0, BLOCK_K)
+        j_ok = js < rank
+        y = tl.load(projection + (y_offsets + js[None, :]), mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+        q = tl.load(basis + (cols[None, :] * q_row + js[:, None]), mask=j_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(y, q, acc, input_precision=INPUT_PRECISION)
+    g = tl.load(grad_w + (rows[:, None] * g_row + cols[None, :]), mask=row_ok[:, None] & (cols < dim)[None, :],
+                other=0.0).to(tl.float32)
+    if grad_b_address != 0:
+        grad_b = _param_pointer(grad_b_address, PARAM_KIND)
+        gb = tl.load(grad_b + rows * grad_b_stride, mask=row_ok, other=0.0).to(tl.float32)
+        g = tl.where(cols[None, :] == dim, gb[:, None], g)
+    u = (g - acc) / (damping * tl.load(scale_ptr))
+    _step_tile(u, row, rows, cols, row_ok, n0, dim, w_row, weight, buf_w, slot_w, grad_b_address, scalars_ptr,
+               found_inf_ptr, PARAM_KIND, BLOCK_N)
 
 
 @triton.jit
@@ -239,6 +357,15 @@ def compile_specs() -> list[dict]:
     plain_args = dict(entries_ptr=torch.empty(len(ENTRY_COLUMNS), dtype=torch.int64),
                       tiles_ptr=torch.empty(2, dtype=torch.int64), scalars_ptr=torch.empty(SCALAR_FIELDS.value),
                       scale_ptr=torch.ones(()), found_inf_ptr=torch.zeros(()), damping=0.7)
+    low_rank = dict(problems_ptr=torch.empty(len(LOW_RANK_COLUMNS), dtype=torch.int64),
+                    tiles_ptr=torch.empty(TILE_FIELDS.value, dtype=torch.int32), workspace_ptr=torch.empty(16),
+                    damping=0.7)
+    # kernel name -> (kernel, representative arguments): the grouped GEMM, and the two low-rank passes
+    tiled = {"grouped_update_kernel": (grouped_update_kernel, args),
+             "low_rank_project_kernel": (low_rank_project_kernel, low_rank),
+             "low_rank_update_kernel": (low_rank_update_kernel,
+                                        dict(low_rank, **{k: args[k] for k in ("scalars_ptr", "scale_ptr",
+                                                                               "found_inf_ptr")}))}
     specs = []
     for dtype, kind in PARAM_KINDS.items():
         kind_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
@@ -246,14 +373,15 @@ def compile_specs() -> list[dict]:
             precision = "ieee" if name == "ieee" else "tf32"
             tiles = {k: v for k, v in config.items() if k.startswith("BLOCK")}
             for vec in (vector_width(dtype), 1):
-                specs.append(dict(kernel="grouped_update_kernel",
-                                  config=f"{kind_name},{name},{'vector' if vec > 1 else 'scalar'},"
-                                         + ",".join(f"{k}={v}" for k, v in tiles.items())
-                                         + f",w{config['num_warps']},s{config['num_stages']}",
-                                  fn=grouped_update_kernel, args=args,
-                                  constexprs=dict(PARAM_KIND=kind, INPUT_PRECISION=precision, VEC=vec, **tiles),
-                                  num_warps=config["num_warps"], num_stages=config["num_stages"],
-                                  mma=precision == "tf32"))
+                for kernel, (fn, fn_args) in tiled.items():
+                    specs.append(dict(kernel=kernel,
+                                      config=f"{kind_name},{name},{'vector' if vec > 1 else 'scalar'},"
+                                             + ",".join(f"{k}={v}" for k, v in tiles.items())
+                                             + f",w{config['num_warps']},s{config['num_stages']}",
+                                      fn=fn, args=fn_args,
+                                      constexprs=dict(PARAM_KIND=kind, INPUT_PRECISION=precision, VEC=vec, **tiles),
+                                      num_warps=config["num_warps"], num_stages=config["num_stages"],
+                                      mma=precision == "tf32"))
         for vec in (vector_width(dtype), 1):
             specs.append(dict(kernel="plain_update_kernel",
                               config=f"{kind_name},{'vector' if vec > 1 else 'scalar'},BLOCK={PLAIN_BLOCK},w{PLAIN_WARPS}",
@@ -338,22 +466,24 @@ def _precond_vector_cols(precond: torch.Tensor) -> int | None:
 _PERMUTED: dict[int, tuple] = {}
 
 
-def _memory_order_precond(precond: torch.Tensor, channels: int, kernel: int) -> torch.Tensor:
+def _memory_order_precond(precond: torch.Tensor, channels: int, kernel: int, columns: bool = True) -> torch.Tensor:
     """Π P Πᵀ per group for a channels-last weight of C = `channels` input channels per group and K =
-    `kernel` offsets: rows and columns in memory order k·C + c (the bias stays last), in a new
-    16-byte-aligned tensor whose rows are padded to a multiple of 4. Made once per P and version."""
+    `kernel` offsets: rows and, where `columns` (a dense P; not a low-rank Q), columns in memory order
+    k·C + c (the bias stays last), in a new 16-byte-aligned tensor whose rows are padded to a multiple
+    of 4. Made once per P and version."""
     key = id(precond)
     cached = _PERMUTED.get(key)
     if cached is not None:
         reference_to, version, shape, permuted = cached
         if reference_to() is precond and version == precond._version and shape == (channels, kernel):
             return permuted
-    groups, dim_p, _ = precond.shape
+    groups, dim_p, width = precond.shape
     order = torch.arange(channels * kernel, device=precond.device).view(channels, kernel).t().reshape(-1)
     order = torch.cat([order, torch.arange(channels * kernel, dim_p, device=precond.device)])
-    padded = torch.empty(groups, dim_p, math.ceil(dim_p / 4) * 4, dtype=precond.dtype, device=precond.device)
-    permuted = padded[..., :dim_p]
-    permuted.copy_(precond.index_select(1, order).index_select(2, order))
+    padded = torch.empty(groups, dim_p, math.ceil(width / 4) * 4, dtype=precond.dtype, device=precond.device)
+    permuted = padded[..., :width]
+    rows = precond.index_select(1, order)
+    permuted.copy_(rows.index_select(2, order) if columns else rows)
     # The entry dies with P (its id may be reused later): the weak reference's callback drops it.
     _PERMUTED[key] = (weakref.ref(precond, lambda _: _PERMUTED.pop(key, None)), precond._version,
                       (channels, kernel), permuted)
@@ -366,10 +496,11 @@ def _scalars(group: dict, first: bool) -> tuple[float, ...]:
             float(first), float(momentum != 0), 0.0)
 
 
-def _fused_problems(block, slot: int, buffers: list, scalar_rows: list,
-                    keep_alive: list) -> tuple[list[tuple], int] | None:
-    """The problem rows of one preconditioned block and their VEC (1: the scalar variant), or None
-    if the block needs the reference path."""
+def _fused_problems(block, slot: int, buffers: list, scalar_rows: list, keep_alive: list,
+                    workspace: list[int]) -> tuple[list[tuple], int] | None:
+    """The problem rows of one preconditioned block (dense P: PROBLEM_COLUMNS; low rank (Q, s):
+    LOW_RANK_COLUMNS, whose slices of Y are taken from `workspace`, [elements taken so far]) and their
+    VEC (1: the scalar variant), or None if the block needs the reference path."""
     weight = block.params[0]
     bias = block.params[1] if len(block.params) == 2 else None
     grad_w = weight.grad
@@ -386,8 +517,14 @@ def _fused_problems(block, slot: int, buffers: list, scalar_rows: list,
         return None
     rows, dim = out_rows // groups, weight[0].numel()
     dim_p = dim + (bias is not None)
-    precond = block.precond
-    if precond.dtype != torch.float32 or tuple(precond.shape) != (groups, dim_p, dim_p):
+    low_rank = block.eigvecs is not None
+    # the right factor: P [groups, D', D'], or Q [groups, D', r] with s [groups, r]
+    factor, eigvals = (block.eigvecs, block.eigvals) if low_rank else (block.precond, None)
+    width = eigvals.shape[-1] if low_rank else dim_p
+    if factor.dtype != torch.float32 or tuple(factor.shape) != (groups, dim_p, width):
+        return None
+    if low_rank and (eigvals.dtype != torch.float32 or tuple(eigvals.shape) != (groups, width)
+                     or eigvals.stride(1) != 1):
         return None
     weight_view, grad_view = _matrix_view(weight, out_rows), _matrix_view(grad_w, out_rows)
     if weight_view is None or grad_view is None or weight_view[1] != grad_view[1]:
@@ -402,13 +539,13 @@ def _fused_problems(block, slot: int, buffers: list, scalar_rows: list,
     if not _same_strides(weight, buffers[slot]) or (bias is not None and not _same_strides(bias, buffers[slot + 1])):
         return None
     if channels_last:
-        precond = _memory_order_precond(precond, weight.shape[1], dim // weight.shape[1])
-    elif precond.stride(2) != 1:  # a copy each step (damped_inverse returns row-major P), alive until the launch
-        precond = precond.contiguous()
-        keep_alive.append(precond)
+        factor = _memory_order_precond(factor, weight.shape[1], dim // weight.shape[1], columns=not low_rank)
+    elif factor.stride(2) != 1:  # a copy each step (damped_inverse returns row-major P), alive until the launch
+        factor = factor.contiguous()
+        keep_alive.append(factor)
     w_row, g_row = weight_view.stride(0), grad_view.stride(0)
     strides = [w_row, g_row] + [t.stride(0) for t in (bias, grad_b) if t is not None]
-    if not offsets_fit_int32(rows, dim_p, max(strides), precond.stride(1), CONFIGS[launch_config(weight.device)]):
+    if not offsets_fit_int32(rows, dim_p, max(strides), factor.stride(1), CONFIGS[launch_config(weight.device)]):
         return None
 
     def ensure_buffer(i: int, param: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
@@ -427,30 +564,43 @@ def _fused_problems(block, slot: int, buffers: list, scalar_rows: list,
         slot_b = len(scalar_rows)
         scalar_rows.append(_scalars(block.options[1], first_b))
 
-    vec, precond_cols = vector_width(weight.dtype), _precond_vector_cols(precond)
-    if precond_cols is None or not _aligned(weight, grad_w, buf_w) or any(n % vec for n in (dim, w_row, g_row)):
-        vec, precond_cols = 1, dim_p
+    vec = vector_width(weight.dtype)
+    if low_rank:  # precond_cols is r in both variants
+        factor_cols = width
+        vector_factor = (_aligned(factor, eigvals) and width % 4 == 0 and eigvals.stride(0) % 4 == 0
+                         and factor.stride(0) % 4 == 0 and factor.stride(1) % 4 == 0)
+    else:
+        factor_cols = _precond_vector_cols(factor)
+        vector_factor = factor_cols is not None
+    if not vector_factor or not _aligned(weight, grad_w, buf_w) or any(n % vec for n in (dim, w_row, g_row)):
+        vec, factor_cols = 1, width
     size = weight.element_size()
     problems = []
     for g in range(groups):
         r0 = g * rows
         columns = dict(
-            grad_w=grad_w.data_ptr() + r0 * g_row * size, precond=precond.data_ptr() + g * precond.stride(0) * 4,
+            grad_w=grad_w.data_ptr() + r0 * g_row * size, precond=factor.data_ptr() + g * factor.stride(0) * 4,
             weight=weight.data_ptr() + r0 * w_row * size, buf_w=0 if buf_w is None else buf_w.data_ptr() + r0 * w_row * 4,
-            rows=rows, dim=dim, grad_w_row=g_row, weight_row=w_row, precond_row=precond.stride(1),
-            precond_cols=precond_cols, slot_w=slot_w,
+            rows=rows, dim=dim, grad_w_row=g_row, weight_row=w_row, precond_row=factor.stride(1),
+            precond_cols=factor_cols, slot_w=slot_w,
             grad_b=0 if grad_b is None else grad_b.data_ptr() + r0 * grad_b.stride(0) * size,
             grad_b_stride=0 if grad_b is None else grad_b.stride(0), slot_b=slot_b,
             bias=0 if bias is None else bias.data_ptr() + r0 * bias.stride(0) * size,
             bias_stride=0 if bias is None else bias.stride(0),
             buf_b=0 if buf_b is None else buf_b.data_ptr() + r0 * buf_b.stride(0) * 4, dim_p=dim_p)
-        problems.append(tuple(columns[c] for c in PROBLEM_COLUMNS))
+        if low_rank:
+            y_row = reference.padded_row(width)
+            columns.update(eigvals=eigvals.data_ptr() + g * eigvals.stride(0) * 4, projection=workspace[0],
+                           projection_row=y_row, unused=0)
+            workspace[0] += rows * y_row
+        problems.append(tuple(columns[c] for c in (LOW_RANK_COLUMNS if low_rank else PROBLEM_COLUMNS)))
     return problems, vec
 
 
-def _tile_schedule(problems: list[tuple], block_m: int, block_n: int) -> torch.Tensor:
-    """[tiles, TILE_FIELDS] int32 (problem, tile row, tile column, 0), the longest K loops first."""
-    dim, dim_p, rows = (PROBLEM_COLUMNS.index(c) for c in ("dim", "dim_p", "rows"))
+def _tile_schedule(problems: list[tuple], block_m: int, block_n: int, columns: str = "dim_p") -> torch.Tensor:
+    """[tiles, TILE_FIELDS] int32 (problem, tile row, tile column, 0) over `rows` × `columns` (a problem
+    column: U's D', or the low-rank Y's r, "precond_cols"), the longest K loops first."""
+    dim, dim_p, rows = (PROBLEM_COLUMNS.index(c) for c in ("dim", columns, "rows"))
     order = sorted(range(len(problems)), key=lambda i: -problems[i][dim])  # a tile's work is ∝ its K = D
     tiles = [(i, tm, tn, 0) for i in order
              for tm in range(triton.cdiv(problems[i][rows], block_m))
@@ -471,6 +621,37 @@ def _launch_grouped(device: torch.device, dtype: torch.dtype, variants: dict[int
         grouped_update_kernel[(tiles.shape[0],)](
             problem_table, tiles, scalars, grad_scale, found_inf, PARAM_KIND=PARAM_KINDS[dtype],
             INPUT_PRECISION=DOT_PRECISION, VEC=vec, **config)
+
+
+# (device, dtype) -> the fp32 workspace of the low-rank launches' Y, grown as needed (Y's offsets live in
+# the problem table, its base is a kernel argument: a grown workspace leaves the tables valid)
+_WORKSPACES: dict[tuple, torch.Tensor] = {}
+
+
+def _launch_low_rank(device: torch.device, dtype: torch.dtype, variants: dict[int, list[tuple]],
+                     scalars: torch.Tensor, grad_scale: torch.Tensor, found_inf: torch.Tensor, damping: float,
+                     workspace_elements: int) -> None:
+    """Two launches per variant (VEC) of this device and dtype: Y = (Ĝ·Q)·diag(s/(s+λ)) for every
+    low-rank problem, then U = (Ĝ − Y·Qᵀ)/λ with the SGD epilogue."""
+    if not variants:
+        return
+    config = CONFIGS[launch_config(device)]
+    tiles = (config["BLOCK_M"], config["BLOCK_N"])
+    workspace = _WORKSPACES.get((device, dtype))
+    if workspace is None or workspace.numel() < workspace_elements:
+        workspace = _WORKSPACES[(device, dtype)] = torch.empty(workspace_elements, dtype=torch.float32, device=device)
+    for vec, problems in variants.items():
+        key = tuple(problems)
+        table = _device_table((device, dtype, "low_rank_problems", vec), key,
+                              lambda: torch.tensor(problems, dtype=torch.int64))
+        project = _device_table((device, dtype, "low_rank_project_tiles", vec), tiles + key,
+                                lambda: _tile_schedule(problems, *tiles, columns="precond_cols"))
+        steps = _device_table((device, dtype, "low_rank_update_tiles", vec), tiles + key,
+                               lambda: _tile_schedule(problems, *tiles))
+        knobs = dict(PARAM_KIND=PARAM_KINDS[dtype], INPUT_PRECISION=DOT_PRECISION, VEC=vec, **config)
+        low_rank_project_kernel[(project.shape[0],)](table, project, workspace, float(damping), **knobs)
+        low_rank_update_kernel[(steps.shape[0],)](table, steps, workspace, scalars, grad_scale, found_inf,
+                                                   float(damping), **knobs)
 
 
 def _plain_entry(p: torch.Tensor, slot: int, buffers: list, scalar_rows: list, group: dict) -> tuple[tuple, int]:
@@ -508,18 +689,21 @@ def _launch_plain(device: torch.device, dtype: torch.dtype, variants: dict[int, 
 
 def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | None], *, damping: float,
                            grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
-    """DESIGN §1.4 for all blocks: U = Ĝ·P (G/λ without P), then each parameter's SGD epilogue.
+    """DESIGN §1.4 for all blocks: U = Ĝ·P (low rank: (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ; G/λ without
+    either), then each parameter's SGD epilogue.
 
     Same contract as `fastfoof.reference.preconditioned_update_`: with found_inf ≠ 0 (a device
     scalar; GradScaler's non-finite gradients) nothing is written, decided on the device.
     """
-    # (device, dtype) -> ({VEC: problems}, {VEC: plain entries}, scalar rows)
-    launches: dict[tuple, tuple[dict, dict, list]] = {}
+    # (device, dtype) -> ({VEC: dense problems}, {VEC: low-rank problems}, {VEC: plain entries}, scalar rows,
+    # [workspace elements the low-rank problems take])
+    launches: dict[tuple, tuple[dict, dict, dict, list, list]] = {}
     keep_alive, slot = [], 0
     for block in blocks:
         first = block.params[0]
-        variants, plain, scalar_rows = launches.setdefault((first.device, first.dtype), ({}, {}, []))
-        if block.precond is None:
+        variants, low_rank, plain, scalar_rows, workspace = launches.setdefault((first.device, first.dtype),
+                                                                                ({}, {}, {}, [], [0]))
+        if block.precond is None and block.eigvecs is None:
             if first.grad is not None:
                 if _plain_ready(first, momentum_buffers[slot]):
                     entry, vec = _plain_entry(first, slot, momentum_buffers, scalar_rows, block.options[0])
@@ -527,13 +711,13 @@ def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | N
                 else:
                     _reference_block(block, slot, momentum_buffers, damping, grad_scale, found_inf)
         elif first.grad is not None:
-            fused = _fused_problems(block, slot, momentum_buffers, scalar_rows, keep_alive)
+            fused = _fused_problems(block, slot, momentum_buffers, scalar_rows, keep_alive, workspace)
             if fused is None:
                 _reference_block(block, slot, momentum_buffers, damping, grad_scale, found_inf)
             else:
-                variants.setdefault(fused[1], []).extend(fused[0])
+                (variants if block.eigvecs is None else low_rank).setdefault(fused[1], []).extend(fused[0])
         slot += len(block.params)
-    for (device, dtype), (variants, plain, scalar_rows) in launches.items():
+    for (device, dtype), (variants, low_rank, plain, scalar_rows, workspace) in launches.items():
         if not scalar_rows:
             continue
         scalars = _device_table((device, dtype, "scalars"), tuple(scalar_rows),
@@ -541,6 +725,7 @@ def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | N
         scale = _constant(1.0, device) if grad_scale is None else grad_scale.to(torch.float32)
         skip = _constant(0.0, device) if found_inf is None else found_inf.to(torch.float32)
         _launch_grouped(device, dtype, variants, scalars, scale, skip)
+        _launch_low_rank(device, dtype, low_rank, scalars, scale, skip, damping, workspace[0])
         _launch_plain(device, dtype, plain, scalars, scale, skip, damping)
 
 

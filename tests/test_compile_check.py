@@ -80,6 +80,20 @@ def test_update_builds_keep_wide_loads_and_wgmma_on_sm90(rows):
             assert row["mma_kind"] == "wgmma", row
 
 
+def test_low_rank_update_builds_keep_tensor_cores_and_wide_loads(rows):
+    """Both passes of the low-rank update: wgmma on sm_90 for the tf32 configs, and the vector variant
+    that sm_90 runs loads wide: over half the second pass's loads 128-bit, over half the first's at
+    least 64-bit (its Q tiles are N-major, which tf32 wgmma transposes through shared memory)."""
+    from fastfoof.kernels import update
+
+    for kernel, bits in (("low_rank_update_kernel", 128), ("low_rank_project_kernel", 64)):
+        for dtype in ("fp32", "bf16"):
+            row, = kernel_rows(rows, kernel, config=f"{dtype},{update.HOPPER_CONFIG},vector,")
+            assert wide_load_share(row, bits) > 0.5, row
+        for row in kernel_rows(rows, kernel):
+            assert row["mma_kind"] == ("none" if ",ieee," in row["config"] else "wgmma"), row
+
+
 def test_fold_builds_keep_wide_loads(rows):
     for kernel in ("fold_kernel", "nonfinite_flags_kernel"):
         for arch in ("sm_80", "sm_90"):
@@ -157,6 +171,25 @@ def test_update_specs_carry_the_launchers_arguments():
     launches = recorded_launches(update, ["grouped_update_kernel"],
                                  lambda: update.preconditioned_update_(blocks, [None] * 8, damping=1.0))
     assert sorted(launch[2]["VEC"] for launch in launches) == [1, 1, 4, 8]
+    assert_specs_match_launches(update, launches)
+
+
+def test_low_rank_update_specs_carry_the_launchers_arguments():
+    from fastfoof.kernels import update
+    from fastfoof.layers import Block
+
+    group = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0)
+    blocks = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows, dim, rank in ((8, 16, 4), (5, 7, 3)):  # vector and scalar variants
+            weight, bias = torch.randn(rows, dim, dtype=dtype), torch.randn(rows, dtype=dtype)
+            weight.grad, bias.grad = torch.randn_like(weight), torch.randn_like(bias)
+            q = torch.linalg.qr(torch.randn(1, dim + 1, rank)).Q.contiguous()
+            blocks.append(Block([weight, bias], [group, group], 1, eigvecs=q, eigvals=torch.rand(1, rank)))
+    names = ["low_rank_project_kernel", "low_rank_update_kernel"]
+    launches = recorded_launches(update, names, lambda: update.preconditioned_update_(blocks, [None] * 8, damping=1.0))
+    assert sorted((name, constexprs["VEC"]) for name, _, constexprs, _ in launches) == \
+        sorted((name, vec) for name in names for vec in (1, 1, 4, 8))
     assert_specs_match_launches(update, launches)
 
 

@@ -13,6 +13,7 @@ import gloo_ranks
 from gloo_ranks import WORLD
 STEPS, RESUME_AT = 7, 4  # inversions at t = 1, 3, 6 (T = 3); the checkpoint is taken after step 3
 KW = dict(lr=0.2, damping=0.5, momentum=0.9, weight_decay=0.01, inv_period=3, stats_steps=2, backend="reference")
+LOW_RANK = 4  # every layer of the model (D' = 28, 28, 49, 11) keeps (Q, s)
 
 
 def make_model():
@@ -45,14 +46,14 @@ def train(model, opt, data, rank, world, allreduce_grads=False):
         opt.step()
 
 
-def count_inversions(log):
-    original = fastfoof.ops.damped_inverse_with_status
+def count_inversions(log, op="damped_inverse_with_status"):
+    original = getattr(fastfoof.ops, op)
 
     def counting(mats, *args, **kwargs):
         log.append(len(mats))
         return original(mats, *args, **kwargs)
 
-    fastfoof.ops.damped_inverse_with_status = counting
+    setattr(fastfoof.ops, op, counting)
 
 
 def worker(rank, world, out_dir):
@@ -87,6 +88,14 @@ def worker(rank, world, out_dir):
     ddp = DistributedDataParallel(kfac_model)
     train(ddp, fastfoof.KFAC(ddp, **KW), data, rank, world)
     results["kfac"] = [p.detach().clone() for p in kfac_model.parameters()]
+    # FOOF with rank: each layer's (Q, s) computed by its owner and shared
+    decomposed = []
+    count_inversions(decomposed, "top_eigenpairs_with_status")
+    low_rank_model = make_model()
+    ddp = DistributedDataParallel(low_rank_model)
+    train(ddp, fastfoof.FOOF(ddp, rank=LOW_RANK, **KW), data, rank, world)
+    results["low_rank"] = [p.detach().clone() for p in low_rank_model.parameters()]
+    results["decomposed"] = [n for n in decomposed if n]
     return results
 
 
@@ -96,11 +105,11 @@ def two_ranks(tmp_path_factory):
     return out, gloo_ranks.run(worker, out)
 
 
-def single_process(data, opt_state=None, model_state=None, kind=fastfoof.FOOF):
+def single_process(data, opt_state=None, model_state=None, kind=fastfoof.FOOF, **options):
     model = make_model()
     if model_state is not None:
         model.load_state_dict(model_state)
-    opt = kind(model, **KW)
+    opt = kind(model, **KW, **options)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     train(model, opt, data, 0, 1)
@@ -145,3 +154,12 @@ def test_kfac_two_ranks_equal_one_process_on_the_union(two_ranks):
     expected = single_process(batches(), kind=fastfoof.KFAC)
     for r in ranks:
         assert_close(r["kfac"], expected)
+
+
+def test_low_rank_two_ranks_equal_one_process_on_the_union(two_ranks):
+    _, ranks = two_ranks
+    expected = single_process(batches(), rank=LOW_RANK)
+    for r in ranks:
+        assert_close(r["low_rank"], expected)
+    for per_rank in zip(*(r["decomposed"] for r in ranks)):  # t = 1, 3, 6: the 4 layers split between ranks
+        assert sum(per_rank) == 4 and all(0 < n < 4 for n in per_rank)

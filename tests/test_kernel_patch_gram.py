@@ -192,7 +192,7 @@ def test_kernel_path_never_unfolds(monkeypatch):
 
     monkeypatch.setattr(F, "unfold", forbidden)
     monkeypatch.setattr(torch.Tensor, "unfold", forbidden)
-    monkeypatch.setattr(reference, "unfold_patches", forbidden)
+    monkeypatch.setattr(reference, "patch_rows_", forbidden)
     module = nn.Conv2d(3, 4, 3, padding=1).to(DEVICE)
     x = torch.randn(2, 3, 5, 6, device=DEVICE)
     out = ops.patch_gram(x, module, backend="triton")

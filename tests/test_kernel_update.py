@@ -38,11 +38,10 @@ def fused_only(monkeypatch):
     monkeypatch.setattr(update, "_reference_block", refuse)
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """The VEC of every grouped launch (1: scalar variant, 4 or 8: vector variant)."""
+def vec_spy(monkeypatch, name):
+    """The VEC of every launch of update.<name> (1: scalar variant, 4 or 8: vector variant)."""
     seen = []
-    kernel = update.grouped_update_kernel
+    kernel = getattr(update, name)
 
     class Spy:
         def __getitem__(self, grid):
@@ -51,8 +50,14 @@ def launches(monkeypatch):
                 return kernel[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(update, "grouped_update_kernel", Spy())
+    monkeypatch.setattr(update, name, Spy())
     return seen
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The VEC of every grouped launch."""
+    return vec_spy(monkeypatch, "grouped_update_kernel")
 
 
 def random_precond(groups, dim, dtype, gen):
@@ -105,7 +110,7 @@ def step64(blocks, buffers, damping):
     new_params, new_buffers, slot = [], [], 0
     for block in blocks:
         grads = [None if p.grad is None else p.grad.double() for p in block.params]
-        if block.precond is None:
+        if block.precond is None and block.eigvecs is None:
             us = [None if g is None else g / damping for g in grads]
         elif grads[0] is None:
             us = [None] * len(grads)
@@ -115,7 +120,7 @@ def step64(blocks, buffers, damping):
             g = grads[0].reshape(w.shape[0], -1)
             if len(grads) == 2:
                 g = torch.cat([g, (grads[1] if grads[1] is not None else g.new_zeros(w.shape[0]))[:, None]], 1)
-            u = torch.cat([g[i * rows:(i + 1) * rows] @ block.precond[i].double() for i in range(block.groups)])
+            u = torch.cat([g[i * rows:(i + 1) * rows] @ right_factor64(block, i, damping) for i in range(block.groups)])
             us = [u[:, :w[0].numel()].reshape(w.shape)]
             if len(grads) == 2:
                 us.append(None if grads[1] is None else u[:, -1])
@@ -132,6 +137,15 @@ def step64(blocks, buffers, damping):
             new_buffers.append(buf)
             slot += 1
     return new_params, new_buffers
+
+
+def right_factor64(block, group, damping):
+    """P of one group in float64: the dense one, or (Q diag(s) Qᵀ + λI)⁻¹ of a low-rank block, inverted as
+    a dense matrix (not by the Woodbury form the kernel uses)."""
+    if block.eigvecs is None:
+        return block.precond[group].double()
+    q, s = block.eigvecs[group].double(), block.eigvals[group].double()
+    return torch.linalg.inv((q * s) @ q.T + damping * torch.eye(q.shape[0], dtype=torch.float64))
 
 
 def flat(blocks):
@@ -181,21 +195,25 @@ def test_grouped_update_matches_float64_over_steps(hyper, fused_only):
         check_step(blocks, buffers, damping=0.7, tol=1e-5)
 
 
-def test_grouped_update_agrees_with_reference(fused_only):
-    gen = torch.Generator().manual_seed(1)
-    blocks = make_blocks(torch.float32, HYPER[:2], gen)
+def assert_tracks_reference(blocks, gen, damping, steps=2):
+    """The kernel and the reference op on copies of the same blocks, step by step."""
     twin = copy.deepcopy(blocks)
     bufs, twin_bufs = [None] * len(flat(blocks)), [None] * len(flat(blocks))
-    for _ in range(2):
+    for _ in range(steps):
         fresh_grads(blocks, gen)
         for p, q in zip(flat(blocks), flat(twin)):
             q.grad = p.grad.clone()
-        update.preconditioned_update_(blocks, bufs, damping=0.5)
-        reference.preconditioned_update_(twin, twin_bufs, damping=0.5)
+        update.preconditioned_update_(blocks, bufs, damping=damping)
+        reference.preconditioned_update_(twin, twin_bufs, damping=damping)
         for p, q in zip(flat(blocks), flat(twin)):
             assert rel_error(p, q) <= 1e-6
         for b, c in zip(bufs, twin_bufs):
             assert (b is None) == (c is None) and (b is None or rel_error(b, c) <= 1e-5)
+
+
+def test_grouped_update_agrees_with_reference(fused_only):
+    gen = torch.Generator().manual_seed(1)
+    assert_tracks_reference(make_blocks(torch.float32, HYPER[:2], gen), gen, damping=0.5)
 
 
 def test_missing_gradients_leave_parameters_untouched(fused_only):
@@ -466,3 +484,131 @@ def test_transformed_gradient_takes_the_fused_update(fused_only):
         reference.preconditioned_update_(twins, twin_buffers, damping=0.8)
     for p, q in zip(flat(blocks), flat(twins)):
         assert rel_error(p, q) <= 1e-6
+
+
+# ---- the low-rank update: U = (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ (DESIGN §1.3) ----------------------
+
+# (weight shape, groups, bias, rank): D = 37 with an odd rank (scalar variant); a Linear over two row
+# and two column tiles of U, D' = 69 and r = 8 (vector for fp32); a grouped conv (D = 16) and a Conv1d
+# (D = 15, r = 5).
+LOW_RANK_LAYERS = [((5, 37), 1, True, 3), ((70, 68), 1, True, 8), ((12, 4, 2, 2), 2, False, 4),
+                   ((4, 5, 3), 1, False, 5)]
+CHANNELS_LAST_LOW_RANK = [((8, 4, 3, 3), 1, True, 4), ((12, 2, 3, 2), 3, True, 5), ((4, 2, 2, 3, 2), 1, True, 8)]
+
+
+@pytest.fixture
+def low_rank_launches(monkeypatch):
+    """The VEC of every launch of the low-rank update's second pass."""
+    return vec_spy(monkeypatch, "low_rank_update_kernel")
+
+
+def make_low_rank_blocks(dtype, hyper, gen, layers=LOW_RANK_LAYERS, layout=None):
+    """Low-rank blocks (orthonormal Q, eigenvalues around λ so that no term dominates), then the dense
+    and unpreconditioned blocks of `make_blocks`: all kinds in one call."""
+    blocks = make_blocks(dtype, hyper, gen, layers=[(shape, groups, bias) for shape, groups, bias, _ in layers],
+                         layout=layout)
+    for block, (_, groups, bias, rank) in zip(blocks, layers):
+        dim_p = block.params[0][0].numel() + bias
+        q = torch.linalg.qr(torch.randn(groups, dim_p, rank, generator=gen, dtype=torch.float64)).Q
+        block.precond = None
+        block.eigvecs = q.to(DEVICE, torch.float32).contiguous()
+        block.eigvals = (3 * torch.rand(groups, rank, generator=gen)).to(DEVICE)
+    return blocks + make_blocks(dtype, hyper, gen, layers=LAYERS[:2])
+
+
+@pytest.mark.parametrize("hyper", [HYPER[:2], [HYPER[2], HYPER[0]]], ids=["nesterov+dampening", "no-momentum+nesterov"])
+def test_low_rank_update_matches_float64_over_steps(hyper, fused_only, low_rank_launches):
+    gen = torch.Generator().manual_seed(12)
+    blocks = make_low_rank_blocks(torch.float32, hyper, gen)
+    buffers = [None] * len(flat(blocks))
+    for _ in range(3):
+        fresh_grads(blocks, gen)
+        check_step(blocks, buffers, damping=0.7, tol=1e-5)
+    assert sorted(set(low_rank_launches)) == [1, 4]  # D = 68 and 16 with r = 8 and 4 take the vector variant
+
+
+def test_low_rank_update_agrees_with_reference(fused_only):
+    gen = torch.Generator().manual_seed(13)
+    assert_tracks_reference(make_low_rank_blocks(torch.float32, HYPER[:2], gen), gen, damping=0.4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_rank_update_of_low_precision_params(dtype, fused_only):
+    gen = torch.Generator().manual_seed(14)
+    blocks = make_low_rank_blocks(dtype, HYPER[:2], gen, layers=LOW_RANK_LAYERS[1:3])
+    buffers = [None] * len(flat(blocks))
+    for _ in range(2):
+        fresh_grads(blocks, gen)
+        check_step(blocks, buffers, damping=0.8, tol=2e-2)
+
+
+def test_low_rank_update_of_channels_last_weights(fused_only):
+    """Q's rows are permuted to the weight's memory order once per Q; the state keeps DESIGN order."""
+    gen = torch.Generator().manual_seed(15)
+    blocks = make_low_rank_blocks(torch.float32, HYPER[1:], gen, layers=CHANNELS_LAST_LOW_RANK, layout=channels_last)
+    assert not blocks[0].params[0].is_contiguous()
+    originals = [b.eigvecs.clone() for b in blocks[:len(CHANNELS_LAST_LOW_RANK)]]
+    buffers = [None] * len(flat(blocks))
+    for _ in range(2):
+        fresh_grads(blocks, gen)
+        check_step(blocks, buffers, damping=0.5, tol=1e-5)
+    for block, original in zip(blocks, originals):
+        assert torch.equal(block.eigvecs, original)
+
+
+def test_low_rank_update_with_grad_scale_and_a_skipped_step(fused_only):
+    gen = torch.Generator().manual_seed(16)
+    blocks = make_low_rank_blocks(torch.float32, HYPER[:2], gen)
+    buffers = [None] * len(flat(blocks))
+    fresh_grads(blocks, gen, scale=512.0)
+    check_step(blocks, buffers, damping=0.6, tol=1e-5, grad_scale=torch.tensor(512.0, device=DEVICE))
+    before = [p.clone() for p in flat(blocks)]
+    kept = [None if b is None else b.clone() for b in buffers]
+    fresh_grads(blocks, gen, scale=float("inf"))
+    update.preconditioned_update_(blocks, buffers, damping=0.6, found_inf=torch.ones((), device=DEVICE))
+    for p, old in zip(flat(blocks), before):
+        assert torch.equal(p, old)
+    for b, old in zip(buffers, kept):
+        assert (b is None and old is None) or torch.equal(b, old)
+
+
+def test_low_rank_update_of_a_transformed_gradient(fused_only):
+    """KFAC's left-transformed gradient (Block.grad) with a low-rank A: the same two products."""
+    gen = torch.Generator().manual_seed(17)
+    blocks = [b for b in make_low_rank_blocks(torch.float32, HYPER[:2], gen) if b.eigvecs is not None]
+    fresh_grads(blocks, gen)
+    for block in blocks:
+        rows, dim_p = block.params[0].shape[0] // block.groups, block.eigvecs.shape[1]
+        block.grad = torch.randn(block.groups, rows, dim_p, generator=gen).to(DEVICE)
+    twins = [Block([p.detach().clone() for p in b.params], b.options, b.groups, None, b.grad, b.eigvecs, b.eigvals)
+             for b in blocks]
+    for twin, block in zip(twins, blocks):
+        for q, p in zip(twin.params, block.params):
+            q.grad = p.grad.clone()
+    buffers, twin_buffers = [None] * len(flat(blocks)), [None] * len(flat(blocks))
+    for _ in range(2):
+        update.preconditioned_update_(blocks, buffers, damping=0.8)
+        reference.preconditioned_update_(twins, twin_buffers, damping=0.8)
+    for p, q in zip(flat(blocks), flat(twins)):
+        assert rel_error(p, q) <= 1e-6
+
+
+def test_foof_with_rank_and_triton_update_tracks_reference(fused_only, monkeypatch):
+    monkeypatch.setattr(ops, "TRITON_KERNELS", {"preconditioned_update_": "fastfoof.kernels.update"})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, 6, 3, stride=2, bias=False),
+                          nn.Tanh(), nn.Flatten(), nn.Linear(6 * 3 * 4, 5)).to(DEVICE)
+    twin = copy.deepcopy(model)
+    kw = dict(lr=0.05, damping=0.5, momentum=0.9, inv_period=2, stats_steps=1, rank=6)
+    fused, oracle = fastfoof.FOOF(model, backend="triton", **kw), fastfoof.FOOF(twin, backend="reference", **kw)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(4, 3, 7, 9, generator=gen).to(DEVICE)
+        y = torch.randint(0, 5, (4,), generator=gen).to(DEVICE)
+        for m, opt in ((model, fused), (twin, oracle)):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+    assert all("top_eigvecs" in fused.state[layer.weight] for layer in fused.layers)  # D' = 28, 54 and 73 > 12
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert rel_error(p, q) <= 1e-5

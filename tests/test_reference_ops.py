@@ -1,9 +1,15 @@
 """The reference operations against independent float64 computations (DESIGN §1.1–§1.4)."""
+import json
+import math
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from fastfoof import ops, reference
+from fastfoof.geometry import patch_input
 from fastfoof.layers import Block
 from helpers import gram64, rel_error
 
@@ -38,31 +44,74 @@ def test_patch_gram_matches_float64_unfold(name, make, shape, dtype):
     assert torch.equal(out, out.transpose(1, 2))
 
 
-def test_patch_gram_accumulates_with_alpha_beta():
+@pytest.mark.parametrize("block", [reference.GRAM_BLOCK, 8], ids=["one-block", "blocks-of-8"])
+def test_patch_gram_accumulates_with_alpha_beta(monkeypatch, block):
+    # blocks of 8 rows: D' = 28 is four block rows, the last partial, and the strict lower block
+    # region carries β·out through the mirror
+    monkeypatch.setattr(reference, "GRAM_BLOCK", block)
     torch.manual_seed(1)
     module = nn.Conv2d(3, 4, 3, padding=1, groups=1)
     x = torch.randn(2, 3, 5, 6)
-    start = torch.randn(1, 28, 28, dtype=torch.float64)
+    start = torch.randn(1, 28, 28, dtype=torch.float64)  # not symmetric: β applies elementwise
     out = start.clone()
     ops.patch_gram_(out, x.double(), module.double(), alpha=0.3, beta=0.7, backend="reference")
     expected = 0.7 * start + 0.3 * gram64(x, module, True)
     assert rel_error(out, expected) <= 1e-12
+    symmetric = start + start.mT
+    out = symmetric.clone()
+    ops.patch_gram_(out, x.double(), module.double(), alpha=-0.5, beta=2.0, backend="reference")
+    assert rel_error(out, 2.0 * symmetric - 0.5 * gram64(x, module, True)) <= 1e-12
+    assert torch.equal(out, out.mT)  # a symmetric out stays bitwise symmetric
     nan = torch.full_like(start, float("nan"))
     ops.patch_gram_(nan, x.double(), module, beta=0.0, backend="reference")  # β = 0 overwrites
     assert torch.isfinite(nan).all()
 
 
-def test_patch_gram_chunks_large_batches(monkeypatch):
+@pytest.mark.parametrize("name,make,shape", [GEOMETRIES[1], GEOMETRIES[4], GEOMETRIES[10]],
+                         ids=["linear-leading-dims", "conv2d-groups", "conv3d"])
+def test_patch_gram_chunks_samples_and_blocks_rows(monkeypatch, name, make, shape):
+    """Chunks of 2 samples (a Linear's samples are its rows) and blocks of 3 rows, against float64."""
     torch.manual_seed(2)
-    module = nn.Conv2d(3, 4, 3, stride=2)
-    x = torch.randn(7, 3, 9, 9)
-    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 3 * 27 * 16)  # 3 samples per chunk
-    calls = []
-    original = reference.unfold_patches
-    monkeypatch.setattr(reference, "unfold_patches", lambda x, g: calls.append(x.shape[0]) or original(x, g))
+    module = make()
+    x = torch.randn((5 * shape[0],) + shape[1:])
+    patches, geom = patch_input(x, module)
+    padding = reference.zero_padding(geom)
+    padded = geom.channels * math.prod(n + lo + hi for n, (lo, hi) in zip(geom.in_size, padding))
+    per_sample = (geom.groups * (geom.dim + 1) * geom.positions + padded) * 4
+    monkeypatch.setattr(reference, "GRAM_WORKSPACE_BYTES", 2 * per_sample + 1)
+    monkeypatch.setattr(reference, "GRAM_BLOCK", 3)
+    chunks = []
+    original = reference.patch_rows_
+    monkeypatch.setattr(reference, "patch_rows_", lambda a, x, g: chunks.append(x.shape[0]) or original(a, x, g))
     out = ops.patch_gram(x, module, backend="reference")
-    assert calls == [3, 3, 1]
-    assert rel_error(out, gram64(x, module, True)) <= 1e-5
+    samples = patches.shape[0]
+    assert chunks == [2] * (samples // 2) + [1] * (samples % 2)
+    assert rel_error(out, gram64(x, module, module.bias is not None)) <= 1e-5
+    assert torch.equal(out, out.mT)
+
+
+def allocated_peak(fn) -> int:
+    """The CPU allocator's peak during fn() above its level when fn starts, from the profiler's memory
+    events ("Total Allocated" counts from the profiler's start)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    return max((e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"), default=0)
+
+
+def test_patch_gram_workspace_stays_bounded_whatever_the_batch():
+    """A batch whose patch vectors take 290 MiB: the call allocates under 64 MiB besides `out`."""
+    torch.manual_seed(3)
+    module = nn.Conv2d(16, 8, 3, padding=1)
+    x = torch.randn(512, 16, 32, 32)  # 145 × 524288 patch entries
+    out = torch.empty(1, 145, 145)
+    peak = allocated_peak(lambda: ops.patch_gram_(out, x, module, backend="reference"))
+    assert 2 * x.element_size() * x[0].numel() < peak < 64 << 20  # chunks of samples, and none of the whole
+    sample = x[:3]
+    assert rel_error(ops.patch_gram(sample, module, backend="reference"), gram64(sample, module, True)) <= 1e-5
 
 
 def test_patch_gram_rejects_wrong_out_shape():
