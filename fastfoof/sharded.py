@@ -81,12 +81,12 @@ def _groups_of(span: tuple[int, int], rows: int) -> tuple[int, int]:
 def _pieces(block: Block) -> list[tuple[Block, list[tuple[torch.Tensor, slice]]]]:
     """The block cut to this rank's rows: local blocks of plain views, each with (parameter, rows of
     its local shard) per view. A preconditioned block is cut where groups begin, so that each piece
-    takes its groups' P (and, KFAC, its rows of the transformed gradient, which holds this rank's
+    takes its groups' P or (Q, s) (and, KFAC, its rows of the transformed gradient, which holds this rank's
     rows only: `left_product`)."""
     weight = block.params[0]
     if not is_sharded(weight):
         return [(block, [(p, None) for p in block.params])]
-    if block.precond is None:  # U = G/λ on the whole local shard
+    if block.precond is None and block.eigvecs is None:  # U = G/λ on the whole local shard
         return [(Block([_local(weight, slice(None))], block.options), [(weight, slice(None))])]
     start, stop = local_rows(weight)
     for p in block.params[1:]:
@@ -99,7 +99,9 @@ def _pieces(block: Block) -> list[tuple[Block, list[tuple[torch.Tensor, slice]]]
         first, last = _groups_of(span, rows)
         grad = None if block.grad is None else block.grad[here].view(last - first, -1, block.grad.shape[-1])
         piece = Block([_local(p, here) for p in block.params], block.options, last - first,
-                      block.precond[first:last], grad)
+                      None if block.precond is None else block.precond[first:last], grad,
+                      None if block.eigvecs is None else block.eigvecs[first:last],
+                      None if block.eigvals is None else block.eigvals[first:last])
         pieces.append((piece, [(p, here) for p in block.params]))
     return pieces
 

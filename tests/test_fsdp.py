@@ -26,6 +26,8 @@ KW = dict(lr=0.2, damping=0.5, momentum=0.9, weight_decay=0.01, inv_period=3, st
 # name: optimizer, its arguments beyond KW, reshard_after_forward of the layers, dtype
 RUNS = {"foof": (fastfoof.FOOF, {}, True, torch.float64),
         "foof_unsharded_forward": (fastfoof.FOOF, {}, False, torch.float64),
+        # rank 4: the convolutions and the first Linear (D' = 28, 19, 55 > 8) keep (Q, s), the others P
+        "foof_rank": (fastfoof.FOOF, {"rank": 4}, True, torch.float64),
         "kfac": (fastfoof.KFAC, {}, True, torch.float64),
         "kfac_exact": (fastfoof.KFAC, {"damping_mode": "exact"}, False, torch.float64)}
 # The update's Triton kernel on the local shards' views (float32: float64 takes the reference path),
@@ -33,7 +35,7 @@ RUNS = {"foof": (fastfoof.FOOF, {}, True, torch.float64),
 TRITON = ops.triton_available() and os.environ.get("TRITON_INTERPRET") == "1"
 if TRITON:
     RUNS["foof_triton"] = (fastfoof.FOOF, {"backend": "triton"}, True, torch.float32)
-RESUMED = ("foof", "kfac")
+RESUMED = ("foof", "foof_rank", "kfac")
 GATHER, REDUCE_SCATTER = "c10d._allgather_base_", "c10d._reduce_scatter_base_"
 KFAC_GATHER = "c10d_functional.all_gather_into_tensor"
 
@@ -185,6 +187,8 @@ def test_momentum_is_sharded_and_statistics_replicated(two_ranks):
     for r in two_ranks:
         assert r["foof"]["state"] == {"momentum_buffer": {"sharded"}, "ema": {"Tensor"}, "ema_count": {"Tensor"},
                                       "precond": {"Tensor"}}
+        assert r["foof_rank"]["state"] == {"momentum_buffer": {"sharded"}, "ema": {"Tensor"}, "ema_count": {"Tensor"},
+                                           "precond": {"Tensor"}, "top_eigvecs": {"Tensor"}, "top_eigvals": {"Tensor"}}
         kfac = r["kfac"]["state"]
         assert kfac.pop("momentum_buffer") == {"sharded"}
         assert set(kfac) == {"ema", "ema_count", "precond", "grad_ema", "grad_ema_count", "grad_precond"}
