@@ -29,9 +29,10 @@ profiler's start-up would dominate).
 one batch: FOOF (one factor per layer; with rank 256 and 512, the top eigenpairs of the wide ones), KFAC
 heuristic (two factors) and KFAC exact (two eigendecompositions).
 
-`test_digits_final_loss` trains the examples' small conv net on digits (10 epochs) with full FOOF and
-with `rank=256` at the same lr and damping, and records the final training loss (extra_info
-"final_train_loss"): what the cheaper preconditioner costs in training.
+`test_final_loss` trains the examples' nets on digits and MNIST-1D (CNN and MLP) as
+examples/compare_optimizers.py does, with full FOOF and with the cost floor options (`rank` 256 and 32,
+`stats_batch` B/4, both) at the same lr and damping, and records the final training loss (extra_info
+"final_train_loss"): what the savings cost in training.
 """
 from __future__ import annotations
 
@@ -74,30 +75,34 @@ MODELS = {
 PRECISIONS = {"fp32": (None, False), "bf16_channels_last": (torch.bfloat16, True)}
 
 
-def foof(backend="auto", stats_steps=10, **options):
-    return lambda m: fastfoof.FOOF(m, lr=LR, momentum=0.9, inv_period=INV_PERIOD, stats_steps=stats_steps,
-                                   backend=backend, **options)
+def foof(backend="auto", stats_steps=10, stats_quarter=False, **options):
+    """FOOF's row factory; `stats_quarter`: statistics from a quarter of the batch (stats_batch = B/4)."""
+    return lambda m, batch: fastfoof.FOOF(m, lr=LR, momentum=0.9, inv_period=INV_PERIOD, stats_steps=stats_steps,
+                                          backend=backend, stats_batch=batch // 4 if stats_quarter else None, **options)
 
 
-# name -> (factory(model) -> optimizer, compiled model, needs CUDA)
+# name -> (factory(model, batch size) -> optimizer, compiled model, needs CUDA)
 OPTIMIZERS = {
-    "sgd": (lambda m: torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9, foreach=True), False, False),
-    "adamw": (lambda m: torch.optim.AdamW(m.parameters(), lr=LR / 10, fused=CUDA, foreach=not CUDA), False, False),
+    "sgd": (lambda m, _: torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9, foreach=True), False, False),
+    "adamw": (lambda m, _: torch.optim.AdamW(m.parameters(), lr=LR / 10, fused=CUDA, foreach=not CUDA), False, False),
     "foof_T100_S10": (foof(), False, False),
     "foof_T100_S100": (foof(stats_steps=INV_PERIOD), False, False),
     # The same FOOF through the plain-PyTorch reference ops (on CPU it is the foof_T100_S10 row).
     "foof_T100_S10_reference": (foof(backend="reference"), False, True),
-    "kfac_T100_S10": (lambda m: fastfoof.KFAC(m, lr=LR, momentum=0.9, inv_period=INV_PERIOD, stats_steps=10,
+    "kfac_T100_S10": (lambda m, _: fastfoof.KFAC(m, lr=LR, momentum=0.9, inv_period=INV_PERIOD, stats_steps=10,
                                               damping_mode="heuristic", fisher="mc"), False, False),
-    "sgd_compiled": (lambda m: torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9, foreach=True), True, False),
+    "sgd_compiled": (lambda m, _: torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9, foreach=True), True, False),
     "foof_T100_S10_compiled": (foof(), True, False),
-    # FOOF at its cost floor (issue 20): a low-rank preconditioner for layers with D' > 2·rank.
-    # stats_batch's rows (at most B/4 samples per statistic, alone and with rank 256) belong here too.
+    # FOOF at its cost floor (DESIGN §1.2, §1.3): statistics from B/4 samples per observed forward, a
+    # low-rank preconditioner for layers with D' > 2·rank, and both
+    "foof_T100_S10_stats_quarter": (foof(stats_quarter=True), False, False),
     "foof_T100_S10_rank256": (foof(rank=256), False, False),
     "foof_T100_S10_rank512": (foof(rank=512), False, False),
+    "foof_T100_S10_rank256_stats_quarter": (foof(rank=256, stats_quarter=True), False, False),
 }
 # The rows that compare the cost floor options with full FOOF: the only ones resnet18_cifar_b128 runs
-COST_FLOOR = ("foof_T100_S10", "foof_T100_S10_rank256", "foof_T100_S10_rank512")
+COST_FLOOR = ("foof_T100_S10", "foof_T100_S10_stats_quarter", "foof_T100_S10_rank256", "foof_T100_S10_rank512",
+              "foof_T100_S10_rank256_stats_quarter")
 
 
 def baseline_of(optimizer: str) -> str:
@@ -121,7 +126,8 @@ class Trainer:
         model = MODELS[model_name][0]().to(DEVICE)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.optimizer = factory(model)
+        self.optimizer = factory(model, len(batch[0]))
+        self.timed: list[tuple[str, float]] = []  # (step_kind, seconds) of every step
         self.model = torch.compile(model) if compiled else model
         self.autocast = torch.autocast(DEVICE.type, dtype=autocast_dtype or torch.float32,
                                        enabled=autocast_dtype is not None)
@@ -129,7 +135,21 @@ class Trainer:
         if channels_last:
             self.x = self.x.to(memory_format=torch.channels_last)
 
+    def step_kind(self) -> str:
+        """Which of FOOF's steps the coming one is (DESIGN §1.5); "plain" for other optimizers."""
+        opt = self.optimizer
+        if not isinstance(opt, KroneckerOptimizer):
+            return "plain"
+        r = (opt._steps + 1) % opt.inv_period
+        return "inverting" if r == 0 else "observed" if r > opt.inv_period - opt.stats_steps else "plain"
+
     def step(self) -> torch.Tensor:
+        kind, start = self.step_kind(), time.perf_counter()
+        loss = self._step()
+        self.timed.append((kind, time.perf_counter() - start))
+        return loss
+
+    def _step(self) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast:
             logits = self.model(self.x)
@@ -151,7 +171,8 @@ def fixed_batch(batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def cpu_peak_bytes(fn) -> int:
     """The CPU allocator's peak during `fn` above its level when `fn` starts: the largest "Total
-    Allocated" of the profiler's memory events (the allocator's own running total)."""
+    Allocated" of the profiler's memory events (the allocator's own running total, which counts what
+    was allocated before `fn` too) less the level before the first event."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -160,8 +181,12 @@ def cpu_peak_bytes(fn) -> int:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text())["traceEvents"]
-    return max((e["args"]["Total Allocated"] for e in events
-                if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})), default=0)
+    memory = sorted((e for e in events if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})),
+                    key=lambda e: e["ts"])
+    if not memory:
+        return 0
+    start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in memory) - start
 
 
 def skip_reason(model: str, precision: str, optimizer: str) -> str | None:
@@ -217,7 +242,9 @@ def test_e2e_step(benchmark, model, precision, optimizer):
         baseline.step()
         baseline_seconds.append(time.perf_counter() - start)
 
+    subject.timed.clear()
     loss = benchmark.pedantic(subject.step, setup=baseline_step, rounds=rounds, warmup_rounds=1)
+    timed = subject.timed[1:]  # [0] is the warm-up round's
     assert torch.isfinite(loss), f"{optimizer} diverged on {model}"
     if not (CUDA or SMOKE):  # one step inside the stats window, after the timed rounds (they end at an inversion)
         if isinstance(subject.optimizer, KroneckerOptimizer):
@@ -242,6 +269,46 @@ def test_e2e_step(benchmark, model, precision, optimizer):
         if baseline_name != "adamw":
             info["ratio_median"] = row.median / baseline_median
             info["ratio_mean"] = row.mean / baseline_median
+        # FOOF's three kinds of step apart: what an observed step adds to a plain one, in baseline steps
+        by_kind = {kind: [seconds for k, seconds in timed if k == kind] for kind in ("plain", "observed", "inverting")}
+        if by_kind["observed"] and by_kind["plain"]:  # S < T
+            info.update(plain_median_s=statistics.median(by_kind["plain"]),
+                        observed_mean_s=statistics.mean(by_kind["observed"]),
+                        inverting_mean_s=statistics.mean(by_kind["inverting"]) if by_kind["inverting"] else None)
+            info["observed_extra_baseline_steps"] = (info["observed_mean_s"] - info["plain_median_s"]) / baseline_median
+
+
+BLOCKS = 3  # test_alternating_blocks: pairs of one whole period of SGD+M, then one of FOOF
+
+
+def test_alternating_blocks(benchmark):
+    """smallconv_cifar, FOOF T=100 S=10 against SGD+M in blocks of one period each, alternating in one
+    process (the interleaved rows alternate single steps): FOOF's blocks' time over SGD's."""
+    if CUDA:
+        pytest.skip("a CPU row: on CUDA the end-to-end rows are ResNet-18's")
+    batch = fixed_batch(4 if SMOKE else MODELS["smallconv_cifar"][2])
+    period = 3 if SMOKE else INV_PERIOD
+    trainers = {name: Trainer("smallconv_cifar", name, "fp32", batch) for name in ("sgd", "foof_T100_S10")}
+    for trainer in trainers.values():
+        for _ in range(WARM_STEPS):
+            trainer.step()
+    seconds = {name: 0.0 for name in trainers}
+    pairs = 1 if SMOKE else BLOCKS
+
+    def blocks():
+        for _ in range(pairs):
+            for name, trainer in trainers.items():
+                start = time.perf_counter()
+                for _ in range(period):
+                    loss = trainer.step()
+                seconds[name] += time.perf_counter() - start
+                assert torch.isfinite(loss)
+
+    benchmark.pedantic(blocks, rounds=1, iterations=1)
+    benchmark.extra_info.update(model="smallconv_cifar", batch_size=len(batch[0]), blocks=pairs,
+                                block_steps=period, sgd_block_s=seconds["sgd"] / pairs,
+                                foof_block_s=seconds["foof_T100_S10"] / pairs,
+                                ratio=seconds["foof_T100_S10"] / seconds["sgd"], smoke=SMOKE, device="cpu")
 
 
 @pytest.mark.parametrize("kind", ["foof", "foof_rank256", "foof_rank512", "kfac_heuristic", "kfac_exact"])
@@ -269,25 +336,35 @@ def test_inversion_round(benchmark, kind):
                                 backend=ops.resolve_backend(opt.backend, DEVICE))
 
 
-# Digits, as examples/compare_optimizers.py trains it (its data, net, seed, batches, momentum 0.9 and
-# damping 1): the final training loss of the cost floor options against full FOOF at the same lr.
-# stats_batch's rows belong here too.
-DIGITS_VARIANTS = {"foof": {}, "foof_rank256": {"rank": 256}}
-DIGITS_LRS = (0.3, 1.0)  # FOOF's best two on digits (README)
-DIGITS_EPOCHS, DIGITS_BATCH = 10, 64
+# What the cost floor options cost in training: the final training loss (last epoch's mean) of each
+# against full FOOF at the same lr and damping, trained as examples/compare_optimizers.py trains (its
+# data, nets, epochs, batch size, momentum 0.9; same init and batches for every variant), at the best
+# FOOF setting of its grid (README). rank 256 takes only digits' last conv (D' = 577); rank 32 takes
+# every layer with D' > 64 (digits: 289, 577, 65; MNIST-1D CNN: 76, 76, 126; MLP: 101, 101).
+# dataset -> (net name in compare_optimizers.DATASETS, lr, damping)
+FINAL_LOSS_RUNS = {"digits": ("SmallConvNet", 1.0, 1.0), "mnist1d": ("CNN", 0.1, 0.1), "mnist1d_mlp": ("MLP", 0.1, 0.1)}
+FINAL_LOSS_VARIANTS = {"foof": {}, "rank256": {"rank": 256}, "rank32": {"rank": 32}, "stats_batch_quarter": {"stats_batch": 4},
+                       "rank256_stats_batch_quarter": {"rank": 256, "stats_batch": 4}}
 
 
-@pytest.mark.parametrize("lr", DIGITS_LRS)
-@pytest.mark.parametrize("variant", list(DIGITS_VARIANTS))
-def test_digits_final_loss(benchmark, variant, lr):
-    from compare_optimizers import load_digits_data
+@pytest.mark.parametrize("variant", list(FINAL_LOSS_VARIANTS))
+@pytest.mark.parametrize("run", list(FINAL_LOSS_RUNS))
+def test_final_loss(benchmark, run, variant):
+    import compare_optimizers as co
 
-    x_train, y_train, _, _ = load_digits_data()
+    dataset = run.removesuffix("_mlp")
+    net, lr, damping = FINAL_LOSS_RUNS[run]
+    config = co.DATASETS[dataset]
+    x_train, y_train, _, _ = co.load_digits_data() if dataset == "digits" else co.load_mnist1d_data()
+    batch = config["batch_size"]
+    options = dict(FINAL_LOSS_VARIANTS[variant])
+    if "stats_batch" in options:
+        options["stats_batch"] = batch // options["stats_batch"]  # B/4
     torch.manual_seed(0)
-    model = SmallConvNet(in_channels=1, num_classes=10)
-    opt = fastfoof.FOOF(model, lr=lr, damping=1.0, momentum=0.9, **DIGITS_VARIANTS[variant])
+    model = config["models"][net]()
+    opt = fastfoof.FOOF(model, lr=lr, damping=damping, momentum=co.MOMENTUM, **options)
     order = torch.Generator().manual_seed(0)
-    epochs, steps = (1, 3) if SMOKE else (DIGITS_EPOCHS, len(x_train) // DIGITS_BATCH)
+    epochs, steps = (1, 3) if SMOKE else (config["epochs"], len(x_train) // batch)
 
     def train() -> list[float]:
         losses = []
@@ -295,18 +372,14 @@ def test_digits_final_loss(benchmark, variant, lr):
             perm = torch.randperm(len(x_train), generator=order)
             total = 0.0
             for i in range(steps):
-                idx = perm[i * DIGITS_BATCH:(i + 1) * DIGITS_BATCH]
-                opt.zero_grad()
-                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-                loss.backward()
-                opt.step()
-                total += loss.item()
+                idx = perm[i * batch:(i + 1) * batch]
+                total += co.train_step(model, opt, x_train[idx], y_train[idx]).item()
             losses.append(total / steps)
         return losses
 
     losses = benchmark.pedantic(train, rounds=1, iterations=1)
     assert all(math.isfinite(loss) for loss in losses)
-    benchmark.extra_info.update(variant=variant, lr=lr, damping=1.0, epochs=epochs, batch_size=DIGITS_BATCH,
-                                final_train_loss=losses[-1], epoch_losses=losses, smoke=SMOKE,
-                                low_rank_layers=[layer.name for layer in opt.layers if opt._low_rank(layer)],
+    benchmark.extra_info.update(dataset=dataset, net=net, variant=variant, options=options, lr=lr, damping=damping,
+                                epochs=epochs, batch_size=batch, final_train_loss=losses[-1], epoch_losses=losses,
+                                smoke=SMOKE, low_rank_layers=[layer.name for layer in opt.layers if opt._low_rank(layer)],
                                 diagnostics=opt.diagnostics)

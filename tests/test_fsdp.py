@@ -28,6 +28,8 @@ RUNS = {"foof": (fastfoof.FOOF, {}, True, torch.float64),
         "foof_unsharded_forward": (fastfoof.FOOF, {}, False, torch.float64),
         # rank 4: the convolutions and the first Linear (D' = 28, 19, 55 > 8) keep (Q, s), the others P
         "foof_rank": (fastfoof.FOOF, {"rank": 4}, True, torch.float64),
+        # each rank's statistic from the first of its 2 samples (one process: `single_process`)
+        "foof_stats_batch": (fastfoof.FOOF, {"stats_batch": 1}, True, torch.float64),
         "kfac": (fastfoof.KFAC, {}, True, torch.float64),
         "kfac_exact": (fastfoof.KFAC, {"damping_mode": "exact"}, False, torch.float64)}
 # The update's Triton kernel on the local shards' views (float32: float64 takes the reference path),
@@ -154,9 +156,20 @@ def two_ranks(tmp_path_factory):
 
 
 def single_process(kind, kw, dtype):
+    """The ranks' training in one process on the whole batches. With stats_batch = k the ranks' mean
+    statistic is that of their first k samples each: the batch is reordered so that those come first,
+    and k·WORLD samples enter."""
     model = make_model(dtype)
-    opt = kind(model, **KW, **{key: value for key, value in kw.items() if key != "backend"})
+    kw = {key: value for key, value in kw.items() if key != "backend"}
+    order = torch.arange(2 * WORLD)
+    if "stats_batch" in kw:
+        k = kw["stats_batch"]
+        shares = order.view(WORLD, 2)
+        order = torch.cat([shares[:, :k].reshape(-1), shares[:, k:].reshape(-1)])
+        kw["stats_batch"] = k * WORLD
+    opt = kind(model, **KW, **kw)
     for x, y in batches(dtype):
+        x, y = x[order], y[order]
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
