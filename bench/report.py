@@ -26,6 +26,13 @@ DECISION_COLUMNS = [("adamw", "AdamW"), ("foof_T100_S10", "FOOF T=100 S=10"), ("
 # Benzing (2022), "Gradient descent on neurons and its link to approximate second-order optimization":
 # FOOF with T=100, S=10 costs about 10% more per step than SGD on a ResNet. The paper's number, not ours.
 PAPER_STEP_RATIO = 1.10
+# The cost floor table's rows (DESIGN §1.2, §1.3): (optimizer row, its options)
+COST_FLOOR_ROWS = [("foof_T100_S10", "full FOOF"), ("foof_T100_S10_stats_quarter", "stats_batch = B/4"),
+                   ("foof_T100_S10_rank256", "rank 256"), ("foof_T100_S10_rank512", "rank 512"),
+                   ("foof_T100_S10_rank256_stats_quarter", "rank 256, stats_batch = B/4")]
+FINAL_LOSS_TEST = "test_final_loss"
+CPU_MEMORY_NOTE = ("Peak memory on CPU: the allocator's peak during one observed step (the row's step after its timed "
+                   "rounds) above its level when that step began, from the profiler's memory events.")
 # extra_info keys that the e2e table shows in its own columns, or that say nothing per row
 E2E_SHOWN = {"model", "optimizer", "amp", "backend", "batch_size", "peak_memory_bytes", "ratio_median", "ratio_mean",
              "rounds", "sgd_interleaved_median_s", "sgd_compiled_interleaved_median_s", "interleaved_with",
@@ -130,27 +137,10 @@ def e2e_section(benches: list[dict]) -> list[str]:
               "compiled model for the compiled rows."]
     memory_notes = {b["extra_info"].get("memory_note") for b in benches} - {None}
     lines += [f"Peak memory: {note}." for note in sorted(memory_notes)]
-    cpu_rows = [b for b in benches if b["extra_info"].get("device") == "cpu"
-                and b["extra_info"].get("peak_memory_bytes") is not None]
-    if cpu_rows:
-        lines += ["", cpu_memory_note(cpu_rows)]
+    if any(b["extra_info"].get("device") == "cpu" and b["extra_info"].get("peak_memory_bytes") is not None
+           for b in benches):
+        lines += ["", CPU_MEMORY_NOTE]
     return lines
-
-
-def cpu_memory_note(rows: list[dict]) -> str:
-    """Why the CPU peak-memory column grows down the table (bench/test_bench_e2e.py's cpu_peak_bytes)."""
-    first, smallest = rows[0]["extra_info"], min(rows, key=lambda b: b["extra_info"]["parameters"])["extra_info"]
-    return ("Peak memory on CPU is not a per-row peak. It is the largest `Total Allocated` of the profiler's memory "
-            "events during the row's one profiled step, and that running total counts only allocations made while a "
-            "profiler is on and never subtracts those freed outside one. So whatever an earlier row allocated in its "
-            "profiled step and freed later (gradients, statistics, preconditioners, the whole model at the row's end) "
-            "stays in it, and each row carries what the rows before it in the same pytest process left: only the first "
-            "row profiled "
-            f"(`{first['model']}` `{first['optimizer']}`, {format_value('peak_memory_bytes', first['peak_memory_bytes'])}) "
-            f"starts from zero, and `{smallest['model']}` `{smallest['optimizer']}` ({smallest['parameters']:,} "
-            f"parameters) shows {format_value('peak_memory_bytes', smallest['peak_memory_bytes'])} because the rows "
-            "before it left theirs in the total. Compare CPU memory between rows only once the benchmark subtracts the "
-            "total's level at the start of the profiled step.")
 
 
 def device_label(data: dict) -> str:
@@ -184,6 +174,7 @@ def decision_section(files: list[tuple[Path, dict]]) -> list[str]:
                 smoke |= bool(info.get("smoke"))
                 key = (device_label(data), info["model"], info.get("amp", "fp32"), info["batch_size"])
                 groups[key][info["optimizer"]] = bench
+    groups = {key: benches for key, benches in groups.items() if "sgd" in benches}  # the cost floor's own rows: below
     if not groups:
         return []
     columns = [(name, title) for name, title in DECISION_COLUMNS if any(name in row for row in groups.values())]
@@ -207,6 +198,57 @@ def decision_section(files: list[tuple[Path, dict]]) -> list[str]:
               "the sections below have every row's median, mean, memory and sizes.",
               "", f"The paper's reference number (Benzing 2022, not measured here): FOOF with T=100, S=10 costs about "
               f"{PAPER_STEP_RATIO:.2f}× SGD per step on a ResNet."]
+    return lines
+
+
+def cost_floor_section(files: list[tuple[Path, dict]]) -> list[str]:
+    """FOOF with its cost floor options beside full FOOF: step costs per (device, model, batch), then
+    the final training loss of each option against full FOOF's."""
+    steps, losses = defaultdict(dict), defaultdict(dict)
+    for _, data in files:
+        for bench in data["benchmarks"]:
+            info = bench["extra_info"]
+            if test_function(bench).endswith(E2E_TEST) and info.get("optimizer") in dict(COST_FLOOR_ROWS):
+                steps[device_label(data), info["model"], info["batch_size"]][info["optimizer"]] = bench
+            elif test_function(bench).endswith(FINAL_LOSS_TEST):
+                losses[info["dataset"], info["net"], info["lr"], info["damping"]][info["variant"]] = info
+    steps = {key: rows for key, rows in steps.items() if len(rows) > 1}  # FOOF alone compares nothing
+    if not (steps or losses):
+        return []
+    lines = ["## FOOF at its cost floor: `stats_batch` and `rank`", ""]
+    if steps:
+        header = ["device", "model", "batch", "options", "median step ÷ SGD+M", "amortised ÷ SGD+M",
+                  "observed − median step (SGD+M steps)", "inverting step"]
+        rows = []
+        for (device, model, batch), benches in steps.items():
+            for name, label in COST_FLOOR_ROWS:
+                if name in benches:
+                    info = benches[name]["extra_info"]
+                    rows.append([device, model, str(batch), label, format_value("ratio", info.get("ratio_median")),
+                                 format_value("ratio", info.get("ratio_mean")),
+                                 format_value("steps", info.get("observed_extra_baseline_steps")),
+                                 format_seconds(info.get("inverting_mean_s"))])
+        lines += table(header, rows)
+        lines += ["", "Each row is its own end-to-end row (below), interleaved step by step with SGD+M. Observed − median: "
+                  "the mean of the row's S observed steps less its median plain step, in units of the SGD+M median "
+                  "step; inverting step: the step that also runs the inversion round.", ""]
+    if losses:
+        variants = []
+        for rows in losses.values():
+            variants += [v for v in rows if v not in variants]
+        header = ["data", "net", "lr", "λ"] + [f"{v} (÷ foof)" if v != "foof" else "foof" for v in variants]
+        rows = []
+        for (dataset, net, lr, damping), infos in losses.items():
+            full = infos.get("foof", {}).get("final_train_loss")
+            cells = [dataset, net, format_value("lr", lr), format_value("damping", damping)]
+            for v in variants:
+                loss = infos.get(v, {}).get("final_train_loss")
+                cells.append("—" if loss is None else f"{loss:.2e}" if v == "foof" or not full
+                             else f"{loss:.2e} ({loss / full:.2f}×)")
+            rows.append(cells)
+        lines += table(header, rows)
+        lines += ["", "Final training loss (the last epoch's mean) of FOOF with each option, same init, batches, lr and "
+                  "damping as full FOOF (bench/test_bench_e2e.py::test_final_loss)."]
     return lines
 
 
@@ -287,9 +329,10 @@ def render(paths: list[Path], compile_check: Path | None = None, notes: list[str
              "(median, mean, min over `rounds` timed calls). On CPU the reference ops run "
              "(no Triton), and rows marked `reduced` ran smaller sizes so that the suite finishes in minutes."]
     lines += [f"\nNote: {note}" for note in notes]
-    decision = decision_section([run for runs in sections.values() for run in runs])
-    if decision:
-        lines += [""] + decision
+    every_run = [run for runs in sections.values() for run in runs]
+    for section in (decision_section(every_run), cost_floor_section(every_run)):
+        if section:
+            lines += [""] + section
     for runs in sections.values():
         lines += [""] + device_section(runs)
     if compile_check is not None:

@@ -45,9 +45,27 @@ def test_decision_table_is_the_first_table_and_carries_the_json_ratios():
             assert against_adamw == pytest.approx(ratio / adamw_ratio, abs=0.005)
 
 
-def test_cpu_peak_memory_is_explained_with_the_rows_numbers():
+def test_cost_floor_table_carries_the_json_ratios_and_losses():
     markdown = report.render([E2E_JSON])
-    benches = [b for b in json.loads(E2E_JSON.read_text())["benchmarks"] if b["name"].startswith("test_e2e_step")]
-    first = benches[0]["extra_info"]
-    note = next(line for line in markdown.splitlines() if line.startswith("Peak memory on CPU"))
-    assert f"`{first['model']}` `{first['optimizer']}`, {first['peak_memory_bytes'] / 2**20:.1f} MiB" in note
+    benches = json.loads(E2E_JSON.read_text())["benchmarks"]
+    rows = {(b["extra_info"]["model"], b["extra_info"]["optimizer"]): b["extra_info"] for b in benches
+            if b["name"].startswith("test_e2e_step")}
+    lines = markdown.splitlines()
+    start = lines.index("## FOOF at its cost floor: `stats_batch` and `rank`") + 4
+    labels = dict(report.COST_FLOOR_ROWS)
+    seen = 0
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        _, model, _, label, median, mean, extra, _ = [cell.strip() for cell in line.strip("|").split("|")]
+        info = rows[model, next(name for name, text in labels.items() if text == label)]
+        assert float(median) == pytest.approx(info["ratio_median"], rel=5e-3)
+        assert float(mean) == pytest.approx(info["ratio_mean"], rel=5e-3)
+        assert float(extra) == pytest.approx(info["observed_extra_baseline_steps"], rel=5e-3, abs=5e-3)
+        seen += 1
+    floor = [model for model, optimizer in rows if optimizer in labels]
+    assert seen == sum(floor.count(model) for model in set(floor) if floor.count(model) > 1)
+    finals = [b["extra_info"] for b in benches if b["name"].startswith("test_final_loss")]
+    for info in finals:
+        assert f"{info['final_train_loss']:.2e}" in markdown
+    assert report.CPU_MEMORY_NOTE in markdown.splitlines()
