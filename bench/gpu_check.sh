@@ -125,7 +125,7 @@ bench() {
 
 # Most important first: the budget runs out for the last phases, not the first.
 # End to end is the headline number; its compiled rows (inductor compiles) go in a part of their own.
-bench bench_e2e 120 bench/test_bench_e2e.py -k "not compiled"
+bench bench_e2e 120 bench/test_bench_e2e.py -k "not compiled and not T500 and not rank and not stats_quarter"
 # Not -x: one failure must not hide the others on a machine we hold for minutes.
 phase tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider --durations=15 "${TESTS[@]}"
 bench bench_patch_gram 75 bench/test_bench_patch_gram.py
@@ -145,6 +145,9 @@ else
   echo "== compile_check: skipped (fastfoof.kernels.compile_check does not exist)"
   SUMMARY+=("compile_check|skipped (no module)|0")
 fi
+
+# The paper's T=500 schedule (500 rounds a row) and the cost floor options (stats_batch, rank), if time is left
+bench bench_e2e_schedules 90 bench/test_bench_e2e.py -k "T500 or rank or stats_quarter"
 
 COMPILE_JSON=()
 if [[ -s "$OUT_DIR/compile_check.json" ]]; then COMPILE_JSON=(--compile-check "$OUT_DIR/compile_check.json"); fi

@@ -12,6 +12,8 @@ import fastfoof
 
 KW = dict(lr=0.1, damping=0.5, momentum=0.9, weight_decay=1e-3, inv_period=3, stats_steps=2)
 STEPS = 4 * KW["inv_period"]
+# the cost floor options too: every layer (D' = 28, 28, 73 > 8) low-rank, statistics from 2 of 4 samples
+OPTIONS = {"full": {}, "rank_stats_batch": dict(rank=4, stats_batch=2)}
 
 
 def make_model():
@@ -25,19 +27,19 @@ def batches():
     return [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(STEPS)]
 
 
-def attach(attach_mode):
+def attach(attach_mode, options):
     """(model to call, optimizer, module whose parameters train) for each way users combine them."""
     model = make_model()
     if attach_mode == "foof-then-compile":
-        opt = fastfoof.FOOF(model, **KW)
+        opt = fastfoof.FOOF(model, **KW, **options)
         return torch.compile(model, fullgraph=True), opt, model
     compiled = torch.compile(model, fullgraph=True)
     if attach_mode == "compile-then-foof":
         compiled(batches()[0][0])  # compiled before the hooks exist: FOOF must have it traced again
-        opt = fastfoof.FOOF(model, **KW)
+        opt = fastfoof.FOOF(model, **KW, **options)
         torch._dynamo.utils.counters.clear()
         return compiled, opt, model
-    return compiled, fastfoof.FOOF(compiled, **KW), model  # FOOF built on the compiled module
+    return compiled, fastfoof.FOOF(compiled, **KW, **options), model  # FOOF built on the compiled module
 
 
 @pytest.fixture(autouse=True)
@@ -49,11 +51,14 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("attach_mode", ["foof-then-compile", "compile-then-foof", "foof-on-compiled"])
-def test_compiled_training_matches_eager_without_recompiles(attach_mode):
+# every way of attaching with full FOOF; the options change the step, not how the hooks meet the model
+@pytest.mark.parametrize("attach_mode, options", [(mode, "full") for mode in
+                                                  ("foof-then-compile", "compile-then-foof", "foof-on-compiled")]
+                         + [("foof-then-compile", "rank_stats_batch")])
+def test_compiled_training_matches_eager_without_recompiles(attach_mode, options):
     eager = make_model()
-    eager_opt = fastfoof.FOOF(eager, **KW)
-    compiled, opt, model = attach(attach_mode)
+    eager_opt = fastfoof.FOOF(eager, **KW, **OPTIONS[options])
+    compiled, opt, model = attach(attach_mode, OPTIONS[options])
     assert [layer.name for layer in opt.layers] == ["0", "3", "6"]  # the user's names, not the wrapper's
     for step, (x, y) in enumerate(batches(), 1):
         # two periods cover every phase of the schedule; after them nothing may recompile
@@ -73,12 +78,14 @@ def test_compiled_training_matches_eager_without_recompiles(attach_mode):
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
 
-def test_non_inversion_steps_read_nothing_back_under_grad_scaler():
+@pytest.mark.parametrize("options", list(OPTIONS))
+def test_non_inversion_steps_read_nothing_back_under_grad_scaler(options):
     """No step but an inversion step reads the device (GradScaler's found_inf included): the fold and
     the update are masked on the device, and a skipped step moves nothing but t (DESIGN §1.5)."""
     torch.manual_seed(0)
     model = make_model()
-    opt = fastfoof.FOOF(model, lr=0.1, damping=0.5, momentum=0.9, inv_period=5, stats_steps=2, backend="reference")
+    opt = fastfoof.FOOF(model, lr=0.1, damping=0.5, momentum=0.9, inv_period=5, stats_steps=2, backend="reference",
+                        **OPTIONS[options])
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
     step = opt.step
     guarded = []
