@@ -22,7 +22,8 @@ E2E_TEST = "test_e2e_step"
 # measured is left out (the reference-ops row runs on CUDA only, the compiled rows not at smoke sizes).
 DECISION_COLUMNS = [("adamw", "AdamW"), ("foof_T100_S10", "FOOF T=100 S=10"), ("kfac_T100_S10", "KFAC T=100 S=10"),
                     ("foof_T100_S100", "FOOF S=T=100"), ("foof_T100_S10_reference", "FOOF T=100 S=10, reference ops"),
-                    ("foof_T100_S10_compiled", "FOOF T=100 S=10, compiled")]
+                    ("foof_T100_S10_compiled", "FOOF T=100 S=10, compiled"), ("foof_T500_S10", "FOOF T=500 S=10"),
+                    ("foof_T500_S10_reference", "FOOF T=500 S=10, reference ops")]
 # Benzing (2022), "Gradient descent on neurons and its link to approximate second-order optimization":
 # FOOF with T=100, S=10 costs about 10% more per step than SGD on a ResNet. The paper's number, not ours.
 PAPER_STEP_RATIO = 1.10

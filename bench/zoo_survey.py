@@ -6,7 +6,7 @@ For each model (built offline, `weights=None` / `pretrained=False`, small input,
 1. Layer check, on a float64 copy in training mode. A forward hook records each call's input and
    output of every nn.Linear / nn.Conv1d/2d/3d module, and the output's gradient. Then per call:
    - the patch vectors that FOOF takes (`fastfoof.geometry.patch_input` + `fastfoof.reference.
-     unfold_patches`, plus the bias row) must reproduce the output: out = Ŵ·a + b;
+     patch_rows_`, plus the bias row) must reproduce the output: out = Ŵ·a + b;
    - `F.linear/F.convNd(x, weight, bias, module attrs)` is compared too, to say whether the
      module's forward differs from its attributes or fastfoof's geometry is wrong;
    and per module: [weight.grad | bias.grad] must equal Σ_calls E·[A | 1]ᵀ (E the output gradient,
@@ -49,7 +49,7 @@ from torch import nn
 import fastfoof
 from fastfoof.geometry import CONV_TYPES, LAYER_TYPES, patch_input, same_padding
 from fastfoof.layers import find_layers
-from fastfoof.reference import unfold_patches
+from fastfoof.reference import patch_rows_
 
 SIZES = (64, 96, 128, 160, 224, 240, 256, 299)
 BATCH = 2
@@ -72,10 +72,9 @@ def fastfoof_patches(x: torch.Tensor, module: nn.Module, same: bool = False):
     xp, geom = patch_input(F.pad(x, same_padding(x, module)) if same else x, module)
     if isinstance(module, nn.Linear):
         return xp.unsqueeze(0), None
-    p = unfold_patches(xp, geom)
-    b, g = p.shape[0], geom.groups
-    a = p.reshape(b, g, geom.dim, -1).permute(1, 0, 3, 2).reshape(g, -1, geom.dim)
-    return a, (xp.shape[0], module.out_channels, *geom.out_size)
+    a = xp.new_empty(geom.groups, geom.dim, xp.shape[0] * geom.positions)
+    patch_rows_(a, xp, geom)  # [groups, D, N], N in (sample, position) order
+    return a.transpose(1, 2), (xp.shape[0], module.out_channels, *geom.out_size)
 
 
 def as_rows(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
