@@ -115,9 +115,12 @@ class KroneckerOptimizer(Optimizer):
         self._blocks_key = None
         self._assign_params()
         self._refresh_blocks()
-        if excluded:  # their parameters step with U = G/λ
+        if excluded:  # their parameters step with U = G/λ; one line per reason (a model has many alike)
+            reasons: dict[str, list[str]] = {}
+            for name, why in excluded:
+                reasons.setdefault(why, []).append(name or type(model).__name__)
             warnings.warn(f"{self.KIND} does not precondition these layers, which step with U = G/λ: " +
-                          "; ".join(f"{name or type(model).__name__}: {why}" for name, why in excluded),
+                          "; ".join(f"{why}: {', '.join(names)}" for why, names in reasons.items()),
                           RuntimeWarning, stacklevel=3)
 
     @staticmethod
