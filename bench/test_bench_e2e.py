@@ -11,11 +11,14 @@ load hits both sides alike.
 
 Rows: SGD+M (foreach), AdamW (fused on CUDA, foreach on CPU), FOOF (T=100, S=10; S=100; on CUDA the
 paper's ResNet schedule T=500, S=10 over 500 rounds), FOOF through the reference ops (CUDA: what the
-Triton kernels buy), KFAC (heuristic damping, Monte Carlo
-Fisher, T=100, S=10: its extra backward on observed steps included), with the model under
-`torch.compile` (inductor): SGD+M and FOOF, and FOOF at its cost floor (`rank` 256 and 512: the
-top-r eigenpairs for layers with D' > 2r; ResNet-18 only, on CPU at batch 16 and, as the model
-resnet18_cifar_b128, at 128 next to full FOOF). Precisions: fp32, and on CUDA bf16 autocast with
+Triton kernels buy), KFAC (heuristic damping, Monte Carlo Fisher, T=100, S=10: its extra backward
+on observed steps included), with the model under `torch.compile` (inductor): SGD+M and FOOF, and
+FOOF at its cost floor: `stats_batch` = B/4, `rank` 256 and 512 (the top-r eigenpairs for layers
+with D' > 2r), rank 256 with B/4; ResNet-18 only, on CPU at batch 16 and, as the model
+resnet18_cifar_b128, at 128 next to full FOOF (not rank 512 there: 10 minutes a row). A FOOF row
+also records its plain, observed and inverting steps apart (extra_info "plain_median_s",
+"observed_mean_s", "inverting_mean_s", and "observed_extra_baseline_steps": the observed mean less
+the plain median, in baseline steps). Precisions: fp32, and on CUDA bf16 autocast with
 channels_last model and inputs. On CUDA (where the GPU check's time is short) only ResNet-18 runs,
 and its compiled rows only in bf16.
 
@@ -195,7 +198,8 @@ def cpu_peak_bytes(fn) -> int:
 
 
 def skip_reason(model: str, precision: str, optimizer: str) -> str | None:
-    if model == "resnet18_cifar_b128" and (CUDA or SMOKE or optimizer not in COST_FLOOR):
+    if model == "resnet18_cifar_b128" and (CUDA or SMOKE or optimizer not in COST_FLOOR
+                                           or optimizer == "foof_T100_S10_rank512"):  # 10 min a row here
         return "CPU rows of the cost floor options at full size (on CUDA resnet18_cifar runs at batch 128)"
     if optimizer in COST_FLOOR[1:] and (not model.startswith("resnet") or CUDA and PRECISIONS[precision][0] is None):
         return "the cost floor rows are ResNet-18's (on CUDA in bf16 with channels_last)"

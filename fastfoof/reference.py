@@ -113,15 +113,23 @@ def fold_statistics_(emas: list[torch.Tensor], counts: list[torch.Tensor], stats
 
     A statistic with a non-finite entry is not folded (§1.3); with `found_inf` ≠ 0 (GradScaler's
     skipped step, a device scalar) none is, and none counts as dropped. Returns the number dropped,
-    as a device tensor (no host synchronisation).
+    as a device tensor (no host synchronisation). The statistics are consumed: a non-finite entry
+    is zeroed in place.
+
+    In-place passes, no temporaries (the matrices are D'² and the fold runs on every observed step):
+    a sum (finite iff every entry is, short of overflow, which is dropped too), the zeroing, then
+    Σ ← a·Σ + (b·S), each product rounded as the kernel rounds it, with device scalars (a, b) =
+    (m, (1−m)·s) where the statistic folds and (1, 0) where it does not.
     """
     dropped = torch.zeros((), dtype=torch.int64, device=emas[0].device) if emas else torch.zeros((), dtype=torch.int64)
     live = None if found_inf is None or not emas else found_inf.to(emas[0].device) == 0
     for ema, count, stat, scale in zip(emas, counts, stats, scales):
-        finite = torch.isfinite(stat).all()
+        finite = torch.isfinite(stat.sum())
         fold = finite if live is None else finite & live
-        ema.copy_(torch.where(fold, ema * decay + stat * (scale * (1 - decay)), ema))
-        count.copy_(torch.where(fold, count * decay + (1 - decay), count))
+        one, zero = torch.ones((), dtype=ema.dtype, device=ema.device), torch.zeros((), dtype=ema.dtype, device=ema.device)
+        stat.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # 0·inf would be NaN where nothing folds
+        ema.mul_(torch.where(fold, decay, one)).add_(stat.mul_(torch.where(fold, scale * (1 - decay), zero)))
+        count.mul_(torch.where(fold, decay, one)).add_(torch.where(fold, 1 - decay, zero))
         dropped += (~finite if live is None else ~finite & live).to(torch.int64)
     return dropped
 

@@ -1,4 +1,6 @@
-"""The fused EMA fold (fastfoof.kernels.fold_statistics) against float64 and the reference (DESIGN §1.2, §1.3)."""
+"""The fused EMA fold (fastfoof.kernels.fold_statistics) against float64 and the reference (DESIGN §1.2, §1.3).
+The reference consumes its statistics (it zeroes non-finite entries and scales them in place): each
+implementation gets its own copy."""
 import pytest
 import torch
 
@@ -50,8 +52,8 @@ def test_fold_matches_reference_bitwise_and_float64():
     ref_emas, ref_counts = clone(emas), clone(counts)
     exact_emas, exact_counts = fold64(emas, counts, stats, SCALES, DECAY)
 
-    dropped = fold_statistics.fold_statistics_(emas, counts, stats, SCALES, DECAY)
-    ref_dropped = reference.fold_statistics_(ref_emas, ref_counts, stats, SCALES, DECAY)
+    dropped = fold_statistics.fold_statistics_(emas, counts, clone(stats), SCALES, DECAY)
+    ref_dropped = reference.fold_statistics_(ref_emas, ref_counts, clone(stats), SCALES, DECAY)
 
     assert dropped.dtype == torch.int64 and dropped.shape == () and dropped.device.type == DEVICE
     assert dropped.item() == ref_dropped.item() == 0
@@ -73,8 +75,8 @@ def test_nonfinite_statistics_are_dropped(dtype):
     ref_emas, ref_counts = clone(emas), clone(counts)
     exact_emas, exact_counts = fold64(emas, counts, stats, SCALES, DECAY)
 
-    dropped = fold_statistics.fold_statistics_(emas, counts, stats, SCALES, DECAY)
-    ref_dropped = reference.fold_statistics_(ref_emas, ref_counts, stats, SCALES, DECAY)
+    dropped = fold_statistics.fold_statistics_(emas, counts, clone(stats), SCALES, DECAY)
+    ref_dropped = reference.fold_statistics_(ref_emas, ref_counts, clone(stats), SCALES, DECAY)
 
     assert dropped.item() == ref_dropped.item() == 2
     for i in (1, 4):
@@ -100,8 +102,8 @@ def test_repeated_calls_reuse_tables_and_forget_old_drops():
             stats[i].copy_(torch.randn(shape, generator=gen).to(DEVICE))
             if i in bad_layers:
                 stats[i][0, 0, -1] = float("inf")
-        dropped = fold_statistics.fold_statistics_(emas, counts, stats, scales, decay)
-        ref_dropped = reference.fold_statistics_(ref_emas, ref_counts, stats, scales, decay)
+        dropped = fold_statistics.fold_statistics_(emas, counts, clone(stats), scales, decay)
+        ref_dropped = reference.fold_statistics_(ref_emas, ref_counts, clone(stats), scales, decay)
         assert dropped.item() == ref_dropped.item() == len(bad_layers)
         for out, ref in zip(emas + counts, ref_emas + ref_counts):
             assert torch.equal(out, ref)
@@ -114,7 +116,7 @@ def test_deterministic():
     results = []
     for _ in range(2):
         e, c = clone(emas), clone(counts)
-        dropped = fold_statistics.fold_statistics_(e, c, stats, SCALES, DECAY)
+        dropped = fold_statistics.fold_statistics_(e, c, clone(stats), SCALES, DECAY)
         results.append((e, c, dropped))
     (e1, c1, d1), (e2, c2, d2) = results
     assert d1.item() == d2.item() == 1
@@ -138,8 +140,8 @@ def test_mixed_dtypes_and_non_contiguous_layers_through_dispatch():
     ref_emas, ref_counts = clone(emas), clone(counts)
     exact_emas, exact_counts = fold64(emas, counts, stats, scales, DECAY)
 
-    dropped = ops.fold_statistics_(emas, counts, stats, scales, DECAY, backend="triton")
-    ref_dropped = reference.fold_statistics_(ref_emas, ref_counts, stats, scales, DECAY)
+    dropped = ops.fold_statistics_(emas, counts, clone(stats), scales, DECAY, backend="triton")
+    ref_dropped = reference.fold_statistics_(ref_emas, ref_counts, clone(stats), scales, DECAY)
 
     assert dropped.item() == ref_dropped.item() == 3
     assert strided_ema.stride() != strided_ema.contiguous().stride()  # still the caller's view
@@ -192,8 +194,8 @@ def test_vector_tails_and_the_scalar_variant(dtype, monkeypatch):
     scales = [0.5, 0.25, 1 / 3, 0.125, 0.75, 1 / 9]
     for step in range(2):
         ref_emas, ref_counts = clone(emas), clone(counts)
-        dropped = fold_statistics.fold_statistics_(emas, counts, stats, scales, DECAY)
-        ref_dropped = reference.fold_statistics_(ref_emas, ref_counts, stats, scales, DECAY)
+        dropped = fold_statistics.fold_statistics_(emas, counts, clone(stats), scales, DECAY)
+        ref_dropped = reference.fold_statistics_(ref_emas, ref_counts, clone(stats), scales, DECAY)
         assert dropped.item() == ref_dropped.item() == (3 if step == 0 else 0)
         for out, ref in zip(emas + counts, ref_emas + ref_counts):
             assert torch.equal(out, ref)
@@ -211,8 +213,8 @@ def test_found_inf_skips_the_whole_fold_on_the_device(found):
     before_emas, before_counts = clone(emas), clone(counts)
     ref_emas, ref_counts = clone(emas), clone(counts)
     found_inf = torch.tensor(found, device=DEVICE)
-    dropped = fold_statistics.fold_statistics_(emas, counts, stats, SCALES, DECAY, found_inf)
-    ref_dropped = reference.fold_statistics_(ref_emas, ref_counts, stats, SCALES, DECAY, found_inf)
+    dropped = fold_statistics.fold_statistics_(emas, counts, clone(stats), SCALES, DECAY, found_inf)
+    ref_dropped = reference.fold_statistics_(ref_emas, ref_counts, clone(stats), SCALES, DECAY, found_inf)
     assert dropped.item() == ref_dropped.item() == (0 if found else 1)
     for out, ref, before in zip(emas + counts, ref_emas + ref_counts, before_emas + before_counts):
         assert torch.equal(out, ref)
