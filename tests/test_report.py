@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def test_decision_table_is_the_first_table_and_carries_the_json_ratios():
     benches = [b for b in json.loads(E2E_JSON.read_text())["benchmarks"] if b["name"].startswith("test_e2e_step")]
     by_row = {(b["extra_info"]["model"], b["extra_info"]["optimizer"]): b for b in benches}
     rows = decision_rows(markdown)
-    assert sorted(row[1] for row in rows) == sorted({model for model, _ in by_row})
+    # a model with an SGD+M row of its own (resnet18_cifar_b128's rows are the cost floor table's)
+    assert sorted(row[1] for row in rows) == sorted({model for model, optimizer in by_row if optimizer == "sgd"})
     for device, model, precision, batch, sgd_step, adamw, foof, kfac, *_ in rows:
         assert device.startswith("CPU") and precision == "fp32"
         assert int(batch) == by_row[model, "sgd"]["extra_info"]["batch_size"]
@@ -65,7 +67,12 @@ def test_cost_floor_table_carries_the_json_ratios_and_losses():
         seen += 1
     floor = [model for model, optimizer in rows if optimizer in labels]
     assert seen == sum(floor.count(model) for model in set(floor) if floor.count(model) > 1)
-    finals = [b["extra_info"] for b in benches if b["name"].startswith("test_final_loss")]
-    for info in finals:
-        assert f"{info['final_train_loss']:.2e}" in markdown
+    finals = {}
+    for b in benches:
+        if b["name"].startswith("test_final_loss"):
+            info = b["extra_info"]
+            finals.setdefault((info["net"], info["variant"]), []).append(info["final_train_loss"])
+    assert finals
+    for losses in finals.values():
+        assert f"{statistics.median(losses):.2e}" in markdown
     assert report.CPU_MEMORY_NOTE in markdown.splitlines()
