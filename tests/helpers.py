@@ -14,6 +14,17 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
+def batched_and_padded(x: torch.Tensor, conv: nn.Module) -> tuple[torch.Tensor, int | tuple]:
+    """A conv's input with a batch dimension, padded explicitly where the conv's padding is a string or
+    not zeros; and the padding left for the convolution (or unfold) to apply."""
+    if x.dim() == len(conv.kernel_size) + 1:
+        x = x.unsqueeze(0)
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), 0
+    return x, conv.padding
+
+
 def patches64(x: torch.Tensor, module: nn.Module, bias: bool) -> torch.Tensor:
     """[groups, N, D'] patch vectors in float64, built by convolving with identity filters."""
     x = x.double()
@@ -21,13 +32,7 @@ def patches64(x: torch.Tensor, module: nn.Module, bias: bool) -> torch.Tensor:
         a = x.reshape(-1, module.in_features).unsqueeze(0)
     else:
         nd = len(module.kernel_size)
-        if x.dim() == nd + 1:
-            x = x.unsqueeze(0)
-        padding = module.padding
-        if module.padding_mode != "zeros" or isinstance(padding, str):
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-            padding = 0
+        x, padding = batched_and_padded(x, module)
         g = module.groups
         cg = module.in_channels // g
         k = int(torch.tensor(module.kernel_size).prod())

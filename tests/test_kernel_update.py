@@ -1,5 +1,6 @@
 """The grouped preconditioned-update kernel (fastfoof.kernels.update) against float64 and the reference."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -182,6 +183,41 @@ def check_step(blocks, buffers, damping, tol, grad_scale=None):
             assert rel_error(buf, want) <= tol
 
 
+def check_steps(blocks, gen, steps, damping, tol):
+    """`steps` kernel steps on fresh gradients, each checked by `check_step`; returns the buffers."""
+    buffers = [None] * len(flat(blocks))
+    for _ in range(steps):
+        fresh_grads(blocks, gen)
+        check_step(blocks, buffers, damping=damping, tol=tol)
+    return buffers
+
+
+def assert_skipped_step_writes_nothing(blocks, buffers, gen, damping):
+    """GradScaler's skipped step on non-finite gradients leaves parameters and buffers bitwise as they were."""
+    before = [p.clone() for p in flat(blocks)]
+    kept = [None if b is None else b.clone() for b in buffers]
+    fresh_grads(blocks, gen, scale=float("inf"))
+    update.preconditioned_update_(blocks, buffers, damping=damping, found_inf=torch.ones((), device=DEVICE))
+    for p, old in zip(flat(blocks), before):
+        assert torch.equal(p, old)
+    for b, old in zip(buffers, kept):
+        assert (b is None and old is None) or torch.equal(b, old)
+
+
+def assert_transformed_gradient_tracks_reference(blocks, damping):
+    """Blocks with a left-transformed gradient (Block.grad): the kernel and the reference op on copies."""
+    twins = [dataclasses.replace(b, params=[p.detach().clone() for p in b.params]) for b in blocks]
+    for twin, block in zip(twins, blocks):
+        for q, p in zip(twin.params, block.params):
+            q.grad = p.grad.clone()
+    buffers, twin_buffers = [None] * len(flat(blocks)), [None] * len(flat(blocks))
+    for _ in range(2):
+        update.preconditioned_update_(blocks, buffers, damping=damping)
+        reference.preconditioned_update_(twins, twin_buffers, damping=damping)
+    for p, q in zip(flat(blocks), flat(twins)):
+        assert rel_error(p, q) <= 1e-6
+
+
 @pytest.mark.parametrize("hyper", [HYPER[:2], HYPER[1:], [HYPER[2], HYPER[0]]], ids=["nesterov+dampening",
                                                                                     "dampening+no-momentum",
                                                                                     "no-momentum+nesterov"])
@@ -189,10 +225,8 @@ def test_grouped_update_matches_float64_over_steps(hyper, fused_only):
     gen = torch.Generator().manual_seed(0)
     blocks = make_blocks(torch.float32, hyper, gen)
     blocks[2].precond = blocks[2].precond.mT.contiguous().mT  # column-major P: copied, then fused
-    buffers = [None] * len(flat(blocks))
-    for _ in range(3):  # the first step creates the buffers (V = U), the later ones update them
-        fresh_grads(blocks, gen)
-        check_step(blocks, buffers, damping=0.7, tol=1e-5)
+    # the first step creates the buffers (V = U), the later ones update them
+    check_steps(blocks, gen, 3, damping=0.7, tol=1e-5)
 
 
 def assert_tracks_reference(blocks, gen, damping, steps=2):
@@ -241,10 +275,7 @@ def test_grad_scale_is_divided_out_on_the_device(fused_only):
 def test_low_precision_params_keep_float32_buffers(dtype, fused_only):
     gen = torch.Generator().manual_seed(4)
     blocks = make_blocks(dtype, HYPER[:2], gen, layers=LAYERS[:4])
-    buffers = [None] * len(flat(blocks))
-    for _ in range(2):
-        fresh_grads(blocks, gen)
-        check_step(blocks, buffers, damping=0.8, tol=2e-2)
+    check_steps(blocks, gen, 2, damping=0.8, tol=2e-2)
 
 
 def test_float64_and_mixed_layout_blocks_take_the_reference_path(monkeypatch):
@@ -340,10 +371,7 @@ def test_vector_and_scalar_variants_match_float64(dtype, fused_only, launches):
     blocks = make_blocks(dtype, HYPER[:2], gen, layers=VECTOR_LAYERS)
     for block in blocks[:len(VECTOR_LAYERS)]:
         block.precond = padded(block.precond)
-    buffers = [None] * len(flat(blocks))
-    for _ in range(2):
-        fresh_grads(blocks, gen)
-        check_step(blocks, buffers, damping=0.7, tol=1e-5 if dtype == torch.float32 else 2e-2)
+    check_steps(blocks, gen, 2, damping=0.7, tol=1e-5 if dtype == torch.float32 else 2e-2)
     vec = update.vector_width(dtype)
     assert sorted(launches) == [1, 1, vec, vec]
     # fp32: D = 68, 16 (two groups) and 36 are multiples of 4; bf16: only D = 16 is one of 8
@@ -383,10 +411,7 @@ def test_channels_last_weights_take_the_fused_update(dtype, fused_only, launches
     blocks = make_blocks(dtype, HYPER[1:], gen, layers=CHANNELS_LAST_LAYERS, layout=channels_last)
     assert not blocks[0].params[0].is_contiguous() and not blocks[3].params[0].is_contiguous()
     originals = [b.precond.clone() for b in blocks[:len(CHANNELS_LAST_LAYERS)]]
-    buffers = [None] * len(flat(blocks))
-    for _ in range(3):
-        fresh_grads(blocks, gen)
-        check_step(blocks, buffers, damping=0.5, tol=1e-5 if dtype == torch.float32 else 2e-2)
+    buffers = check_steps(blocks, gen, 3, damping=0.5, tol=1e-5 if dtype == torch.float32 else 2e-2)
     for block, original in zip(blocks, originals):  # the state stays in DESIGN order
         assert torch.equal(block.precond, original)
     for p, buf in zip(flat(blocks), buffers):
@@ -451,14 +476,7 @@ def test_found_inf_skips_every_write_on_the_device(dtype, fused_only, launches):
     buffers = [None] * len(flat(blocks))
     fresh_grads(blocks, gen)
     update.preconditioned_update_(blocks, buffers, damping=0.8)  # creates the momentum buffers
-    before = [p.clone() for p in flat(blocks)]
-    kept = [None if b is None else b.clone() for b in buffers]
-    fresh_grads(blocks, gen, scale=float("inf"))
-    update.preconditioned_update_(blocks, buffers, damping=0.8, found_inf=torch.ones((), device=DEVICE))
-    for p, old in zip(flat(blocks), before):
-        assert torch.equal(p, old)
-    for b, old in zip(buffers, kept):
-        assert (b is None and old is None) or torch.equal(b, old)
+    assert_skipped_step_writes_nothing(blocks, buffers, gen, damping=0.8)
     assert set(launches) == {1, update.vector_width(dtype)}  # both variants ran (and skipped)
     fresh_grads(blocks, gen)
     check_step(blocks, buffers, damping=0.8, tol=1e-5 if dtype == torch.float32 else 2e-2)
@@ -474,16 +492,7 @@ def test_transformed_gradient_takes_the_fused_update(fused_only):
         w = block.params[0]
         rows, dim_p = w.shape[0] // block.groups, block.precond.shape[-1]
         block.grad = torch.randn(block.groups, rows, dim_p, generator=gen).to(DEVICE)
-    twins = [Block([p.detach().clone() for p in b.params], b.options, b.groups, b.precond, b.grad) for b in blocks]
-    for twin, block in zip(twins, blocks):
-        for q, p in zip(twin.params, block.params):
-            q.grad = p.grad.clone()
-    buffers, twin_buffers = [None] * len(flat(blocks)), [None] * len(flat(blocks))
-    for _ in range(2):
-        update.preconditioned_update_(blocks, buffers, damping=0.8)
-        reference.preconditioned_update_(twins, twin_buffers, damping=0.8)
-    for p, q in zip(flat(blocks), flat(twins)):
-        assert rel_error(p, q) <= 1e-6
+    assert_transformed_gradient_tracks_reference(blocks, damping=0.8)
 
 
 # ---- the low-rank update: U = (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ (DESIGN §1.3) ----------------------
@@ -520,10 +529,7 @@ def make_low_rank_blocks(dtype, hyper, gen, layers=LOW_RANK_LAYERS, layout=None)
 def test_low_rank_update_matches_float64_over_steps(hyper, fused_only, low_rank_launches):
     gen = torch.Generator().manual_seed(12)
     blocks = make_low_rank_blocks(torch.float32, hyper, gen)
-    buffers = [None] * len(flat(blocks))
-    for _ in range(3):
-        fresh_grads(blocks, gen)
-        check_step(blocks, buffers, damping=0.7, tol=1e-5)
+    check_steps(blocks, gen, 3, damping=0.7, tol=1e-5)
     assert sorted(set(low_rank_launches)) == [1, 4]  # D = 68 and 16 with r = 8 and 4 take the vector variant
 
 
@@ -536,10 +542,7 @@ def test_low_rank_update_agrees_with_reference(fused_only):
 def test_low_rank_update_of_low_precision_params(dtype, fused_only):
     gen = torch.Generator().manual_seed(14)
     blocks = make_low_rank_blocks(dtype, HYPER[:2], gen, layers=LOW_RANK_LAYERS[1:3])
-    buffers = [None] * len(flat(blocks))
-    for _ in range(2):
-        fresh_grads(blocks, gen)
-        check_step(blocks, buffers, damping=0.8, tol=2e-2)
+    check_steps(blocks, gen, 2, damping=0.8, tol=2e-2)
 
 
 def test_low_rank_update_of_channels_last_weights(fused_only):
@@ -548,10 +551,7 @@ def test_low_rank_update_of_channels_last_weights(fused_only):
     blocks = make_low_rank_blocks(torch.float32, HYPER[1:], gen, layers=CHANNELS_LAST_LOW_RANK, layout=channels_last)
     assert not blocks[0].params[0].is_contiguous()
     originals = [b.eigvecs.clone() for b in blocks[:len(CHANNELS_LAST_LOW_RANK)]]
-    buffers = [None] * len(flat(blocks))
-    for _ in range(2):
-        fresh_grads(blocks, gen)
-        check_step(blocks, buffers, damping=0.5, tol=1e-5)
+    check_steps(blocks, gen, 2, damping=0.5, tol=1e-5)
     for block, original in zip(blocks, originals):
         assert torch.equal(block.eigvecs, original)
 
@@ -562,14 +562,7 @@ def test_low_rank_update_with_grad_scale_and_a_skipped_step(fused_only):
     buffers = [None] * len(flat(blocks))
     fresh_grads(blocks, gen, scale=512.0)
     check_step(blocks, buffers, damping=0.6, tol=1e-5, grad_scale=torch.tensor(512.0, device=DEVICE))
-    before = [p.clone() for p in flat(blocks)]
-    kept = [None if b is None else b.clone() for b in buffers]
-    fresh_grads(blocks, gen, scale=float("inf"))
-    update.preconditioned_update_(blocks, buffers, damping=0.6, found_inf=torch.ones((), device=DEVICE))
-    for p, old in zip(flat(blocks), before):
-        assert torch.equal(p, old)
-    for b, old in zip(buffers, kept):
-        assert (b is None and old is None) or torch.equal(b, old)
+    assert_skipped_step_writes_nothing(blocks, buffers, gen, damping=0.6)
 
 
 def test_low_rank_update_of_a_transformed_gradient(fused_only):
@@ -580,17 +573,7 @@ def test_low_rank_update_of_a_transformed_gradient(fused_only):
     for block in blocks:
         rows, dim_p = block.params[0].shape[0] // block.groups, block.eigvecs.shape[1]
         block.grad = torch.randn(block.groups, rows, dim_p, generator=gen).to(DEVICE)
-    twins = [Block([p.detach().clone() for p in b.params], b.options, b.groups, None, b.grad, b.eigvecs, b.eigvals)
-             for b in blocks]
-    for twin, block in zip(twins, blocks):
-        for q, p in zip(twin.params, block.params):
-            q.grad = p.grad.clone()
-    buffers, twin_buffers = [None] * len(flat(blocks)), [None] * len(flat(blocks))
-    for _ in range(2):
-        update.preconditioned_update_(blocks, buffers, damping=0.8)
-        reference.preconditioned_update_(twins, twin_buffers, damping=0.8)
-    for p, q in zip(flat(blocks), flat(twins)):
-        assert rel_error(p, q) <= 1e-6
+    assert_transformed_gradient_tracks_reference(blocks, damping=0.8)
 
 
 def test_foof_with_rank_and_triton_update_tracks_reference(fused_only, monkeypatch):

@@ -44,7 +44,7 @@ timm = pytest.importorskip("timm")
 
 import fastfoof  # noqa: E402
 
-from helpers import patches64  # noqa: E402
+from helpers import batched_and_padded, patches64  # noqa: E402
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CLASSES = 10
@@ -204,14 +204,7 @@ def true_patches(x: torch.Tensor, m: nn.Module, bias: bool) -> torch.Tensor:
         return patches64(x, m, bias)
     # Conv2d: F.unfold, the im2col whose order DESIGN §1.1 prescribes (patches64's identity-filter
     # convolution runs one group at a time in float64 on CPU: minutes for a depthwise network)
-    x = x.double()
-    if x.dim() == 3:
-        x = x.unsqueeze(0)
-    padding = m.padding
-    if m.padding_mode != "zeros" or isinstance(padding, str):
-        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-        x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-        padding = 0
+    x, padding = batched_and_padded(x.double(), m)
     cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
     g = m.groups
     a = cols.reshape(x.shape[0], g, -1, cols.shape[-1]).permute(1, 0, 3, 2).reshape(g, -1, cols.shape[1] // g)
