@@ -20,7 +20,7 @@ from . import distributed, ops, sharded
 from .geometry import batch_size
 from .layers import Block, Layer, Skip, find_layers
 from .observe import Hooks, LayerHook, in_checkpoint_recompute, in_transform, layer_input
-from .reference import KEPT_PREVIOUS, OK, aligned, stat_dtype
+from .reference import GRAFTS, KEPT_PREVIOUS, OK, aligned, stat_dtype
 
 DIAGNOSTICS = ("dropped_stats", "cholesky_retries", "cholesky_failures")
 
@@ -64,7 +64,7 @@ class KroneckerOptimizer(Optimizer):
                  weight_decay: float = 0.0, ema_decay: float = 0.95, inv_period: int = 100,
                  stats_steps: int = 10, precondition_bias: bool = True, skip: Skip = None,
                  backend: str = "auto", stats_batch: int | None = None,
-                 rank: int | None = None, process_group=None):
+                 rank: int | None = None, graft: str | None = "sgd", process_group=None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
         if not (_is_number(damping) and damping > 0):
@@ -79,6 +79,8 @@ class KroneckerOptimizer(Optimizer):
             raise ValueError(f"stats_batch: must be None or an integer ≥ 1, got {stats_batch!r}")
         if rank is not None and not (_is_int(rank) and rank >= 1):
             raise ValueError(f"rank: must be None or an integer ≥ 1, got {rank!r}")
+        if graft not in GRAFTS:
+            raise ValueError(f"graft: expected one of {GRAFTS}, got {graft!r}")
         self.backend = ops.check_backend(backend)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         weight_decay=weight_decay)
@@ -95,6 +97,7 @@ class KroneckerOptimizer(Optimizer):
         self.stats_batch = stats_batch
         self.precondition_bias = precondition_bias
         self.rank = rank
+        self.graft = graft
         # under FSDP2 the ranks of the parameters' mesh share statistics and inversions
         mesh_group = sharded.mesh_group(p for group in self.param_groups for p in group["params"])
         self.process_group = process_group if process_group is not None else mesh_group
@@ -486,9 +489,11 @@ class KroneckerOptimizer(Optimizer):
                 blocks.append(block)
             else:  # no preconditioner yet (P = I/λ), or a weight without a gradient: U = G/λ per parameter
                 blocks += [Block([p], [group]) for p, group in zip(block.params, block.options)]
-        options = dict(damping=self.damping, grad_scale=grad_scale, found_inf=found_inf, backend=self.backend)
+        options = dict(damping=self.damping, graft=self.graft, grad_scale=grad_scale, found_inf=found_inf,
+                       backend=self.backend)
         if self._sharded:  # FSDP2: each rank updates the rows it holds (DESIGN §7)
-            sharded.preconditioned_update_(blocks, self.state, **options)
+            group = distributed.active_group(self.process_group)  # grafting sums each layer's norms over it
+            sharded.preconditioned_update_(blocks, self.state, group, **options)
             return
         params = [p for block in blocks for p in block.params]
         buffers = [self.state[p].get("momentum_buffer") for p in params]

@@ -92,6 +92,7 @@ class KFAC(KroneckerOptimizer):
             `backward_fisher(logits)` before your own backward on observed steps).
         rank: as FOOF's, for A: layers with D' > 2r use (Â_r + d_A I)⁻¹ from the top r eigenpairs of
             Â (heuristic and factor damping; damping_mode="exact" takes no rank).
+        graft: as FOOF's: "sgd" (default) rescales each layer's U to its gradient's Frobenius norm.
 
     The diagnostics `cholesky_retries` / `cholesky_failures` count the factorisations of either
     factor (eigendecompositions for "exact"). `warm_up()` observes A only: G needs a backward, so
@@ -106,7 +107,8 @@ class KFAC(KroneckerOptimizer):
                  dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
                  ema_decay: float = 0.95, inv_period: int = 100, stats_steps: int = 10,
                  precondition_bias: bool = True, skip: Skip = None, backend: str = "auto",
-                 stats_batch: int | None = None, rank: int | None = None, process_group=None):
+                 stats_batch: int | None = None, rank: int | None = None, graft: str | None = "sgd",
+                 process_group=None):
         if damping_mode not in DAMPING_MODES:
             raise ValueError(f"damping_mode: expected one of {DAMPING_MODES}, got {damping_mode!r}")
         if rank is not None and damping_mode == "exact":
@@ -118,7 +120,7 @@ class KFAC(KroneckerOptimizer):
         super().__init__(model, params, lr=lr, damping=damping, momentum=momentum, dampening=dampening,
                          nesterov=nesterov, weight_decay=weight_decay, ema_decay=ema_decay, inv_period=inv_period,
                          stats_steps=stats_steps, precondition_bias=precondition_bias, skip=skip, backend=backend,
-                         stats_batch=stats_batch, rank=rank, process_group=process_group)
+                         stats_batch=stats_batch, rank=rank, graft=graft, process_group=process_group)
         self._output_modules = {id(layer): output_module(layer.module) for layer in self.layers}
         # backward_fisher samples from generators of the optimizer's own (one per device), whose
         # states the state_dict carries: a resumed run draws the same labels

@@ -122,15 +122,17 @@ def damped_inverse(mats: list[torch.Tensor], damping: float, *, backend: str | N
 
 
 @torch.no_grad()
-def preconditioned_update_(blocks, momentum_buffers, *, damping, grad_scale=None, found_inf=None,
-                           backend=None) -> None:
+def preconditioned_update_(blocks, momentum_buffers, *, damping, graft=None, grad_scale=None, found_inf=None,
+                           reduce_norms=None, backend=None) -> None:
     """DESIGN §1.4 for all blocks: U = Ĝ·P (low rank: (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ, §1.3; G/λ without
-    either), then each parameter's SGD epilogue; nothing changes where `found_inf` ≠ 0 (decided on
-    the device)."""
+    either), grafted to the gradient's norm per preconditioned block where `graft="sgd"` (U = G for the
+    others), then each parameter's SGD epilogue; nothing changes where `found_inf` ≠ 0 (decided on the
+    device). `reduce_norms`: see `reference.grafted_updates` (FSDP2 sums the norms over ranks)."""
     if not blocks:
         return
     fn = implementation("preconditioned_update_", backend, blocks[0].params[0].device)
-    fn(blocks, momentum_buffers, damping=damping, grad_scale=grad_scale, found_inf=found_inf)
+    fn(blocks, momentum_buffers, damping=damping, graft=graft, grad_scale=grad_scale, found_inf=found_inf,
+       reduce_norms=reduce_norms)
 
 
 @torch.no_grad()

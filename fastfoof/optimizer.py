@@ -3,7 +3,7 @@
 Per preconditioned layer, with A the layer's input patches (and a bias row of ones):
     every observed step      Σ ← mΣ + (1−m)·A·Aᵀ/B,  n ← m·n + (1−m)        (`KroneckerOptimizer`)
     every T steps            P ← (Σ/n + λI)⁻¹                                  (`_preconditioners`)
-    every step               U = Ĝ·P,  then SGD with momentum on U             (`_prepare_block`)
+    every step               U = Ĝ·P,  U ← U·‖Ĝ‖/‖U‖ (graft="sgd"),  then SGD with momentum on U
 With `rank` = r, a layer with D' > 2r keeps the top r eigenpairs (Q, s) of Σ/n instead of P, and
 steps with U = (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ = Ĝ·(Q diag(s) Qᵀ + λI)⁻¹ (DESIGN §1.3).
 """
@@ -28,8 +28,10 @@ class FOOF(KroneckerOptimizer):
         params: parameters or param-group dicts (default `model.parameters()`); a layer is
             preconditioned iff its weight is among them (and requires grad, at step time).
         lr, momentum, dampening, nesterov, weight_decay: as torch.optim.SGD, per param group
-            (weight decay is decoupled, as AdamW).
-        damping: λ > 0, added to the averaged statistic before inversion.
+            (weight decay is decoupled, as AdamW). With the default `graft="sgd"`, lr is the SGD learning
+            rate (and schedule) you already use.
+        damping: λ > 0, added to the averaged statistic before inversion: with grafting it shapes the
+            direction only (larger: closer to SGD's).
         ema_decay: m in Σ ← mΣ + (1−m)C (bias-corrected).
         inv_period: T, steps between inversions; stats_steps: S, steps observed before each.
         precondition_bias: treat a layer's bias as the last column of [Ŵ | b].
@@ -40,6 +42,10 @@ class FOOF(KroneckerOptimizer):
         rank: None, or r ≥ 1: layers with D' > 2r are preconditioned by the best rank-r approximation
             of their statistic plus λI (its top r eigenpairs, by a randomized method), so that the
             update costs 4·O·D'·r flops instead of 2·O·D'² and no D'×D' P is kept.
+        graft: "sgd" (default): each preconditioned layer's U is rescaled to its gradient's Frobenius
+            norm (weight and bias together), U ← U·‖Ĝ‖/‖U‖, and the other parameters step with U = G, so
+            the step has SGD's size per layer and FOOF's direction (DESIGN §1.4). None: the paper's eq. 6,
+            U = Ĝ·P and U = G/λ, for which lr = λ × your SGD lr.
         process_group: the torch.distributed group whose ranks share statistics and inversions
             (default: the default group, when one is initialised).
     """

@@ -543,28 +543,83 @@ def _float32_matmul_precision(precision: str):
             torch.backends.cuda.matmul.fp32_precision = saved_cuda
 
 
+GRAFTS = (None, "sgd")
+
+
 def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | None], *, damping: float,
-                           grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
+                           graft: str | None = None, grad_scale: torch.Tensor | None = None,
+                           found_inf: torch.Tensor | None = None, reduce_norms=None) -> None:
     """DESIGN §1.4: U = Ĝ·P per block (low rank: from (Q, s), §1.3; G/λ without P), then each
     parameter's SGD epilogue.
 
     `blocks` are `fastfoof.layers.Block`s; each parameter's lr, momentum, dampening, nesterov and
     weight_decay come from its param group. `momentum_buffers` is aligned with the blocks'
     parameters in order and updated in place (None entries are created on a first step).
-    `grad_scale` is GradScaler's scale of the gradients, divided out of U; with `found_inf` ≠ 0 (its
-    flag of non-finite gradients, a device scalar) no parameter or buffer changes, decided on the
-    device. A step that creates a momentum buffer is decided on the host (the optimizer reads
-    found_inf then), so found_inf never has to undo a buffer's creation.
+    `graft="sgd"`: each preconditioned block's U takes its gradient's Frobenius norm, the others step
+    with U = G (`grafted_updates`). `grad_scale` is GradScaler's scale of the gradients, divided out of
+    U; with `found_inf` ≠ 0 (its flag of non-finite gradients, a device scalar) no parameter or buffer
+    changes, decided on the device. A step that creates a momentum buffer is decided on the host (the
+    optimizer reads found_inf then), so found_inf never has to undo a buffer's creation.
     """
     skip = None if found_inf is None else found_inf != 0
+    # without grafting one block's U is alive at a time; grafting needs every norm before the first step
+    updates = (block_updates(block, damping) for block in blocks) if graft is None else \
+        grafted_updates(blocks, damping, reduce_norms)
     slot = 0
-    for block in blocks:
-        for p, u, group in zip(block.params, block_updates(block, damping), block.options):
+    for block, block_us in zip(blocks, updates):
+        for p, u, group in zip(block.params, block_us, block.options):
             if u is not None:
                 if grad_scale is not None:
                     u = u / grad_scale
                 momentum_buffers[slot] = sgd_step_(p, u, momentum_buffers[slot], group, skip)
             slot += 1
+
+
+def grafted(block) -> bool:
+    """Whether grafting rescales the block's U: a layer with a preconditioner and a weight gradient."""
+    return (block.precond is not None or block.eigvecs is not None) and block.params[0].grad is not None
+
+
+def graft_scales(squares: torch.Tensor) -> torch.Tensor:
+    """‖Ĝ‖_F / ‖U‖_F per row of [‖Ĝ‖², ‖U‖²] (DESIGN §1.4), 0 where U = 0."""
+    g, u = squares.unbind(-1)
+    return torch.where(u > 0, g.sqrt() / u.sqrt(), torch.zeros_like(u))
+
+
+def grafted_updates(blocks: list, damping: float, reduce_norms=None) -> list[list[torch.Tensor | None]]:
+    """Per block the U of `block_updates`, grafted (DESIGN §1.4): a preconditioned block's U rescaled to
+    its gradient's Frobenius norm, all groups, weight and bias together; U = G for the others.
+
+    `reduce_norms(squares, blocks)`, if given, is called once with [‖Ĝ‖², ‖U‖²] of the grafted blocks
+    ([n, 2], in their order, even where n = 0) and returns them summed with the other ranks' rows of
+    the same layers (FSDP2)."""
+    updates, rows, scaled, squares = [], [], [], []
+    for block in blocks:
+        if not grafted(block):
+            updates.append(block_updates(block, 1.0))  # U = G/λ with λ = 1
+            continue
+        block_us = block_updates(block, damping)
+        squares.append(torch.stack([squared_norm([p.grad for p in block.params]), squared_norm(block_us)]))
+        updates.append(block_us)
+        scaled.append(block_us)
+        rows.append(block)
+    first = blocks[0].params[0]
+    stacked = torch.stack(squares) if squares else first.new_zeros(0, 2, dtype=stat_dtype(first.dtype))
+    if reduce_norms is not None:
+        stacked = reduce_norms(stacked, rows)
+    for block_us, scale in zip(scaled, graft_scales(stacked)):
+        for u in block_us:
+            if u is not None:
+                u.mul_(scale)
+    return updates
+
+
+def squared_norm(tensors: list[torch.Tensor | None]) -> torch.Tensor:
+    """Σ x² over the given tensors (None: none), in the statistics' dtype, as a device scalar."""
+    present = [t for t in tensors if t is not None]
+    dtype = stat_dtype(present[0].dtype)
+    flat = [t.reshape(-1).to(dtype) for t in present]
+    return sum(torch.dot(x, x) for x in flat)
 
 
 def sgd_step_(p: torch.Tensor, u: torch.Tensor, buf: torch.Tensor | None, group: dict,

@@ -15,11 +15,13 @@ tensors, the same on every rank after an inversion round (averaged over the mesh
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from . import ops
+from . import ops, reference
 from .layers import Block
 from .reference import joint_gradient, stat_dtype
 
@@ -106,37 +108,63 @@ def _pieces(block: Block) -> list[tuple[Block, list[tuple[torch.Tensor, slice]]]
     return pieces
 
 
-def preconditioned_update_(blocks: list[Block], state: dict, **options) -> None:
+def preconditioned_update_(blocks: list[Block], state: dict, group=None, **options) -> None:
     """`ops.preconditioned_update_` (same keyword arguments) on this rank's rows of every block,
     with the momentum buffers in `state` (the optimizer's): a buffer created by this update becomes
-    a DTensor placed as its parameter, also on a rank that holds no rows of it."""
-    local, owners, buffers = [], [], []
+    a DTensor placed as its parameter, also on a rank that holds no rows of it. Grafting's norms are
+    the layers' whole norms: summed over the ranks of `group` (`_layer_norms`)."""
+    local, owners, buffers, layer_of = [], [], [], {}
+    grafted = [block for block in blocks if reference.grafted(block)]
+    index = {id(block): i for i, block in enumerate(grafted)}
     for block in blocks:
         for piece, views in _pieces(block):
             local.append(piece)
+            if id(block) in index:
+                layer_of[id(piece)] = index[id(block)]
             for p, rows in views:
                 buf = state[p].get("momentum_buffer")
                 owners.append((p, rows))
                 buffers.append(buf if buf is None or rows is None else buf.to_local()[rows])
-    ops.preconditioned_update_(local, buffers, **options)
+    reduce_norms = None
+    if options.get("graft") is not None and group is not None:
+        reduce_norms = partial(_layer_norms, layer_of=layer_of, layers=len(grafted), group=group)
+    if local:
+        ops.preconditioned_update_(local, buffers, reduce_norms=reduce_norms, **options)
+    elif reduce_norms is not None:  # no rows here, but the other ranks' all-reduce counts on this one
+        weight = blocks[0].params[0]
+        reduce_norms(torch.zeros(0, 2, dtype=stat_dtype(weight.dtype), device=weight.device), [])
     created: dict[int, list] = {}
     for (p, rows), buf in zip(owners, buffers):
         if buf is not None and "momentum_buffer" not in state[p]:
             created.setdefault(id(p), []).append((rows, buf))
     for block in blocks:
-        for p, group in zip(block.params, block.options):
+        for p, group_options in zip(block.params, block.options):
             if "momentum_buffer" in state[p]:
                 continue
             if not is_sharded(p):
                 if id(p) in created:
                     state[p]["momentum_buffer"] = created[id(p)][0][1]
-            elif p.grad is not None and group["momentum"] != 0:
+            elif p.grad is not None and group_options["momentum"] != 0:
                 shard = p.to_local()
                 whole = shard.new_empty(shard.shape, dtype=stat_dtype(p.dtype))
                 for rows, buf in created.get(id(p), []):
                     whole[rows] = buf
                 state[p]["momentum_buffer"] = DTensor.from_local(whole, p.device_mesh, p.placements, run_check=False,
                                                                  shape=p.shape, stride=p.stride())
+
+
+def _layer_norms(squares: torch.Tensor, pieces: list[Block], *, layer_of: dict, layers: int, group) -> torch.Tensor:
+    """Grafting's [‖Ĝ‖², ‖U‖²] of each piece (`reference.grafted_updates`' reduce_norms) replaced by its
+    layer's: the pieces of a layer summed on this rank, in order, then over the ranks in one all-reduce
+    of [layers, 2] (a layer this rank holds no rows of contributes zeros)."""
+    sums: dict[int, torch.Tensor] = {}
+    for row, piece in zip(squares, pieces):
+        layer = layer_of[id(piece)]
+        sums[layer] = sums[layer] + row if layer in sums else row
+    zero = squares.new_zeros(2)
+    totals = torch.stack([sums.get(layer, zero) for layer in range(layers)]) if layers else squares.new_zeros(0, 2)
+    dist.all_reduce(totals, group=group)
+    return torch.stack([totals[layer_of[id(piece)]] for piece in pieces]) if pieces else squares
 
 
 def full_joint_gradient(block: Block) -> torch.Tensor:

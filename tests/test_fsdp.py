@@ -25,6 +25,7 @@ INVERSIONS = {1, 3, 6}
 KW = dict(lr=0.2, damping=0.5, momentum=0.9, weight_decay=0.01, inv_period=3, stats_steps=2, backend="reference")
 # name: optimizer, its arguments beyond KW, reshard_after_forward of the layers, dtype
 RUNS = {"foof": (fastfoof.FOOF, {}, True, torch.float64),
+        "foof_ungrafted": (fastfoof.FOOF, {"graft": None}, True, torch.float64),
         "foof_unsharded_forward": (fastfoof.FOOF, {}, False, torch.float64),
         # rank 4: the convolutions and the first Linear (D' = 28, 19, 55 > 8) keep (Q, s), the others P
         "foof_rank": (fastfoof.FOOF, {"rank": 4}, True, torch.float64),
@@ -208,22 +209,24 @@ def test_momentum_is_sharded_and_statistics_replicated(two_ranks):
         assert all(kinds == {"Tensor"} for kinds in kfac.values())
 
 
-def test_foof_communicates_nothing_beyond_fsdp_between_inversions(two_ranks):
+@pytest.mark.parametrize("name, norms", [("foof_ungrafted", 0), ("foof", 1)])
+def test_foof_communicates_only_the_graft_norms_beyond_fsdp_between_inversions(two_ranks, name, norms):
+    """graft=None: nothing beyond FSDP's own; grafting: one all-reduce of every layer's two norms per step."""
     for r in two_ranks:
-        for t, ((backward, step), (sgd_backward, sgd_step)) in enumerate(zip(r["foof"]["counts"], r["sgd"]), 1):
+        for t, ((backward, step), (sgd_backward, sgd_step)) in enumerate(zip(r[name]["counts"], r["sgd"]), 1):
             assert backward == sgd_backward and set(backward) == {GATHER, REDUCE_SCATTER}  # forward and backward
             assert not sgd_step
+            expected = Counter({"c10d.allreduce_": norms})
             if t in INVERSIONS:  # the round: one all-reduce of the statistics, a broadcast per rank and dtype
-                assert step == {"c10d.allreduce_": 1, "c10d.broadcast_": 2 * WORLD}  # dtypes: P's, the status's
-            else:
-                assert not step
+                expected.update({"c10d.allreduce_": 1, "c10d.broadcast_": 2 * WORLD})  # dtypes: P's, the status's
+            assert step == +expected
 
 
 def test_kfac_gathers_each_layer_gradient_once_per_step(two_ranks):
     for r in two_ranks:
         for t, ((backward, step), (sgd_backward, _)) in enumerate(zip(r["kfac"]["counts"], r["sgd"]), 1):
             assert backward == sgd_backward
-            if t not in INVERSIONS:
-                assert step == {KFAC_GATHER: LAYERS}
+            if t not in INVERSIONS:  # and grafting's norms
+                assert step == {KFAC_GATHER: LAYERS, "c10d.allreduce_": 1}
             else:
-                assert step[KFAC_GATHER] == LAYERS and step["c10d.allreduce_"] == 1
+                assert step[KFAC_GATHER] == LAYERS and step["c10d.allreduce_"] == 2
