@@ -38,10 +38,11 @@ def preconditioner64(x, module, damping):
     return torch.linalg.inv(stat + damping * torch.eye(stat.shape[-1], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("graft", [None, "sgd"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_frozen_weight_still_steps_its_bias(backend):
+def test_frozen_weight_still_steps_its_bias(backend, graft):
     model = make_net()
-    opt = fastfoof.FOOF(model, lr=0.3, damping=2.0, inv_period=1, stats_steps=1, backend=backend)
+    opt = fastfoof.FOOF(model, lr=0.3, damping=2.0, inv_period=1, stats_steps=1, graft=graft, backend=backend)
     train_step(model, opt, 0)
     conv = model[0]
     conv.weight.requires_grad_(False)  # fine-tuning: freeze a layer's weight after the optimizer was built
@@ -52,15 +53,16 @@ def test_frozen_weight_still_steps_its_bias(backend):
     grad = conv.bias.grad.clone()
     opt.step()
     assert torch.equal(conv.weight, weight)
-    # a parameter without a preconditioner: U = g/λ (DESIGN §1.4)
-    assert torch.allclose(conv.bias, bias - 0.3 * grad / 2.0, rtol=0, atol=1e-7)
+    # a parameter without a preconditioner: U = g/λ, or U = g when grafting (DESIGN §1.4)
+    assert torch.allclose(conv.bias, bias - 0.3 * grad / (2.0 if graft is None else 1.0), rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("graft", [None, "sgd"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_layer_unfrozen_later_is_preconditioned(backend):
+def test_layer_unfrozen_later_is_preconditioned(backend, graft):
     model = make_net()
     model[3].weight.requires_grad_(False)
-    opt = fastfoof.FOOF(model, lr=0.2, damping=0.5, backend=backend)
+    opt = fastfoof.FOOF(model, lr=0.2, damping=0.5, graft=graft, backend=backend)
     train_step(model, opt, 0)
     assert "precond" not in opt.state[model[3].weight]
     model[3].weight.requires_grad_(True)
@@ -73,7 +75,10 @@ def test_layer_unfrozen_later_is_preconditioned(backend):
     p = preconditioner64(h[0], model[3], 0.5)
     assert torch.allclose(opt.state[model[3].weight]["precond"].double(), p, rtol=1e-4, atol=1e-6)
     g = torch.cat([model[3].weight.grad, model[3].bias.grad[:, None]], 1).double()
-    expected = before - 0.2 * (g @ p[0])[:, :-1]
+    u = g @ p[0]
+    if graft == "sgd":  # the layer's U with its gradient's norm
+        u *= g.norm() / u.norm()
+    expected = before - 0.2 * u[:, :-1]
     assert ((model[3].weight.double() - expected).norm() / expected.norm()).item() < 1e-5
 
 

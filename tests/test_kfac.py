@@ -62,7 +62,7 @@ def batch(seed=1, n=6):
 def kfac_step(model, x, y, damping, damping_mode, fisher="empirical"):
     """One KFAC step of DESIGN §6's oracle setting: U = W_before − W_after for every parameter."""
     opt = fastfoof.KFAC(model, lr=1.0, damping=damping, damping_mode=damping_mode, fisher=fisher, ema_decay=0.0,
-                        inv_period=1, stats_steps=1, backend="reference")
+                        inv_period=1, stats_steps=1, graft=None, backend="reference")
     before = [p.detach().clone() for p in model.parameters()]
     logits = model(x)
     targets = opt.backward_fisher(logits) if fisher == "mc" else None

@@ -180,11 +180,13 @@ def test_kfac_with_rank_covering_the_statistics_equals_dense_kfac(damping_mode):
     assert "precond" not in low.state[model[5].weight] and "top_eigvecs" in low.state[model[5].weight]
 
 
-def test_low_rank_steps_are_the_truncated_preconditioner():
-    """With r below the statistic's rank, each step is Ĝ·(Σ̂_r + λI)⁻¹ from the stored (Q, s), and (Q, s) are
-    the top eigenpairs of Σ̂ (to the randomized method's accuracy)."""
+@pytest.mark.parametrize("graft", [None, "sgd"])
+def test_low_rank_steps_are_the_truncated_preconditioner(graft):
+    """With r below the statistic's rank, each step is Ĝ·(Σ̂_r + λI)⁻¹ from the stored (Q, s) (grafted: with
+    Ĝ's Frobenius norm), and (Q, s) are the top eigenpairs of Σ̂ (to the randomized method's accuracy)."""
     model = small_model()
-    opt = fastfoof.FOOF(model, rank=2, lr=1.0, damping=0.5, inv_period=1, stats_steps=1, backend="reference")
+    opt = fastfoof.FOOF(model, rank=2, lr=1.0, damping=0.5, inv_period=1, stats_steps=1, graft=graft,
+                        backend="reference")
     x, y = batches(1)[0]
     F.cross_entropy(model(x), y).backward()
     layer = opt.layers[-1]
@@ -196,6 +198,8 @@ def test_low_rank_steps_are_the_truncated_preconditioner():
     top = torch.linalg.eigvalsh(state["ema"] / state["ema_count"]).flip(-1)[:, :2]
     assert rel_error(state["top_eigvals"], top) <= 1e-8  # 3 batch vectors: the spectrum has a gap after 3
     expected = grads @ dense_from_pairs(state["top_eigvals"], state["top_eigvecs"], 0.5)[0]
+    if graft == "sgd":
+        expected *= grads.norm() / expected.norm()
     assert rel_error(before[0] - weight, expected[:, :-1]) <= 1e-12
     assert rel_error(before[1] - bias, expected[:, -1]) <= 1e-12
 

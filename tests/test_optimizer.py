@@ -38,8 +38,8 @@ class MiniFOOF:
     """DESIGN §1 written out in float64, one layer at a time, with no code from fastfoof."""
 
     def __init__(self, model, lr, damping, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
-                 ema_decay=0.95, inv_period=100, stats_steps=10):
-        self.model, self.lr, self.damping = model, lr, damping
+                 ema_decay=0.95, inv_period=100, stats_steps=10, graft="sgd"):
+        self.model, self.lr, self.damping, self.graft = model, lr, damping, graft
         self.momentum, self.dampening, self.nesterov, self.wd = momentum, dampening, nesterov, weight_decay
         self.m, self.T, self.S = ema_decay, inv_period, stats_steps
         self.layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
@@ -77,12 +77,14 @@ class MiniFOOF:
             groups = getattr(m, "groups", 1)
             rows = g.shape[0] // groups
             u = torch.cat([g[i * rows:(i + 1) * rows] @ self.P[m][i] for i in range(groups)])
+            if self.graft:  # the layer's U with its gradient's Frobenius norm
+                u = u * torch.linalg.norm(g) / torch.linalg.norm(u)
             updates[m.weight] = u[:, :m.weight[0].numel()].reshape(m.weight.shape)
             if m.bias is not None:
                 updates[m.bias] = u[:, -1]
         with torch.no_grad():
             for p in self.model.parameters():
-                u = updates.get(p, p.grad / self.damping)
+                u = updates.get(p, p.grad if self.graft else p.grad / self.damping)
                 if self.momentum:
                     b = self.buf.get(p)
                     b = u.clone() if b is None else self.momentum * b + (1 - self.dampening) * u
@@ -130,7 +132,7 @@ def test_hand_computed_two_steps():
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.0, -1.0]]))
         layer.bias.fill_(0.5)
-    opt = fastfoof.FOOF(layer, lr=0.7, damping=1.0, ema_decay=0.0)
+    opt = fastfoof.FOOF(layer, lr=0.7, damping=1.0, ema_decay=0.0, graft=None)
     x = torch.tensor([[1.0, 2.0]])
     expected = [([1.05, -0.9], 0.55), ([1.07, -0.86], 0.57)]  # out = −0.5, then −0.2; Δ = −0.7·out/7·a
     for weight, bias in expected:
@@ -148,11 +150,12 @@ def test_hand_computed_two_steps():
     dict(lr=0.1, damping=1.0, momentum=0.8, nesterov=True, inv_period=4, stats_steps=4, ema_decay=0.5),
     dict(lr=0.1, damping=0.3, momentum=0.5, inv_period=1, stats_steps=1),
 ], ids=["plain", "momentum-wd", "nesterov-S=T", "T=1"])
-def test_matches_minimal_float64_implementation(kw):
+@pytest.mark.parametrize("graft", [None, "sgd"])
+def test_matches_minimal_float64_implementation(kw, graft):
     batches = make_batches(9)
     model, twin = make_model(), make_model()
-    opt = run_foof(model, batches, **kw)
-    mini = run_mini(twin, batches, **kw)
+    opt = run_foof(model, batches, graft=graft, **kw)
+    mini = run_mini(twin, batches, graft=graft, **kw)
     assert opt._steps == 9
     assert_same_params(model, twin, 1e-10)
     assert opt.diagnostics == {"dropped_stats": 0, "cholesky_retries": 0, "cholesky_failures": 0}
@@ -285,7 +288,8 @@ def test_activation_checkpointing_counts_forwards_once(reentrant):
         assert torch.allclose(opt2.state[layer2.weight]["ema"], opt.state[layer.weight]["ema"], rtol=1e-12, atol=0)
 
 
-def test_param_groups_and_unhooked_params():
+@pytest.mark.parametrize("graft, damping", [(None, 2.0), ("sgd", 1.0)])  # U = G/λ, or U = G when grafting
+def test_param_groups_and_unhooked_params(graft, damping):
     model = make_model()
     extra = nn.Parameter(torch.randn(3))
     convs = [model[0].weight, model[3].weight]
@@ -294,15 +298,15 @@ def test_param_groups_and_unhooked_params():
         {"params": [model[0].bias, model[6].bias], "lr": 0.0},
         {"params": list(model[1].parameters()) + [extra], "lr": 0.05, "momentum": 0.9},
     ]
-    opt = fastfoof.FOOF(model, groups, lr=1.0, damping=2.0, backend="reference")
+    opt = fastfoof.FOOF(model, groups, lr=1.0, damping=2.0, graft=graft, backend="reference")
     before = {p: p.detach().clone() for g in groups for p in g["params"]}
     x, y = make_batches(1)[0]
     (loss_fn(model, x, y) + extra.sum()).backward()
     opt.step()
     assert torch.equal(model[0].bias, before[model[0].bias])  # lr 0: untouched, though preconditioned jointly
     assert not torch.equal(model[0].weight, before[model[0].weight])
-    # BatchNorm and the extra parameter have no preconditioner: U = G/λ, SGD with momentum (first step V = U)
-    assert torch.allclose(extra, before[extra] - 0.05 * torch.ones(3) / 2.0, atol=1e-15, rtol=0)
+    # BatchNorm and the extra parameter have no preconditioner: SGD with momentum (first step V = U)
+    assert torch.allclose(extra, before[extra] - 0.05 * torch.ones(3) / damping, atol=1e-15, rtol=0)
     assert "momentum_buffer" in opt.state[extra]
     assert {id(layer.module) for layer in opt._active} == {id(model[0]), id(model[3]), id(model[6])}
 
@@ -454,17 +458,18 @@ def test_grad_scaler_skipped_step_touches_nothing():
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_unsupported_layers_are_updated_without_preconditioner():
+@pytest.mark.parametrize("graft, damping", [(None, 4.0), ("sgd", 1.0)])  # U = G/λ, or U = G when grafting
+def test_unsupported_layers_are_updated_without_preconditioner(graft, damping):
     torch.manual_seed(0)
     model = nn.ModuleDict({"emb": nn.Embedding(5, 3), "bil": nn.Bilinear(3, 3, 2), "lin": nn.Linear(3, 2)})
-    opt = fastfoof.FOOF(model, lr=0.5, damping=4.0, backend="reference")
+    opt = fastfoof.FOOF(model, lr=0.5, damping=4.0, graft=graft, backend="reference")
     assert [layer.module for layer in opt.layers] == [model["lin"]]
     e = model["emb"](torch.tensor([1, 2]))
     (model["bil"](e, e).sum() + model["lin"](e).sum()).backward()
     before = model["bil"].weight.detach().clone()
     grad = model["bil"].weight.grad.clone()
     opt.step()
-    assert torch.allclose(model["bil"].weight, before - 0.5 * grad / 4.0, rtol=0, atol=1e-15)
+    assert torch.allclose(model["bil"].weight, before - 0.5 * grad / damping, rtol=0, atol=1e-15)
 
 
 def test_closure_is_evaluated_with_grad():

@@ -24,7 +24,7 @@ def toy_loss(layer, x, y):
 
 def test_toy_example_one_undamped_foof_step_reaches_the_optimum():
     layer, x, y = toy_problem()
-    opt = fastfoof.FOOF(layer, lr=1.0, damping=1e-12, ema_decay=0.0, backend="reference")
+    opt = fastfoof.FOOF(layer, lr=1.0, damping=1e-12, ema_decay=0.0, graft=None, backend="reference")
     toy_loss(layer, x, y).backward()
     opt.step()
     assert torch.allclose(layer.weight, torch.tensor([[-1.0, 4.0]], dtype=torch.float64), atol=1e-9, rtol=0)

@@ -142,39 +142,108 @@ def _sgd_reference(p, u, buf, lr, momentum, dampening, nesterov, wd):
     return p * (1 - lr * wd) - lr * u, buf
 
 
-@pytest.mark.parametrize("momentum,dampening,nesterov", [(0, 0, False), (0.9, 0.1, False), (0.8, 0, True)])
-def test_preconditioned_update_matches_float64(momentum, dampening, nesterov):
+def _update_case(dtype=torch.float64):
+    """Blocks of every kind with fresh random gradients and preconditioners, and their U by DESIGN §1.3–§1.4
+    in float64 without grafting: (blocks, params, U per parameter, the parameters of each preconditioned
+    block, damping). A grouped conv with bias, a Linear without bias, a low-rank Linear (U = Ĝ·(QsQᵀ +
+    λI)⁻¹), a Linear whose gradient is zero, a KFAC block (U = block.grad·P; grafting takes the raw Ĝ's
+    norm), and a LayerNorm's parameters without a preconditioner."""
     torch.manual_seed(4)
-    dtype = torch.float64
+    damping = 0.7
+    group = dict(lr=0.3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.01)
+    other = dict(group, lr=0.05, weight_decay=0.0)
     conv = nn.Conv2d(4, 6, 3, groups=2).to(dtype)
     lin = nn.Linear(5, 3, bias=False).to(dtype)
+    low = nn.Linear(8, 4).to(dtype)
+    still = nn.Linear(3, 2).to(dtype)
+    kfac = nn.Linear(4, 3).to(dtype)
     norm = nn.LayerNorm(3).to(dtype)
-    group = dict(lr=0.3, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=0.01)
-    other = dict(group, lr=0.05, weight_decay=0.0)
-    for p in [*conv.parameters(), *lin.parameters(), *norm.parameters()]:
+    for p in [*conv.parameters(), *lin.parameters(), *low.parameters(), *kfac.parameters(), *norm.parameters()]:
         p.grad = torch.randn_like(p)
-    p_conv = torch.randn(2, 19, 19, dtype=dtype)
-    p_lin = torch.randn(1, 5, 5, dtype=dtype)
+    for p in still.parameters():
+        p.grad = torch.zeros_like(p)
+    p_conv, p_lin, p_still, p_kfac = (torch.randn(g, d, d, dtype=dtype)
+                                      for g, d in ((2, 19), (1, 5), (1, 4), (1, 5)))
+    q = torch.linalg.qr(torch.randn(1, 9, 2, dtype=dtype))[0]
+    s = torch.rand(1, 2, dtype=dtype) + 0.5
+    transformed = torch.randn(1, 3, 5, dtype=dtype)
     blocks = [Block([conv.weight, conv.bias], [group, other], 2, p_conv), Block([lin.weight], [group], 1, p_lin),
+              Block([low.weight, low.bias], [group, group], 1, None, eigvecs=q, eigvals=s),
+              Block([still.weight, still.bias], [group, group], 1, p_still),
+              Block([kfac.weight, kfac.bias], [other, group], 1, p_kfac, grad=transformed),
               Block([norm.weight], [other]), Block([norm.bias], [group])]
     params = [p for b in blocks for p in b.params]
-    damping = 0.7
-    expected_u = []
-    gw = conv.weight.grad.reshape(2, 3, 18)
-    joint = torch.cat([gw, conv.bias.grad.reshape(2, 3, 1)], -1) @ p_conv
-    expected_u += [joint[..., :18].reshape(conv.weight.shape), joint[..., 18].reshape(6)]
-    expected_u.append((lin.weight.grad @ p_lin[0]))
-    expected_u += [norm.weight.grad / damping, norm.bias.grad / damping]
-    options = [group, other, group, other, group]
+    joint = torch.cat([conv.weight.grad.reshape(2, 3, 18), conv.bias.grad.reshape(2, 3, 1)], -1) @ p_conv
+    u_low = torch.cat([low.weight.grad, low.bias.grad[:, None]], 1) @ torch.linalg.inv(
+        (q[0] * s[0]) @ q[0].T + damping * torch.eye(9, dtype=dtype))
+    u_kfac = transformed[0] @ p_kfac[0]
+    expected = [joint[..., :18].reshape(conv.weight.shape), joint[..., 18].reshape(6), lin.weight.grad @ p_lin[0],
+                u_low[:, :8], u_low[:, 8], torch.zeros_like(still.weight), torch.zeros_like(still.bias),
+                u_kfac[:, :4], u_kfac[:, 4], norm.weight.grad / damping, norm.bias.grad / damping]
+    layers = [[0, 1], [2], [3, 4], [5, 6], [7, 8]]
+    return blocks, params, expected, layers, damping
+
+
+def _grafted64(params, expected, layers):
+    """U grafted by DESIGN §1.4 in float64: each layer's U (weight and bias) times ‖Ĝ‖_F/‖U‖_F (0 where U = 0),
+    the other parameters' U = G."""
+    grafted = [p.grad.clone() for p in params]
+    for members in layers:
+        g = torch.cat([params[i].grad.reshape(-1) for i in members]).norm()
+        u = torch.cat([expected[i].reshape(-1) for i in members]).norm()
+        for i in members:
+            grafted[i] = expected[i] * (g / u if u > 0 else 0.0)
+    return grafted
+
+
+def _close(out, ref):
+    return torch.equal(out, ref) or rel_error(out, ref) <= 1e-13
+
+
+@pytest.mark.parametrize("graft", [None, "sgd"])
+@pytest.mark.parametrize("momentum,dampening,nesterov", [(0, 0, False), (0.9, 0.1, False), (0.8, 0, True)])
+def test_preconditioned_update_matches_float64(momentum, dampening, nesterov, graft):
+    blocks, params, expected_u, layers, damping = _update_case()
+    if graft == "sgd":
+        expected_u = _grafted64(params, expected_u, layers)
+    options = [o for b in blocks for o in b.options]
+    for opt in options:
+        opt.update(momentum=momentum, dampening=dampening, nesterov=nesterov)
     buffers = [None] * len(params)
     state = [(p.detach().clone(), None) for p in params]
     for step in range(3):
-        ops.preconditioned_update_(blocks, buffers, damping=damping, backend="reference")
+        ops.preconditioned_update_(blocks, buffers, damping=damping, graft=graft, backend="reference")
         for i, (p, opt) in enumerate(zip(params, options)):
             state[i] = _sgd_reference(state[i][0], expected_u[i], state[i][1], opt["lr"], momentum, dampening,
                                       nesterov, opt["weight_decay"])
-            assert rel_error(p.detach(), state[i][0]) <= 1e-13
+            assert _close(p.detach(), state[i][0])
             if momentum:
-                assert rel_error(buffers[i], state[i][1]) <= 1e-13
+                assert _close(buffers[i], state[i][1])
             else:
                 assert buffers[i] is None
+
+
+def test_graft_norms_go_through_reduce_norms():
+    """reduce_norms sees [‖Ĝ‖², ‖U‖²] of each grafted block once, in block order, and what it returns sets
+    the scale: ‖Ĝ‖² × 4 doubles every grafted U."""
+    blocks, params, expected_u, layers, damping = _update_case()
+    seen = []
+
+    def reduce_norms(squares, grafted):
+        seen.append((squares.clone(), list(grafted)))
+        return squares * torch.tensor([4.0, 1.0], dtype=squares.dtype)
+
+    before = [p.detach().clone() for p in params]
+    ops.preconditioned_update_(blocks, [None] * len(params), damping=damping, graft="sgd", reduce_norms=reduce_norms,
+                               backend="reference")
+    (squares, grafted), = seen
+    assert grafted == blocks[:5]
+    for row, members in zip(squares, layers):
+        g = sum(params[i].grad.square().sum() for i in members)
+        u = sum(expected_u[i].square().sum() for i in members)
+        assert _close(row[0], g) and (u == 0 and row[1] == 0 or rel_error(row[1], u) <= 1e-13)
+    grafted_u = _grafted64(params, expected_u, layers)
+    options = [o for b in blocks for o in b.options]
+    for i, (p, b, opt) in enumerate(zip(params, before, options)):
+        factor = 2.0 if any(i in members for members in layers) else 1.0
+        assert _close(p.detach(), b * (1 - opt["lr"] * opt["weight_decay"]) - opt["lr"] * factor * grafted_u[i])

@@ -403,7 +403,8 @@ def test_kfac_mc_resume_is_bit_exact_without_saving_rng_state():
     (dict(lr=-1.0), "lr"), (dict(momentum="0.9"), "momentum"), (dict(inv_period=True), "inv_period"),
     (dict(inv_period=2.0), "inv_period"), (dict(stats_steps=True), "stats_steps"),
     (dict(damping="1"), "damping"), (dict(ema_decay=None), "ema_decay"), (dict(stats_batch=0), "stats_batch"),
-    (dict(stats_batch=True), "stats_batch"), (dict(backend="cuda"), "backend"),
+    (dict(stats_batch=True), "stats_batch"), (dict(backend="cuda"), "backend"), (dict(graft="adam"), "graft"),
+    (dict(graft=True), "graft"),
 ])
 def test_invalid_arguments_are_value_errors_naming_them(kind, kw, name):
     kw = {"lr": 0.1, **kw}
@@ -461,7 +462,7 @@ def test_a_diverging_kfac_run_falls_back_instead_of_crashing(damping_mode):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1),
                           nn.ReLU(), nn.Flatten(), nn.Linear(32 * 16, 10))
-    opt = fastfoof.KFAC(model, lr=1.0, damping=0.1, damping_mode=damping_mode, momentum=0.9, inv_period=10,
+    opt = fastfoof.KFAC(model, lr=3.0, damping=0.1, damping_mode=damping_mode, momentum=0.9, inv_period=10,
                         stats_steps=10)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
