@@ -118,13 +118,13 @@ class KroneckerOptimizer(Optimizer):
         self._blocks_key = None
         self._assign_params()
         self._refresh_blocks()
-        if excluded:  # their parameters step with U = G/λ; one line per reason (a model has many alike)
+        if excluded:  # their parameters step without P; one line per reason (a model has many alike)
             reasons: dict[str, list[str]] = {}
             for name, why in excluded:
                 reasons.setdefault(why, []).append(name or type(model).__name__)
-            warnings.warn(f"{self.KIND} does not precondition these layers, which step with U = G/λ: " +
-                          "; ".join(f"{why}: {', '.join(names)}" for why, names in reasons.items()),
-                          RuntimeWarning, stacklevel=3)
+            listed = "; ".join(f"{why}: {', '.join(names)}" for why, names in reasons.items())
+            warnings.warn(f"{self.KIND} does not precondition these layers, which step with {self._plain_update}: "
+                          f"{listed}", RuntimeWarning, stacklevel=3)
 
     @staticmethod
     def _check_group(group: dict) -> None:
@@ -172,6 +172,11 @@ class KroneckerOptimizer(Optimizer):
             self._blocks.append(Block(params, [self._group_of[p] for p in params], layer.groups))
         self._blocks += [Block([p], [group]) for p, group in self._group_of.items() if p not in in_layer]
         self._layer_of_block = {id(b): layer for b, layer in zip(self._blocks, self._active)}
+
+    @property
+    def _plain_update(self) -> str:
+        """How a parameter without a preconditioner steps (DESIGN §1.4), for warnings."""
+        return "their plain gradient (U = G, as SGD)" if self.graft else "U = G/λ"
 
     def _low_rank(self, layer: Layer) -> bool:
         """Whether the layer's input factor is kept as its top `rank` eigenpairs (DESIGN §1.3)."""
@@ -446,21 +451,21 @@ class KroneckerOptimizer(Optimizer):
     def _warn_bypassed(self) -> None:
         """Name, once, the layers whose weight has a gradient though their forward did not run: the
         model uses the weight some other way (F.linear on `layer.weight`), so FOOF never sees its
-        inputs, and it steps with U = G/λ."""
+        inputs, and it steps without a preconditioner."""
         names = [layer.name or type(layer.module).__name__ for layer in self._active
                  if not layer.called and layer.weight.grad is not None and not self._ready(layer)]
         if names and self._hooks:  # (after remove_hooks() no forward is seen at all)
             self._warn_once("bypassed", f"{self.KIND}: the weights of {', '.join(names)} have gradients but their "
                             "forward did not run (the model uses the weight directly, e.g. F.linear(x, "
-                            "layer.weight)); FOOF cannot see their inputs, so they step with U = G/λ")
+                            f"layer.weight)); FOOF cannot see their inputs, so they step with {self._plain_update}")
 
     def _warn_unobserved(self) -> None:
         """Name, once, the layers that a whole period of training did not give one observed sample."""
         names = [layer.name or type(layer.module).__name__ for layer in self._active if not self._ready(layer)]
         if names and self._steps >= self.inv_period:
             self._warn_once("unobserved", f"{self.KIND}: no training forward of {', '.join(names)} was observed in "
-                            f"{self._steps} steps, so they step with U = G/λ (a branch that never runs, or runs only in "
-                            "eval mode or under no_grad)")
+                            f"{self._steps} steps, so they step with {self._plain_update} (a branch that never runs, "
+                            "or runs only in eval mode or under no_grad)")
 
     def _creates_buffers(self) -> bool:
         """Whether this step's update creates a momentum buffer (a parameter's first step with momentum)."""
@@ -487,7 +492,7 @@ class KroneckerOptimizer(Optimizer):
             elif self._ready(layer) and block.params[0].grad is not None:
                 self._prepare_block(block, layer, self.state[layer.weight])
                 blocks.append(block)
-            else:  # no preconditioner yet (P = I/λ), or a weight without a gradient: U = G/λ per parameter
+            else:  # no preconditioner yet (P = I/λ), or a weight without a gradient: one block per parameter
                 blocks += [Block([p], [group]) for p, group in zip(block.params, block.options)]
         options = dict(damping=self.damping, graft=self.graft, grad_scale=grad_scale, found_inf=found_inf,
                        backend=self.backend)

@@ -15,7 +15,7 @@ Skip = Union[None, str, type, Callable[[str, nn.Module], bool], Iterable[Union[s
 @dataclass(eq=False)
 class Block:
     """Parameters updated together: a layer's weight (and bias, as the last column of [Ŵ | b]) with
-    its preconditioner (dense P or low-rank (Q, s)), or a single parameter that has none (U = G/λ)."""
+    its preconditioner (dense P or low-rank (Q, s)), or a single parameter that has none (U = G/λ, or G when grafting)."""
 
     params: list[torch.Tensor]
     options: list[dict]  # each parameter's param group: hyperparameters are read at step time

@@ -88,7 +88,7 @@ def _pieces(block: Block) -> list[tuple[Block, list[tuple[torch.Tensor, slice]]]
     weight = block.params[0]
     if not is_sharded(weight):
         return [(block, [(p, None) for p in block.params])]
-    if block.precond is None and block.eigvecs is None:  # U = G/λ on the whole local shard
+    if block.precond is None and block.eigvecs is None:  # U = G/λ (or G) on the whole local shard
         return [(Block([_local(weight, slice(None))], block.options), [(weight, slice(None))])]
     start, stop = local_rows(weight)
     for p in block.params[1:]:
