@@ -106,6 +106,8 @@ OPTIMIZERS = {
     "foof_T100_S10_rank256": (foof(rank=256), False, False),
     "foof_T100_S10_rank512": (foof(rank=512), False, False),
     "foof_T100_S10_rank256_stats_quarter": (foof(rank=256, stats_quarter=True), False, False),
+    # The paper's eq. 6 without grafting (DESIGN §1.4): timed against the grafted default in test_graft_cost
+    "foof_T100_S10_graft_none": (foof(graft=None), False, False),
 }
 PERIODS = {"foof_T500_S10": 500, "foof_T500_S10_reference": 500}  # rows whose period is not INV_PERIOD
 # The rows that compare the cost floor options with full FOOF: the only ones resnet18_cifar_b128 runs
@@ -198,6 +200,8 @@ def cpu_peak_bytes(fn) -> int:
 
 
 def skip_reason(model: str, precision: str, optimizer: str) -> str | None:
+    if optimizer == "foof_T100_S10_graft_none":
+        return "timed against the grafted default, step by step, in test_graft_cost"
     if model == "resnet18_cifar_b128" and (CUDA or SMOKE or optimizer not in COST_FLOOR
                                            or optimizer == "foof_T100_S10_rank512"):  # 10 min a row here
         return "CPU rows of the cost floor options at full size (on CUDA resnet18_cifar runs at batch 128)"
@@ -285,6 +289,37 @@ def test_e2e_step(benchmark, model, precision, optimizer):
                         observed_mean_s=statistics.mean(by_kind["observed"]),
                         inverting_mean_s=statistics.mean(by_kind["inverting"]) if by_kind["inverting"] else None)
             info["observed_extra_baseline_steps"] = (info["observed_mean_s"] - info["plain_median_s"]) / baseline_median
+
+
+@pytest.mark.parametrize("model", ["resnet18_cifar", "smallconv_cifar"])
+def test_graft_cost(benchmark, model):
+    """What grafting costs: FOOF's default step (graft="sgd": two norms per layer and the rescaling) against
+    the same FOOF with graft=None, interleaved step by step over one period in one process, fp32.
+    extra_info "ratio_plain_median": the grafted plain step's median over the ungrafted one's."""
+    if CUDA and model != "resnet18_cifar":
+        pytest.skip("on CUDA the end-to-end rows are ResNet-18's")
+    _, cuda_batch, cpu_batch = MODELS[model]
+    batch = fixed_batch(4 if SMOKE else cuda_batch if CUDA else cpu_batch)
+    trainers = {name: Trainer(model, name, "fp32", batch) for name in ("foof_T100_S10_graft_none", "foof_T100_S10")}
+    for trainer in trainers.values():
+        for _ in range(WARM_STEPS):
+            trainer.step()
+        trainer.timed.clear()
+    grafted, ungrafted = trainers["foof_T100_S10"], trainers["foof_T100_S10_graft_none"]
+
+    def ungrafted_step():  # (what a setup returns, pytest-benchmark takes for the step's arguments)
+        ungrafted.step()
+
+    loss = benchmark.pedantic(grafted.step, setup=ungrafted_step, rounds=3 if SMOKE else INV_PERIOD, warmup_rounds=1)
+    assert torch.isfinite(loss)
+    medians = {name: statistics.median([s for kind, s in trainer.timed[1:] if kind == "plain"] or [math.nan])
+               for name, trainer in trainers.items()}
+    benchmark.extra_info.update(model=model, batch_size=len(batch[0]), rounds=INV_PERIOD, smoke=SMOKE,
+                                device=torch.cuda.get_device_name() if CUDA else "cpu",
+                                backend=ops.resolve_backend(grafted.optimizer.backend, DEVICE),
+                                plain_median_s=medians["foof_T100_S10"],
+                                graft_none_plain_median_s=medians["foof_T100_S10_graft_none"],
+                                ratio_plain_median=medians["foof_T100_S10"] / medians["foof_T100_S10_graft_none"])
 
 
 BLOCKS = 3  # test_alternating_blocks: pairs of one whole period of SGD+M, then one of FOOF
