@@ -421,6 +421,9 @@ class KroneckerOptimizer(Optimizer):
     # GradScaler hands this optimizer `grad_scale` and `found_inf` instead of unscaling the grads.
     _step_supports_amp_scaling = True
 
+    # Under torch.compile (`torch.compile(opt.step)`, or a compiled training step that calls it) the step
+    # runs eagerly: dynamo dropped its host-side state changes (the step count), and eager is exact.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """One step (the paper's Algorithm 1 with DESIGN §1.5's schedule): fold this step's
