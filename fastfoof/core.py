@@ -5,8 +5,11 @@ DDP and warm-up. A subclass says which statistics it keeps and what precondition
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
+import sys
 import warnings
+import weakref
 from dataclasses import dataclass
 from itertools import chain
 from typing import Callable
@@ -31,6 +34,20 @@ def _is_number(value) -> bool:
 
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def on_itself(method):
+    """Run `method` on the optimizer itself when it is called through a wrapper that forwards attribute
+    access: Lightning's LightningOptimizer takes the optimizer's class as a base and forwards what it lacks,
+    so `wrapper.warm_up()` ran FOOF's code with the wrapper as `self`, and the state it wrote (the warm-up
+    flag, the step count) stayed on the wrapper, out of the hooks' sight."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        itself = getattr(self, "_itself", None)  # absent while the optimizer is being built
+        return method(self if itself is None else itself(), *args, **kwargs)
+
+    return run
 
 
 @dataclass(frozen=True)
@@ -111,6 +128,7 @@ class KroneckerOptimizer(Optimizer):
             # torch.compile does not guard on module hooks: code compiled before these hooks existed would
             # run without them. Drop compiled code so that it is traced again, with the hooks.
             torch.compiler.reset()
+        self._itself = weakref.ref(self)  # what a forwarding wrapper finds (`on_itself`)
         self._steps = 0  # t of DESIGN §1.5: step() calls so far
         self._warming_up = False
         self._counters = torch.zeros(len(DIAGNOSTICS), dtype=torch.int64)  # on the device: read once per round
@@ -135,6 +153,7 @@ class KroneckerOptimizer(Optimizer):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("nesterov: requires momentum > 0 and dampening = 0")
 
+    @on_itself
     def add_param_group(self, param_group: dict) -> None:
         self._check_group({**self.defaults, **param_group})  # before it joins param_groups
         super().add_param_group(param_group)
@@ -418,11 +437,21 @@ class KroneckerOptimizer(Optimizer):
 
     # ---- the step ---------------------------------------------------------------------------
 
-    # GradScaler hands this optimizer `grad_scale` and `found_inf` instead of unscaling the grads.
-    _step_supports_amp_scaling = True
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """True: GradScaler hands this optimizer `grad_scale` and `found_inf` instead of unscaling the grads
+        and reading found_inf on the host to skip step() (DESIGN §1.5). FOOF takes grads that were unscaled
+        before step() too (`scaler.unscale_(opt)` to clip them: grad_scale is then None). Lightning's
+        precision plugins read this flag as "its grads cannot be unscaled before step" and refuse gradient
+        clipping, so they alone are told False: they unscale (on the device) and clip, and GradScaler's
+        step, which reads True, still hands FOOF the device-side found_inf."""
+        caller = sys._getframe(1)  # the function whose getattr asked
+        return not (caller.f_code.co_name == "_optimizer_handles_unscaling"
+                    and caller.f_globals.get("__name__", "").startswith(("lightning", "pytorch_lightning")))
 
     # Under torch.compile (`torch.compile(opt.step)`, or a compiled training step that calls it) the step
     # runs eagerly: dynamo dropped its host-side state changes (the step count), and eager is exact.
+    @on_itself
     @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
@@ -512,6 +541,7 @@ class KroneckerOptimizer(Optimizer):
 
     # ---- the rest of the API ----------------------------------------------------------------
 
+    @on_itself
     @contextlib.contextmanager
     def warm_up(self):
         """Observe the training-mode forwards inside without stepping; compute the preconditioners on
@@ -530,6 +560,7 @@ class KroneckerOptimizer(Optimizer):
                                        "observed, so no preconditioner was computed")
         self._invert_observed(self._active)
 
+    @on_itself
     def remove_hooks(self) -> None:
         """Detach the hooks: no statistic is observed afterwards."""
         self._hooks.remove()
@@ -540,6 +571,7 @@ class KroneckerOptimizer(Optimizer):
         state_dict["foof"] = {"kind": self.KIND, "steps": self._steps, "diagnostics": self.diagnostics}
         return state_dict
 
+    @on_itself
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict saved by `state_dict()` of the same optimizer kind; any other (e.g. one
         from torch.optim.SGD, whose momentum holds gradients rather than U) raises ValueError."""

@@ -20,7 +20,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from . import ops, sharded
-from .core import INPUTS, KroneckerOptimizer, Statistic
+from .core import INPUTS, KroneckerOptimizer, Statistic, on_itself
 from .geometry import batch_size, output_module, positions_per_sample
 from .layers import Block, Layer, Skip
 from .observe import first_samples, in_backward
@@ -93,6 +93,10 @@ class KFAC(KroneckerOptimizer):
         rank: as FOOF's, for A: layers with D' > 2r use (Â_r + d_A I)⁻¹ from the top r eigenpairs of
             Â (heuristic and factor damping; damping_mode="exact" takes no rank).
         graft: as FOOF's: "sgd" (default) rescales each layer's U to its gradient's Frobenius norm.
+        grad_scaler: the GradScaler of an fp16 run whose gradients are unscaled before step() (to clip
+            them: `scaler.unscale_(opt)`, Lightning's and accelerate's clipping), for fisher="empirical":
+            G is recorded from the scaled backward, and this is where its scale is read then (on the
+            device). Not needed where `scaler.step(opt)` unscales (GradScaler hands KFAC its scale).
 
     The diagnostics `cholesky_retries` / `cholesky_failures` count the factorisations of either
     factor (eigendecompositions for "exact"). `warm_up()` observes A only: G needs a backward, so
@@ -108,7 +112,7 @@ class KFAC(KroneckerOptimizer):
                  ema_decay: float = 0.95, inv_period: int = 100, stats_steps: int = 10,
                  precondition_bias: bool = True, skip: Skip = None, backend: str = "auto",
                  stats_batch: int | None = None, rank: int | None = None, graft: str | None = "sgd",
-                 process_group=None):
+                 grad_scaler: torch.amp.GradScaler | None = None, process_group=None):
         if damping_mode not in DAMPING_MODES:
             raise ValueError(f"damping_mode: expected one of {DAMPING_MODES}, got {damping_mode!r}")
         if rank is not None and damping_mode == "exact":
@@ -117,6 +121,7 @@ class KFAC(KroneckerOptimizer):
             raise ValueError(f"fisher: expected one of {FISHERS}, got {fisher!r}")
         self.damping_mode = damping_mode
         self.fisher = fisher
+        self.grad_scaler = grad_scaler
         super().__init__(model, params, lr=lr, damping=damping, momentum=momentum, dampening=dampening,
                          nesterov=nesterov, weight_decay=weight_decay, ema_decay=ema_decay, inv_period=inv_period,
                          stats_steps=stats_steps, precondition_bias=precondition_bias, skip=skip, backend=backend,
@@ -174,6 +179,7 @@ class KFAC(KroneckerOptimizer):
             return layer.grad_batch ** 2 / layer.grad_samples
         return super()._fold_scale(layer, statistic)
 
+    @on_itself
     def backward_fisher(self, logits: torch.Tensor, loss: str = "cross_entropy",
                         generator: torch.Generator | None = None) -> torch.Tensor | None:
         """Record G of the Monte Carlo Fisher (fisher="mc"): sample one label per input from the
@@ -256,9 +262,17 @@ class KFAC(KroneckerOptimizer):
         if self.fisher == "mc" and any(layer.samples and not layer.grad_samples for layer in self._active):
             self._warn_once("backward_fisher", "KFAC(fisher='mc'): a step observed layer inputs but no Fisher "
                                                "gradients; call opt.backward_fisher(logits) before loss.backward()")
-        if grad_scale is not None and self.fisher == "empirical":
-            for layer in self._active:  # GradScaler scaled the output gradients: G by scale² (exact for 2^k)
-                if layer.grad_samples:
+        if self.fisher == "empirical" and any(layer.grad_samples for layer in self._active):
+            # GradScaler scaled the output gradients: G by scale² (exact for 2^k). Gradients unscaled before
+            # step() come with no grad_scale, but found_inf: their scale is the grad_scaler's.
+            if grad_scale is None and found_inf is not None:
+                grad_scale = self.grad_scaler._get_scale_async() if self.grad_scaler is not None else None
+                if grad_scale is None:
+                    self._warn_once("unscaled_fisher", "KFAC(fisher='empirical'): the gradients were unscaled "
+                                    "before step() (scaler.unscale_), and G, recorded in the scaled backward, "
+                                    "cannot be: pass KFAC(..., grad_scaler=scaler)")
+            for layer in self._active:
+                if grad_scale is not None and layer.grad_samples:
                     layer.grad_stat.mul_(grad_scale.to(layer.grad_stat).reciprocal().square())
         return super()._fold_statistics(found_inf, grad_scale)
 
@@ -267,6 +281,7 @@ class KFAC(KroneckerOptimizer):
         state_dict["foof"]["generators"] = {str(device): g.get_state() for device, g in self._generators.items()}
         return state_dict
 
+    @on_itself
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self._generators = {}

@@ -1,0 +1,181 @@
+"""FOOF and KFAC inside the frameworks people train with: PyTorch Lightning and accelerate, each compared
+with the same training written by hand (which the other test modules check against independent
+computations). Skipped where a framework is not installed (CI installs none of them)."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastfoof
+
+STEPS, CLIP = 4, 0.1
+KW = dict(lr=0.1, momentum=0.9, inv_period=2, stats_steps=1)
+WARM_UP_AT = 2  # before step 3, which observes nothing of its own (T = 2, S = 1)
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(STEPS)]
+
+
+def scaled(kind, scaler):
+    """KFAC's empirical G is recorded in the scaled backward: it reads the scale from the grad_scaler."""
+    return {"grad_scaler": scaler} if kind is fastfoof.KFAC else {}
+
+
+def by_hand(kind, clip=CLIP):
+    """fp16 autocast on the CPU, GradScaler, unscale, clip the gradient norm, step."""
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    opt = kind(model, **KW, **scaled(kind, scaler))
+    for x, y in data():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(opt)
+        scaler.update()
+    return model, opt
+
+
+def assert_same(model, twin, tolerance=0.0):
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q) or ((p - q).norm() / q.norm()).item() <= tolerance
+
+
+@pytest.mark.parametrize("kind", [fastfoof.FOOF, fastfoof.KFAC])
+def test_unscale_clip_step_by_hand_equals_clipping_without_a_scaler(kind):
+    """By hand, FOOF takes GradScaler's unscaled grads (a power-of-two scale: exactly the fp32 grads). KFAC's
+    G from the scaled fp16 output gradients differs from the unscaled ones' by their rounding only (1e-8 here;
+    without grad_scaler, by its scale²: 2–4% in the weights after 4 steps)."""
+    model, opt = by_hand(kind)
+    twin = make_model()
+    twin_opt = kind(twin, **KW)
+    for x, y in data():
+        twin_opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(twin(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), CLIP)
+        twin_opt.step()
+    assert opt._steps == twin_opt._steps == STEPS
+    assert_same(model, twin, 0.0 if kind is fastfoof.FOOF else 1e-6)
+
+
+def test_kfac_warns_where_it_cannot_unscale_its_fisher():
+    """Gradients unscaled before step() and no grad_scaler: G keeps the scale², which KFAC says once."""
+    model = make_model()
+    opt = fastfoof.KFAC(model, **KW)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    x, y = data()[0]
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    scaler.unscale_(opt)
+    with pytest.warns(RuntimeWarning, match="grad_scaler"):
+        scaler.step(opt)
+
+
+# ---- PyTorch Lightning -------------------------------------------------------------------------------
+
+def lightning_module(kind, manual=False, warm_up=False):
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = make_model()
+            self.automatic_optimization = not manual
+
+        def configure_optimizers(self):
+            return kind(self.net, **KW, **scaled(kind, getattr(self.trainer.precision_plugin, "scaler", None)))
+
+        def training_step(self, batch, index):
+            x, y = batch
+            if not manual:
+                return F.cross_entropy(self.net(x), y)
+            opt = self.optimizers()
+            if warm_up and index == WARM_UP_AT:
+                with opt.warm_up():  # through Lightning's wrapper of the optimizer
+                    self.net(x)
+            opt.zero_grad()
+            self.manual_backward(F.cross_entropy(self.net(x), y))
+            opt.step()
+
+    return Module()
+
+
+def fit(module, **trainer_kw):
+    pl = pytest.importorskip("lightning.pytorch")
+    loader = torch.utils.data.DataLoader(data(), batch_size=None)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **trainer_kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
+        trainer.fit(module, loader)
+    return trainer
+
+
+@pytest.mark.parametrize("kind", [fastfoof.FOOF, fastfoof.KFAC])
+def test_lightning_16_mixed_with_gradient_clipping_equals_the_hand_written_loop(kind):
+    """Lightning's 16-mixed precision with gradient_clip_val: it unscales and clips, GradScaler hands FOOF the
+    non-finite flag; the same as by hand."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = lightning_module(kind)
+    precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 8))
+    trainer = fit(module, plugins=[precision], gradient_clip_val=CLIP)
+    assert isinstance(trainer, pl.Trainer)
+    model, opt = by_hand(kind)
+    assert trainer.optimizers[0]._steps == opt._steps == STEPS
+    assert_same(module.net, model)
+
+
+def test_warm_up_through_lightnings_optimizer_wrapper():
+    """`self.optimizers().warm_up()` in manual optimization observes the forwards inside, as on the optimizer
+    itself (Lightning's wrapper subclasses the optimizer's class and forwards what it lacks)."""
+    module = lightning_module(fastfoof.FOOF, manual=True, warm_up=True)
+    trainer = fit(module)
+    opt = trainer.optimizers[0]
+    model = make_model()
+    twin = fastfoof.FOOF(model, **KW)
+    for index, (x, y) in enumerate(data()):
+        if index == WARM_UP_AT:
+            with twin.warm_up():
+                model(x)
+        twin.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        twin.step()
+    assert opt._steps == twin._steps == STEPS
+    assert_same(module.net, model)
+    state, twin_state = opt.state[module.net[0].weight], twin.state[model[0].weight]
+    assert torch.equal(state["ema_count"], twin_state["ema_count"])  # the warm-up batch was observed
+
+
+# ---- accelerate --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", [fastfoof.FOOF, fastfoof.KFAC])
+def test_accelerate_fp16_with_clip_grad_norm_equals_the_hand_written_loop(kind):
+    """accelerate's fp16 path (GradScaler, `clip_grad_norm_` unscales, AcceleratedOptimizer steps through the
+    scaler). accelerate runs no GradScaler on the CPU, so the test gives it one, as on a GPU."""
+    accelerate = pytest.importorskip("accelerate")
+    model = make_model()
+    accelerator = accelerate.Accelerator(mixed_precision="fp16", cpu=True)
+    accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8), True
+    prepared, opt = accelerator.prepare(model, kind(model, **KW, **scaled(kind, accelerator.scaler)))
+    for x, y in data():
+        opt.zero_grad()
+        accelerator.backward(F.cross_entropy(prepared(x), y))
+        accelerator.clip_grad_norm_(prepared.parameters(), CLIP)
+        opt.step()
+    twin, twin_opt = by_hand(kind)
+    assert opt.optimizer._steps == twin_opt._steps == STEPS
+    assert_same(model, twin)
