@@ -246,8 +246,9 @@ def layer_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         found, excluded = find_layers(model, None)
-    same = {l.name for l in found if l.same_padding}
-    hooked = {l.name for l in found} | {name for name, _ in excluded}
+    same = {name for name, m in layers if any(id(m) in l.same_padding for l in found)}
+    hooked = {name for name, m in layers if any(m in l.modules for l in found)} | \
+        {name for names, _ in excluded for name in names.split(", ")}
     result = {"layers": len(layers), "ok": 0, "failures": [], "redrawn_zero_params": redrawn,
               "multi_call": sorted(n for n, _ in layers if len(rec.calls[n]) > 1),
               "no_grad": [], "not_hooked": [], "names": [n for n, _ in layers], "same_padding": sorted(same),
@@ -255,7 +256,7 @@ def layer_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     for name, m in layers:
         kinds, detail = check_layer(name, m, rec.calls[name], name in same)
         if name not in hooked:
-            kinds.append("not hooked by fastfoof (tied weight)")
+            kinds.append("not hooked by fastfoof")
         if detail.get("no_grad"):
             result["no_grad"].append(name)
         if kinds:

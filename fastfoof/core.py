@@ -26,6 +26,10 @@ from .observe import Hooks, LayerHook, in_checkpoint_recompute, in_transform, la
 from .reference import GRAFTS, KEPT_PREVIOUS, OK, aligned, stat_dtype
 
 DIAGNOSTICS = ("dropped_stats", "cholesky_retries", "cholesky_failures")
+# state_dict(): the optimizer's own entries in each param group, and, in a parameter's state, the keys whose
+# values only stand in for entries it has not made yet
+OWN_ENTRIES = "fastfoof"
+PLACEHOLDERS = "fastfoof_placeholders"
 
 
 def _is_number(value) -> bool:
@@ -122,7 +126,8 @@ class KroneckerOptimizer(Optimizer):
         # Hooks hold this optimizer weakly: it is collected when unreferenced, and its hooks with it.
         self._hooks = Hooks(self)
         for layer in self.layers:
-            self._hooks.add(layer.module.register_forward_hook(LayerHook(self, "_record", layer), with_kwargs=True))
+            for module in layer.modules:
+                self._hooks.add(module.register_forward_hook(LayerHook(self, "_record", layer), with_kwargs=True))
         self._grad_hooked: set[int] = set()  # id(layer) of layers whose weight has the grad hook
         if torch._dynamo.config.skip_nnmodule_hook_guards and torch._dynamo.utils.counters["stats"]["unique_graphs"]:
             # torch.compile does not guard on module hooks: code compiled before these hooks existed would
@@ -165,9 +170,10 @@ class KroneckerOptimizer(Optimizer):
         self._group_of = {p: group for group in self.param_groups for p in group["params"]}
         self._sharded = any(map(sharded.is_sharded, self._group_of))
         for layer in self.layers:
-            bias = layer.module.bias
+            bias = layer.module.bias  # a bias row only where every module of a shared weight adds this bias
             layer.handed = layer.weight in self._group_of
-            layer.bias_row = self.precondition_bias and bias is not None and bias in self._group_of
+            layer.bias_row = self.precondition_bias and bias is not None and bias in self._group_of and \
+                all(module.bias is bias for module in layer.modules)
         self._blocks_key = None
 
     def _refresh_blocks(self) -> None:
@@ -232,13 +238,13 @@ class KroneckerOptimizer(Optimizer):
         """Weight of one forward's Σ a aᵀ in the input statistic (FOOF: 1)."""
         return 1.0
 
-    def _observe(self, layer: Layer, x: torch.Tensor, output, batch: int) -> torch.Tensor | None:
-        """An observed eager training forward of `layer`: `x` its input (`layer_input`), `output` its
-        output, `batch` the forward's whole batch size; returns what the module should return
-        instead of `output`, or None. FOOF takes the input statistic; KFAC also watches the output's
-        gradient. A forward inside backward here is a reentrant checkpoint's re-run, which stands for
-        its original (run under no_grad, so not observed)."""
-        self._take_input(layer, x)
+    def _observe(self, layer: Layer, module: nn.Module, x: torch.Tensor, output, batch: int) -> torch.Tensor | None:
+        """An observed eager training forward of `layer` by `module` (one of its modules): `x` its input
+        (`layer_input`), `output` its output, `batch` the forward's whole batch size; returns what the
+        module should return instead of `output`, or None. FOOF takes the input statistic; KFAC also
+        watches the output's gradient. A forward inside backward here is a reentrant checkpoint's re-run,
+        which stands for its original (run under no_grad, so not observed)."""
+        self._take_input(layer, module, x)
         return None
 
     # ---- statistics -------------------------------------------------------------------------
@@ -261,14 +267,15 @@ class KroneckerOptimizer(Optimizer):
             return None
         x = args[0] if args else kwargs["input"]
         if torch.compiler.is_compiling():
-            layer.inputs.append(layer_input(x, layer, self.stats_batch))
+            layer.inputs.append((module, layer_input(x, layer, module, self.stats_batch)))
         elif not in_transform() and not in_checkpoint_recompute() and self._observing(layer):
-            return self._observe(layer, layer_input(x, layer, self.stats_batch), output, batch_size(x, module))
+            return self._observe(layer, module, layer_input(x, layer, module, self.stats_batch), output,
+                                 batch_size(x, module))
         return None
 
-    def _take_input(self, layer: Layer, x: torch.Tensor) -> None:
-        self._accumulate(layer, INPUTS, x, layer.module, layer.bias_row, self._input_scale(x, layer.module),
-                         batch_size(x, layer.module))
+    def _take_input(self, layer: Layer, module: nn.Module, x: torch.Tensor) -> None:
+        self._accumulate(layer, INPUTS, x, module, layer.bias_row, self._input_scale(x, module),
+                         batch_size(x, module))
 
     def _take_statistics(self, layer: Layer, weight: torch.Tensor | None = None) -> None:
         """Turn the inputs a compiled forward recorded into the layer's pending statistic if the
@@ -277,8 +284,8 @@ class KroneckerOptimizer(Optimizer):
         step() for forwards that had no backward."""
         inputs = layer.take_inputs()
         if inputs and layer.active and self._observing(layer):
-            for x in inputs:
-                self._take_input(layer, x)
+            for module, x in inputs:
+                self._take_input(layer, module, x)
 
     def _accumulate(self, layer: Layer, statistic: Statistic, x: torch.Tensor, module: nn.Module, bias: bool,
                     alpha: float, samples: int) -> None:
@@ -457,6 +464,8 @@ class KroneckerOptimizer(Optimizer):
     def step(self, closure=None):
         """One step (the paper's Algorithm 1 with DESIGN §1.5's schedule): fold this step's
         statistics, give layers their first preconditioner, update, invert every T steps."""
+        if closure is None and not self.state and self._makes_state_for_a_checkpoint():
+            return None
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -479,6 +488,14 @@ class KroneckerOptimizer(Optimizer):
             self._invert([layer for layer in self._active if layer not in first and self._ready(layer)])
             self._warn_unobserved()
         return loss
+
+    def _makes_state_for_a_checkpoint(self) -> bool:
+        """Whether this step of a fresh optimizer is torch.distributed.checkpoint's way of making its state
+        (`get_optimizer_state_dict` and `set_optimizer_state_dict` step an optimizer that has none with
+        zero gradients at lr 0): a step that must not count, since taking a checkpoint must not change
+        training; `state_dict()` has every key without it. Reads the gradients only at lr 0."""
+        return all(group["lr"] == 0 for group in self.param_groups) and \
+            all(p.grad is None or not p.grad.any() for p in self._group_of)
 
     def _warn_bypassed(self) -> None:
         """Name, once, the layers whose weight has a gradient though their forward did not run: the
@@ -567,33 +584,86 @@ class KroneckerOptimizer(Optimizer):
         self._clear_statistics()
 
     def state_dict(self) -> dict:
+        """torch's optimizer state dict, in a form that torch.distributed.checkpoint keeps whole: every
+        parameter's entry holds every key it can ever hold (its momentum buffer where its group has
+        momentum; a layer's statistics and preconditioner), zeros standing in for those it has not made
+        yet and named under PLACEHOLDERS (comma-separated), so that the state dict of a fresh optimizer, into which DCP
+        loads, has the keys and shapes of a trained one; and the optimizer's own entries (kind, step
+        count, diagnostics) in each param group, the only other part DCP keeps. Under FSDP2 the statistics,
+        each rank's own between inversion rounds, are `sharded.rank_stacked`."""
         state_dict = super().state_dict()
-        state_dict["foof"] = {"kind": self.KIND, "steps": self._steps, "diagnostics": self.diagnostics}
+        index = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
+        templates = self._state_templates()
+        for p in self._group_of:
+            i = index[id(p)]
+            entry = state_dict["state"][i] = dict(state_dict["state"].get(i, {}))  # (torch's is self.state's)
+            missing = [key for key in templates.get(p, {}) if key not in entry]
+            entry.update({key: templates[p][key] for key in missing})
+            entry[PLACEHOLDERS] = ",".join(missing)  # one string, present in every entry: DCP wants fixed keys
+        if self._sharded:  # FSDP2: what each rank observed since the last inversion round is its own
+            mesh = next(p.device_mesh for p in self._group_of if sharded.is_sharded(p))
+            for layer in self.layers:
+                if layer.handed:
+                    entry = state_dict["state"][index[id(layer.weight)]]
+                    entry.update({key: sharded.rank_stacked(entry[key], mesh) for key in self._statistic_keys()})
+        for group in state_dict["param_groups"]:
+            group[OWN_ENTRIES] = self._own_entries()
         return state_dict
+
+    def _own_entries(self) -> dict:
+        """What the optimizer keeps beyond torch's state and param groups (a param group's OWN_ENTRIES)."""
+        return {"kind": self.KIND, "steps": self._steps, "diagnostics": self.diagnostics}
+
+    def _load_own_entries(self, entries: dict) -> None:
+        self._steps = entries["steps"]
+        self._counters = torch.tensor([entries["diagnostics"].get(name, 0) for name in DIAGNOSTICS])
+        self._warned = {name for name, value in entries["diagnostics"].items() if value}
+
+    def _state_templates(self) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
+        """Zeros shaped as every state entry each parameter can hold, from the optimizer's settings now."""
+        templates: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        for p, group in self._group_of.items():
+            if group["momentum"] != 0:
+                templates[p] = {"momentum_buffer": torch.zeros_like(p, dtype=stat_dtype(p.dtype))}
+        layers = [layer for layer in self.layers if layer.handed]
+        states = []
+        for layer in layers:
+            dtype, device = stat_dtype(layer.weight.dtype), layer.weight.device
+            states.append({key: torch.zeros(shape, dtype=dtype, device=device) for statistic in self.STATISTICS
+                           for key, shape in ((statistic.ema, statistic.shape(layer)), (statistic.count, ()))})
+        for layer, state, (preconditioner, _) in zip(layers, states, self._preconditioners_like(layers, states)):
+            templates.setdefault(layer.weight, {}).update(state, **preconditioner)
+        return templates
 
     @on_itself
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict saved by `state_dict()` of the same optimizer kind; any other (e.g. one
         from torch.optim.SGD, whose momentum holds gradients rather than U) raises ValueError."""
-        state_dict = dict(state_dict)
-        foof = state_dict.pop("foof", None)
-        if foof is None:
-            raise ValueError(f"state_dict: no 'foof' entry; {self.KIND} loads only state dicts saved by "
-                             f"{self.KIND}.state_dict()")
-        if foof.get("kind", "FOOF") != self.KIND:
-            raise ValueError(f"state_dict: saved by {foof['kind']}, not {self.KIND}")
-        super().load_state_dict(state_dict)
+        groups = [dict(group) for group in state_dict["param_groups"]]
+        own = [group.pop(OWN_ENTRIES, None) for group in groups][0] if groups else None
+        if own is None:
+            raise ValueError(f"state_dict: no '{OWN_ENTRIES}' entry in its param groups; {self.KIND} loads only "
+                             f"state dicts saved by {self.KIND}.state_dict()")
+        if own["kind"] != self.KIND:
+            raise ValueError(f"state_dict: saved by {own['kind']}, not {self.KIND}")
+        state = {}
+        for i, entry in state_dict["state"].items():
+            entry = dict(entry)
+            for key in filter(None, entry.pop(PLACEHOLDERS, "").split(",")):
+                del entry[key]
+            state[i] = entry
+        super().load_state_dict({**state_dict, "state": state, "param_groups": groups})
         # torch casts floating state to each parameter's dtype; the statistics keep their own.
-        ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
+        ids = chain.from_iterable(group["params"] for group in groups)
         params = chain.from_iterable(group["params"] for group in self.param_groups)
         for idx, p in zip(ids, params):
-            for key, value in state_dict["state"].get(idx, {}).items():
+            for key, value in state.get(idx, {}).items():
+                if sharded.is_sharded(value) and key in self._statistic_keys():
+                    value = sharded.own_row(value)
                 if isinstance(value, torch.Tensor):
                     self.state[p][key] = value.to(p.device, copy=True)
             if "precond" in self.state.get(p, {}):  # the update reads P in its padded, aligned layout
                 self.state[p]["precond"] = aligned(self.state[p]["precond"])
-        self._steps = foof["steps"]
-        self._counters = torch.tensor([foof["diagnostics"].get(name, 0) for name in DIAGNOSTICS])
-        self._warned = {name for name, value in foof["diagnostics"].items() if value}
+        self._load_own_entries(own)
         self._assign_params()  # torch replaced the param group dicts the blocks read
         self._clear_statistics()

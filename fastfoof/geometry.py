@@ -163,6 +163,7 @@ def computation(module: nn.Module) -> str:
                                                 zip(module.kernel_size, module.stride, module.dilation))
     x = torch.randn(shape, generator=generator).to(weight.device, weight.dtype)
     tolerance = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 2e-2
+    buffers = [(b, b.clone()) for b in module.buffers()]  # a forward may update them: the probe leaves none changed
     try:
         with torch.no_grad():
             out = cls.forward(module, x)
@@ -171,6 +172,10 @@ def computation(module: nn.Module) -> str:
                 candidates.append((SAME_PADDING, stock_forward(module, F.pad(x, same_padding(x, module)))))
     except Exception as error:  # noqa: BLE001 — any failure means the layer cannot be checked
         return f"its forward could not be checked on a random input ({type(error).__name__}: {error})"
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
     for kind, expected in candidates:
         if isinstance(out, torch.Tensor) and out.shape == expected.shape and \
                 (out - expected).norm() <= tolerance * expected.norm():

@@ -138,7 +138,7 @@ class KFAC(KroneckerOptimizer):
     def _input_scale(self, x: torch.Tensor, module: nn.Module) -> float:
         return 1.0 / positions_per_sample(x, module)  # A = C / R (DESIGN §6)
 
-    def _observe(self, layer: Layer, x: torch.Tensor, output, batch: int):
+    def _observe(self, layer: Layer, module: nn.Module, x: torch.Tensor, output, batch: int):
         if not (isinstance(output, torch.Tensor) and output.requires_grad):
             output = None  # nothing to take G from
         elif output._is_view():
@@ -148,7 +148,7 @@ class KFAC(KroneckerOptimizer):
         if self._fisher_backward:  # backward_fisher's backward re-runs a reentrant checkpoint: G only
             self._watch_output(layer, output, batch)
             return output
-        super()._observe(layer, x, output, batch)
+        super()._observe(layer, module, x, output, batch)
         if self._warming_up or output is None:
             return output  # warm-up observes A only: no backward follows
         if self.fisher == "empirical":
@@ -236,7 +236,7 @@ class KFAC(KroneckerOptimizer):
         a plain backward whose re-run forwards report their outputs (`_fisher_backward`), with the
         parameters' gradients set aside and restored."""
         params = {id(p): p for p in chain(self._group_of, (q for layer in self.layers
-                                                            for q in layer.module.parameters()))}.values()
+                                                            for m in layer.modules for q in m.parameters()))}.values()
         kept = [(p, p.grad) for p in params]
         handles = [edge.node.register_prehook(partial(_edge_gradient, edge.output_nr,
                                                       _OutputGradient(self, layer, batch, empirical=False)))
@@ -276,16 +276,17 @@ class KFAC(KroneckerOptimizer):
                     layer.grad_stat.mul_(grad_scale.to(layer.grad_stat).reciprocal().square())
         return super()._fold_statistics(found_inf, grad_scale)
 
-    def state_dict(self) -> dict:
-        state_dict = super().state_dict()
-        state_dict["foof"]["generators"] = {str(device): g.get_state() for device, g in self._generators.items()}
-        return state_dict
+    def _own_entries(self) -> dict:
+        # the parameters' device's generator is made now if backward_fisher has not made it yet: a fresh
+        # KFAC's state dict, into which torch.distributed.checkpoint loads, must hold it too
+        self._generator(next(iter(self._group_of)).device)
+        return {**super()._own_entries(),
+                "generators": {str(device): g.get_state() for device, g in self._generators.items()}}
 
-    @on_itself
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
+    def _load_own_entries(self, entries: dict) -> None:
+        super()._load_own_entries(entries)
         self._generators = {}
-        for device, state in state_dict["foof"].get("generators", {}).items():
+        for device, state in entries["generators"].items():
             self._generator(torch.device(device)).set_state(state)
 
     # ---- preconditioners --------------------------------------------------------------------

@@ -9,6 +9,11 @@ from torch import nn
 
 from .geometry import LAYER_TYPES, SAME_PADDING, STOCK, computation, patch_dim
 
+# Why a layer is not preconditioned where its weight is no parameter of its own: FOOF's update is of the
+# weight the layer multiplies its inputs with, not of the parameters it is computed from (DESIGN §1.1)
+COMPUTED_WEIGHT = ("its weight is computed from other parameters (weight_norm, spectral_norm or another "
+                   "parametrization), which FOOF does not precondition")
+
 Skip = Union[None, str, type, Callable[[str, nn.Module], bool], Iterable[Union[str, type]]]
 
 
@@ -32,33 +37,40 @@ class Block:
 
 @dataclass(eq=False)
 class Layer:
-    """A Linear/Conv module whose weight FOOF may precondition, with what it observed since the last
-    step: the inputs its forward hook recorded, and the statistic made of them."""
+    """A Linear/Conv weight FOOF may precondition, with the modules that multiply their inputs by it (one;
+    several where modules share the weight Parameter, DESIGN §1.2), and what it observed since the last
+    step: the inputs their forward hooks recorded, and the statistic made of them."""
 
-    name: str
-    module: nn.Module
+    name: str  # the first module's (`modules[0]`, whose geometry the weight matrix Ŵ takes)
+    modules: list[nn.Module]
     # the weight parameter as found at construction, which keys the optimizer state: FSDP2 sets
     # `module.weight` to an unsharded copy while it is gathered (in and after a forward that does
     # not reshard)
     weight: torch.Tensor
     groups: int
     dim: int  # D, without the bias row
-    # inputs recorded by a compiled forward, not yet turned into statistics (an eager forward's
-    # statistic is computed in its hook)
+    # (module, input) recorded by a compiled forward, not yet turned into statistics (an eager
+    # forward's statistic is computed in its hook)
     inputs: list = field(default_factory=list)
     stat: torch.Tensor | None = None  # Σ a aᵀ over the inputs taken since the last step
     samples: int = 0  # Σ B over those inputs
     # KFAC: the output gradients' statistic since the last step, the samples it holds, the batch
-    # sizes of the forwards they came from, and (Monte Carlo Fisher) the outputs with their batch
-    # sizes, kept for `KFAC.backward_fisher`
+    # sizes of the forwards they came from, and (Monte Carlo Fisher) the outputs' gradient edges with
+    # their batch sizes, kept for `KFAC.backward_fisher`
     grad_stat: torch.Tensor | None = None
     grad_samples: int = 0
     grad_batch: int = 0
     outputs: list = field(default_factory=list)
     handed: bool = False  # these two are set from the optimizer's parameters
     bias_row: bool = False
-    same_padding: bool = False  # its forward pads its input to TensorFlow's "SAME" first (timm's Conv2dSame)
-    called: bool = False  # its forward ran since the last step (in any mode)
+    # the modules whose forward pads its input to TensorFlow's "SAME" first (timm's Conv2dSame), by id
+    same_padding: frozenset = frozenset()
+    called: bool = False  # a forward ran since the last step (in any mode)
+
+    @property
+    def module(self) -> nn.Module:
+        """The module whose geometry Ŵ takes (all modules of a shared weight have its groups)."""
+        return self.modules[0]
 
     @property
     def active(self) -> bool:
@@ -111,21 +123,34 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
 
 
 def find_layers(model: nn.Module, skip: Skip) -> tuple[list[Layer], list[tuple[str, str]]]:
-    """Every Linear/Conv layer of `model` not skipped, in `named_modules` order, each weight once;
-    and the (name, reason) of those whose forward does not compute what their patch vectors assume."""
+    """Every Linear/Conv weight of `model` whose layers are not skipped, in `named_modules` order, with the
+    modules that multiply by it (modules sharing one weight Parameter make one Layer); and the (name,
+    reason) of those not preconditioned: a weight that is no parameter of its module, a forward that
+    does not compute what its patch vectors assume, modules sharing a weight in different groups."""
     modules = list(unwrap_compiled(model).named_modules())
     skipped = _skip_predicate(skip, {name for name, _ in modules})
-    layers, excluded, claimed = [], [], set()
+    users: dict[int, list[tuple[str, nn.Module]]] = {}  # id(weight) -> the (name, module)s that multiply by it
+    excluded = []
     for name, module in modules:
         if not isinstance(module, LAYER_TYPES) or skipped(name, module):
             continue
-        if not isinstance(module.weight, torch.Tensor) or id(module.weight) in claimed:
-            continue  # a tied weight is preconditioned by its first layer only
-        claimed.add(id(module.weight))
-        kind = computation(module)
-        if kind not in (STOCK, SAME_PADDING):
-            excluded.append((name, kind))
+        if module._parameters.get("weight") is None:  # read before `module.weight`, which may compute it
+            excluded.append((name, COMPUTED_WEIGHT))
             continue
+        users.setdefault(id(module.weight), []).append((name, module))
+    layers = []
+    for shared in users.values():
+        names = ", ".join(name for name, _ in shared)
+        if len({patch_dim(module) for _, module in shared}) > 1:
+            excluded.append((names, "modules sharing one weight split it into different groups"))
+            continue
+        kinds = [computation(module) for _, module in shared]
+        wrong = next((kind for kind in kinds if kind not in (STOCK, SAME_PADDING)), None)
+        if wrong is not None:
+            excluded.append((names, wrong))
+            continue
+        name, module = shared[0]
         groups, dim = patch_dim(module)
-        layers.append(Layer(name, module, module.weight, groups, dim, same_padding=kind == SAME_PADDING))
+        padded = frozenset(id(m) for (_, m), kind in zip(shared, kinds) if kind == SAME_PADDING)
+        layers.append(Layer(name, [m for _, m in shared], module.weight, groups, dim, same_padding=padded))
     return layers, excluded

@@ -196,3 +196,19 @@ def left_product(block: Block, left: torch.Tensor, right: torch.Tensor) -> torch
     if len(parts) == 1:
         return parts[0]
     return torch.cat(parts) if parts else right.new_empty(0, dim)
+
+
+def rank_stacked(t: torch.Tensor, mesh) -> DTensor:
+    """This rank's `t` as its row of a [ranks, ...] DTensor sharded over `mesh`: how a state dict holds what
+    differs between ranks (the statistics since the last inversion round), so that
+    torch.distributed.checkpoint, which takes a plain tensor for the same on every rank, keeps each rank's."""
+    t = t.contiguous()
+    return DTensor.from_local(t.unsqueeze(0), mesh, [Shard(0)], run_check=False, shape=(mesh.size(), *t.shape),
+                              stride=(t.numel(), *t.stride()))
+
+
+def own_row(t: DTensor) -> torch.Tensor:
+    """This rank's row of a `rank_stacked` tensor; zeros where a checkpoint of fewer ranks has none for it
+    (a statistic and its weight n both zero: the ranks' average Σ/n is unchanged)."""
+    local = t.to_local()
+    return local[0] if local.shape[0] else local.new_zeros(t.shape[1:])

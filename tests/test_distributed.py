@@ -4,7 +4,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.distributed.checkpoint import state_dict as dsd
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -67,6 +69,8 @@ def worker(rank, world, out_dir):
     train(ddp, opt, data[:RESUME_AT - 1], rank, world)
     if rank == 0:
         torch.save((model.state_dict(), opt.state_dict()), os.path.join(out_dir, "checkpoint.pt"))
+    dcp.save({"model": dsd.get_model_state_dict(ddp), "optim": dsd.get_optimizer_state_dict(ddp, opt)},
+             checkpoint_id=os.path.join(out_dir, "dcp"))  # every rank: torch.distributed.checkpoint
     train(ddp, opt, data[RESUME_AT - 1:], rank, world)
     results = {"ddp": [p.detach().clone() for p in model.parameters()], "inverted": list(inverted)}
     # the same without the wrapper, gradients all-reduced by hand
@@ -83,6 +87,15 @@ def worker(rank, world, out_dir):
     opt.load_state_dict(opt_state)
     train(ddp, opt, data[RESUME_AT - 1:], rank, world)
     results["resumed"] = [p.detach().clone() for p in resumed.parameters()]
+    # resume the distributed checkpoint into a fresh model and optimizer (whose state dict DCP loads into)
+    resumed = DistributedDataParallel(make_model())
+    opt = fastfoof.FOOF(resumed, **KW)
+    state = {"model": dsd.get_model_state_dict(resumed), "optim": dsd.get_optimizer_state_dict(resumed, opt)}
+    dcp.load(state, checkpoint_id=os.path.join(out_dir, "dcp"))
+    dsd.set_model_state_dict(resumed, state["model"])
+    dsd.set_optimizer_state_dict(resumed, opt, state["optim"])
+    train(resumed, opt, data[RESUME_AT - 1:], rank, world)
+    results["dcp_resumed"] = [p.detach().clone() for p in resumed.module.parameters()]
     # KFAC: both factors averaged over the ranks once per round
     kfac_model = make_model()
     ddp = DistributedDataParallel(kfac_model)
@@ -147,6 +160,13 @@ def test_rank0_checkpoint_resumes_on_any_world_size(two_ranks):
     assert_close(resumed_alone, ranks[0]["ddp"])
     for r in ranks:
         assert_close(r["resumed"], r["ddp"])
+
+
+def test_distributed_checkpoint_resumes_bit_for_bit(two_ranks):
+    _, ranks = two_ranks
+    for r in ranks:
+        for p, q in zip(r["dcp_resumed"], r["ddp"]):
+            assert torch.equal(p, q)
 
 
 def test_kfac_two_ranks_equal_one_process_on_the_union(two_ranks):

@@ -179,3 +179,80 @@ def test_accelerate_fp16_with_clip_grad_norm_equals_the_hand_written_loop(kind):
     twin, twin_opt = by_hand(kind)
     assert opt.optimizer._steps == twin_opt._steps == STEPS
     assert_same(model, twin)
+
+
+# ---- torch.distributed.checkpoint --------------------------------------------------------------------
+
+def conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(6 * 3 * 3, 5))
+
+
+DCP_RUNS = {"foof": (fastfoof.FOOF, {}), "foof_rank": (fastfoof.FOOF, {"rank": 4}),
+            "kfac_mc": (fastfoof.KFAC, {"fisher": "mc"}), "kfac_exact": (fastfoof.KFAC, {"damping_mode": "exact"})}
+
+
+def conv_batches(steps):
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(steps)]
+
+
+def conv_step(model, opt, x, y):
+    opt.zero_grad()
+    logits = model(x)
+    if isinstance(opt, fastfoof.KFAC) and opt.fisher == "mc":
+        opt.backward_fisher(logits)
+    F.cross_entropy(logits, y).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("name", list(DCP_RUNS))
+def test_distributed_checkpoint_round_trip_resumes_bit_for_bit(name, tmp_path):
+    """get/set_optimizer_state_dict with dcp.save/dcp.load to a folder, into a fresh model and optimizer
+    (whose state dict DCP loads into): training goes on exactly as without the checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as dsd
+
+    kind, options = DCP_RUNS[name]
+    kw = dict(KW, momentum=0.9, dampening=0.1, **options)
+    data = conv_batches(7)
+    model = conv_net()
+    opt = kind(model, **kw)
+    for x, y in data[:3]:
+        conv_step(model, opt, x, y)
+    dcp.save({"model": dsd.get_model_state_dict(model), "optim": dsd.get_optimizer_state_dict(model, opt)},
+             checkpoint_id=tmp_path)
+    for x, y in data[3:]:
+        conv_step(model, opt, x, y)
+    torch.manual_seed(1)
+    resumed = conv_net()
+    for p in resumed.parameters():
+        p.data.normal_()  # nothing of the fresh model's own may survive the load
+    resumed_opt = kind(resumed, **kw)
+    state = {"model": dsd.get_model_state_dict(resumed), "optim": dsd.get_optimizer_state_dict(resumed, resumed_opt)}
+    dcp.load(state, checkpoint_id=tmp_path)
+    dsd.set_model_state_dict(resumed, state["model"])
+    dsd.set_optimizer_state_dict(resumed, resumed_opt, state["optim"])
+    assert resumed_opt._steps == 3
+    for x, y in data[3:]:
+        conv_step(resumed, resumed_opt, x, y)
+    assert_same(resumed, model)
+
+
+@pytest.mark.parametrize("name", ["foof", "kfac_mc"])
+def test_taking_a_checkpoint_of_a_fresh_optimizer_changes_nothing(name):
+    """DCP makes a fresh optimizer's state by a step with zero gradients at lr 0; FOOF does not count it."""
+    from torch.distributed.checkpoint import state_dict as dsd
+
+    kind, options = DCP_RUNS[name]
+    runs = []
+    for checkpoint in (False, True):
+        model = conv_net()
+        opt = kind(model, **KW, **options)
+        if checkpoint:
+            dsd.get_optimizer_state_dict(model, opt)
+        for x, y in conv_batches(4):
+            conv_step(model, opt, x, y)
+        runs.append(model)
+    assert_same(*runs)

@@ -7,8 +7,10 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.checkpoint import state_dict as dsd
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.debug import CommDebugMode
@@ -136,12 +138,24 @@ def worker(rank, world, out_dir):
         opt = kind(model, **{**KW, **kw})
         counts = train(model, opt, data[:RESUME_AT - 1], rank, world)
         saved = checkpoint(model, opt)
+        folder = os.path.join(out_dir, f"dcp_{name}")
+        if name in RESUMED:  # and with torch.distributed.checkpoint, every rank writing its shards
+            dcp.save({"model": dsd.get_model_state_dict(model), "optim": dsd.get_optimizer_state_dict(model, opt)},
+                     checkpoint_id=folder)
         counts += train(model, opt, data[RESUME_AT - 1:], rank, world)
         results[name] = {"params": full(model), "counts": counts, "state": state_kinds(opt)}
         if name in RESUMED:
             model, opt = resume(saved, kind, kw, reshard, dtype)
             train(model, opt, data[RESUME_AT - 1:], rank, world)
             results[name]["resumed"] = full(model)
+            model = sharded_model(reshard, dtype)  # fresh: DCP loads into its state dicts
+            opt = kind(model, **{**KW, **kw})
+            state = {"model": dsd.get_model_state_dict(model), "optim": dsd.get_optimizer_state_dict(model, opt)}
+            dcp.load(state, checkpoint_id=folder)
+            dsd.set_model_state_dict(model, state["model"])
+            dsd.set_optimizer_state_dict(model, opt, state["optim"])
+            train(model, opt, data[RESUME_AT - 1:], rank, world)
+            results[name]["dcp_resumed"] = full(model)
     refused = nn.Linear(4, 6).double()  # the weight sharded along its columns: not the rows the update takes
     fully_shard(refused, shard_placement_fn=lambda p: Shard(p.dim() - 1))
     with pytest.raises(ValueError, match="Shard"):
@@ -190,10 +204,11 @@ def test_two_sharded_ranks_equal_one_process_on_the_union(two_ranks, name):
     assert moved > 1e-2  # the comparison is of trained parameters
 
 
+@pytest.mark.parametrize("resume", ["resumed", "dcp_resumed"])
 @pytest.mark.parametrize("name", RESUMED)
-def test_per_rank_checkpoints_resume_bit_for_bit(two_ranks, name):
+def test_per_rank_and_distributed_checkpoints_resume_bit_for_bit(two_ranks, name, resume):
     for r in two_ranks:
-        for p, q in zip(r[name]["resumed"], r[name]["params"]):
+        for p, q in zip(r[name][resume], r[name]["params"]):
             assert torch.equal(p, q)
 
 

@@ -214,7 +214,7 @@ def test_resume_is_bit_for_bit():
         opt2.step()
     for p, q in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
-    assert opt2.state_dict()["foof"]["steps"] == 8
+    assert opt2.state_dict()["param_groups"][0]["fastfoof"]["steps"] == 8
 
 
 def test_resume_keeps_float32_state_of_low_precision_params():

@@ -577,3 +577,93 @@ def test_kfac_takes_g_of_the_layer_output_before_an_in_place_change(fisher, floa
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         assert rel_error(b, a) <= 1e-12
+
+
+# ---- weights that are not the layer's own parameter, and weights shared between layers ------------------
+
+def parametrized_net():
+    """Convolutions with weight_norm and spectral_norm, by the parametrizations and by the older hook APIs,
+    and a plain Linear head."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # nn.utils.weight_norm is deprecated
+        return nn.Sequential(parametrizations.weight_norm(nn.Conv1d(2, 4, 3)), nn.ReLU(),
+                             parametrizations.spectral_norm(nn.Conv1d(4, 4, 3)), nn.ReLU(),
+                             nn.utils.weight_norm(nn.Conv1d(4, 4, 3)), nn.ReLU(),
+                             nn.utils.spectral_norm(nn.Conv1d(4, 3, 3)), nn.Flatten(), nn.Linear(3 * 2, 2))
+
+
+@pytest.mark.parametrize("kind", ["FOOF", "KFAC"])
+def test_parametrized_weights_are_named_and_the_model_untouched(kind):
+    """A weight computed from other parameters is not preconditioned: one warning names its layers, building
+    the optimizer changes no buffer (spectral_norm's power iteration runs on every read of `weight`), and
+    training steps them as SGD would."""
+    model = parametrized_net()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(RuntimeWarning, match=r"computed from other parameters.*: 0, 2, 4, 6$") as record:
+        opt = getattr(fastfoof, kind)(model, lr=0.1, momentum=0.9)
+    assert len([w for w in record if "does not precondition" in str(w.message)]) == 1
+    assert [layer.name for layer in opt.layers] == ["8"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    x, y = torch.randn(5, 2, 10), torch.randint(0, 2, (5,))
+    twin = parametrized_net()
+    twin.load_state_dict(before)
+    train_step(model, opt, x, y)
+    train_step(twin, torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9), x, y)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        if not name.startswith("8."):  # grafting: U = G for the parameters without a preconditioner
+            assert rel_error(p, q) <= 1e-6, name
+    for _ in range(3):
+        train_step(model, opt, x, y)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class SharedWeights(nn.Module):
+    """Two Linear layers multiplying by one weight Parameter (`b.weight = a.weight`), with their own biases
+    or one shared bias, and a grouped conv pair whose weights alike split into different groups."""
+
+    def __init__(self, shared_bias: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(5, 5), nn.Linear(5, 5)
+        self.b.weight = self.a.weight
+        if shared_bias:
+            self.b.bias = self.a.bias
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("shared_bias", [False, True])
+def test_a_weight_shared_by_two_layers_takes_the_inputs_of_both(shared_bias, float64):
+    """DESIGN §1.2: every forward that multiplies a weight feeds its statistic, a module's or another's; the
+    bias is its row where both layers add the same bias, else it steps without a preconditioner."""
+    model = SharedWeights(shared_bias)
+    opt = fastfoof.FOOF(model, lr=0.1, ema_decay=0.0, graft=None)
+    assert [(layer.name, len(layer.modules)) for layer in opt.layers] == [("a", 2), ("head", 1)]
+    inputs = {}
+    for name in ("a", "b"):
+        getattr(model, name).register_forward_pre_hook(lambda m, i, name=name: inputs.update({name: i[0].detach()}))
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    F.cross_entropy(model(x), y).backward()
+    grads = [model.a.weight.grad.clone()] + ([model.a.bias.grad[:, None].clone()] if shared_bias else [])
+    before = model.a.weight.detach().clone()
+    opt.step()
+    stat = (gram64(inputs["a"], model.a, shared_bias) + gram64(inputs["b"], model.b, shared_bias)) / 8  # 2 calls of 4
+    state = opt.state[model.a.weight]
+    assert rel_error(state["ema"] / state["ema_count"], stat) <= 1e-12
+    p = torch.linalg.inv(stat[0] + torch.eye(stat.shape[-1]))
+    assert rel_error(model.a.weight - before, -0.1 * (torch.cat(grads, 1) @ p)[:, :5]) <= 1e-12
+
+
+def test_layers_sharing_a_weight_in_different_groups_are_named():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(16, 4, 3, padding=1, groups=4))
+    model[1].weight = model[0].weight  # [4, 4, 3, 3] both: groups 1 and 4
+    with pytest.warns(RuntimeWarning, match=r"different groups: 0, 1"):
+        opt = fastfoof.FOOF(nn.ModuleList(model), lr=0.1)
+    assert opt.layers == []
