@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastfoof
-from fastfoof.geometry import CONV_TYPES, LAYER_TYPES, patch_input, same_padding
+from fastfoof.geometry import CONV_TYPES, LAYER_TYPES, SAME_PADDING, layer_kind, patch_input, same_padding
 from fastfoof.layers import find_layers
 from fastfoof.reference import patch_rows_
 
@@ -246,7 +246,7 @@ def layer_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         found, excluded = find_layers(model, None)
-    same = {name for name, m in layers if any(id(m) in l.same_padding for l in found)}
+    same = {name for name, m in layers if any(m in l.modules for l in found) and layer_kind(m) == SAME_PADDING}
     hooked = {name for name, m in layers if any(m in l.modules for l in found)} | \
         {name for names, _ in excluded for name in names.split(", ")}
     result = {"layers": len(layers), "ok": 0, "failures": [], "redrawn_zero_params": redrawn,

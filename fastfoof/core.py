@@ -18,6 +18,7 @@ import torch
 import torch._dynamo
 from torch import nn
 from torch.optim import Optimizer
+from torch.optim.optimizer import required
 
 from . import distributed, ops, sharded
 from .geometry import batch_size
@@ -80,12 +81,14 @@ class KroneckerOptimizer(Optimizer):
     STATISTICS: tuple[Statistic, ...] = (INPUTS,)
     KIND = ""  # written into state_dict: a state dict loads only into the kind that saved it
 
-    def __init__(self, model: nn.Module, params=None, *, lr: float, damping: float = 1.0,
+    def __init__(self, model: nn.Module, params=None, *, lr: float = required, damping: float = 1.0,
                  momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, ema_decay: float = 0.95, inv_period: int = 100,
                  stats_steps: int = 10, precondition_bias: bool = True, skip: Skip = None,
                  backend: str = "auto", stats_batch: int | None = None,
                  rank: int | None = None, graft: str | None = "sgd", process_group=None):
+        if lr is required:
+            raise TypeError(f"{self.KIND}(): missing the keyword argument 'lr' (the SGD learning rate you use)")
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
         if not (_is_number(damping) and damping > 0):
@@ -267,9 +270,9 @@ class KroneckerOptimizer(Optimizer):
             return None
         x = args[0] if args else kwargs["input"]
         if torch.compiler.is_compiling():
-            layer.inputs.append((module, layer_input(x, layer, module, self.stats_batch)))
+            layer.inputs.append((module, layer_input(x, module, self.stats_batch)))
         elif not in_transform() and not in_checkpoint_recompute() and self._observing(layer):
-            return self._observe(layer, module, layer_input(x, layer, module, self.stats_batch), output,
+            return self._observe(layer, module, layer_input(x, module, self.stats_batch), output,
                                  batch_size(x, module))
         return None
 

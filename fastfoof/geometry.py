@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +145,30 @@ def same_padding(x: torch.Tensor, module: nn.Module) -> list[int]:
         total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
         pads += [total // 2, total - total // 2]
     return pads
+
+
+_KINDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> computation(module)
+
+
+def layer_kind(module: nn.Module) -> str:
+    """`computation(module)`, checked once per module: what the optimizer and the public ops take a
+    layer's patch vectors to be (DESIGN §1.1)."""
+    kind = _KINDS.get(module)
+    if kind is None:
+        kind = _KINDS[module] = computation(module)
+    return kind
+
+
+def layer_patches_input(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """The input whose patch vectors, with the module's own geometry, are the layer's: `x`, or `x` padded
+    where the module's forward pads it to TF "SAME" first; ValueError where its forward does not compute
+    a convolution or F.linear of its weight."""
+    kind = layer_kind(module)
+    if kind == SAME_PADDING:
+        return F.pad(x, same_padding(x, module))
+    if kind != STOCK:
+        raise ValueError(f"module: FOOF takes no patch vectors of this {type(module).__name__}: {kind}")
+    return x
 
 
 def computation(module: nn.Module) -> str:

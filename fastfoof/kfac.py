@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
+from torch.optim.optimizer import required
 
 from . import ops, sharded
 from .core import INPUTS, KroneckerOptimizer, Statistic, on_itself
@@ -106,7 +107,7 @@ class KFAC(KroneckerOptimizer):
     KIND = "KFAC"
     STATISTICS = (INPUTS, OUTPUT_GRADS)
 
-    def __init__(self, model: nn.Module, params=None, *, lr: float, damping: float = 1.0,
+    def __init__(self, model: nn.Module, params=None, *, lr: float = required, damping: float = 1.0,
                  damping_mode: str = "heuristic", fisher: str = "empirical", momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
                  ema_decay: float = 0.95, inv_period: int = 100, stats_steps: int = 10,

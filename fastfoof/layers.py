@@ -7,7 +7,7 @@ from typing import Callable, Iterable, Union
 import torch
 from torch import nn
 
-from .geometry import LAYER_TYPES, SAME_PADDING, STOCK, computation, patch_dim
+from .geometry import LAYER_TYPES, SAME_PADDING, STOCK, layer_kind, patch_dim
 
 # Why a layer is not preconditioned where its weight is no parameter of its own: FOOF's update is of the
 # weight the layer multiplies its inputs with, not of the parameters it is computed from (DESIGN §1.1)
@@ -63,8 +63,6 @@ class Layer:
     outputs: list = field(default_factory=list)
     handed: bool = False  # these two are set from the optimizer's parameters
     bias_row: bool = False
-    # the modules whose forward pads its input to TensorFlow's "SAME" first (timm's Conv2dSame), by id
-    same_padding: frozenset = frozenset()
     called: bool = False  # a forward ran since the last step (in any mode)
 
     @property
@@ -144,13 +142,12 @@ def find_layers(model: nn.Module, skip: Skip) -> tuple[list[Layer], list[tuple[s
         if len({patch_dim(module) for _, module in shared}) > 1:
             excluded.append((names, "modules sharing one weight split it into different groups"))
             continue
-        kinds = [computation(module) for _, module in shared]
+        kinds = [layer_kind(module) for _, module in shared]
         wrong = next((kind for kind in kinds if kind not in (STOCK, SAME_PADDING)), None)
         if wrong is not None:
             excluded.append((names, wrong))
             continue
         name, module = shared[0]
         groups, dim = patch_dim(module)
-        padded = frozenset(id(m) for (_, m), kind in zip(shared, kinds) if kind == SAME_PADDING)
-        layers.append(Layer(name, [m for _, m in shared], module.weight, groups, dim, same_padding=padded))
+        layers.append(Layer(name, [m for _, m in shared], module.weight, groups, dim))
     return layers, excluded

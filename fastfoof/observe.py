@@ -10,10 +10,9 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .geometry import batch_size, same_padding
+from .geometry import batch_size
 
 
 def inert_hook(*args, **kwargs) -> None:
@@ -88,16 +87,16 @@ def in_checkpoint_recompute() -> bool:
     return hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_recomputation_hook.")
 
 
-def layer_input(x: torch.Tensor, layer, module: nn.Module, stats_batch: int | None) -> torch.Tensor:
+def layer_input(x: torch.Tensor, module: nn.Module, stats_batch: int | None) -> torch.Tensor:
     """The input as the layer computes with it: cast to the autocast dtype where autocast casts it
     (so that the statistic is of what the layer saw, and a later in-place change of `x` cannot
-    reach it), padded where its forward pads it (`Layer.same_padding`), and cut to the first
-    `stats_batch` samples (DESIGN §1.2). `module`: the one of the layer's modules that ran."""
+    reach it), and cut to the first `stats_batch` samples of `module` (the one of the layer's
+    modules that ran; DESIGN §1.2). A TF "SAME" padding in its forward is the patch gram's
+    (`geometry.layer_patches_input`)."""
     device = x.device.type
     if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device):
         x = x.to(torch.get_autocast_dtype(device))
-    x = first_samples(x, module, stats_batch).detach()
-    return F.pad(x, same_padding(x, module)) if id(module) in layer.same_padding else x
+    return first_samples(x, module, stats_batch).detach()
 
 
 def first_samples(x: torch.Tensor, module: nn.Module, count: int | None) -> torch.Tensor:

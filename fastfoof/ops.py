@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .geometry import check_input, patch_dim
+from .geometry import check_input, layer_patches_input, patch_dim
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -69,7 +69,9 @@ def implementation(op: str, backend: str | None, device: torch.device):
 @torch.no_grad()
 def patch_gram_(out: torch.Tensor, x: torch.Tensor, module: nn.Module, *, alpha: float = 1.0,
                 beta: float = 0.0, bias: bool | None = None, backend: str | None = None) -> torch.Tensor:
-    """out ← β·out + α·Σ a aᵀ over the patch vectors of input `x` of `module` ([groups, D', D']).
+    """out ← β·out + α·Σ a aᵀ over the patch vectors of input `x` of `module` ([groups, D', D']), as the
+    optimizer takes them: after the TF "SAME" padding of a module whose forward pads its input first;
+    ValueError for a module whose forward is not a convolution or F.linear of its weight.
 
     `bias=None` appends the constant-1 bias row iff the module has a bias.
     """
@@ -79,6 +81,7 @@ def patch_gram_(out: torch.Tensor, x: torch.Tensor, module: nn.Module, *, alpha:
     expected = (groups, dim + bias, dim + bias)
     if tuple(out.shape) != expected:
         raise ValueError(f"out: expected shape {expected} for {type(module).__name__}, got {tuple(out.shape)}")
+    x = layer_patches_input(x, module)
     check_input(x, module)
     fn = implementation("patch_gram_", backend, x.device)
     return fn(out, x.detach(), module, alpha=alpha, beta=beta, bias=bias)

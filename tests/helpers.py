@@ -1,11 +1,23 @@
 """Independent float64 computations the tests compare against (never the code under test)."""
 from __future__ import annotations
 
+import importlib
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def importorskip(name: str):
+    """pytest.importorskip that also skips where the package is installed but cannot be imported here (a
+    torchvision built for another torch raises RuntimeError, which pytest.importorskip lets through)."""
+    try:
+        return importlib.import_module(name)
+    except Exception as error:  # noqa: BLE001 — any failure to import means: not usable here
+        pytest.skip(f"could not import {name!r}: {type(error).__name__}: {error}", allow_module_level=True)
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:

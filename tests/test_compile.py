@@ -122,8 +122,9 @@ def test_non_inversion_steps_read_nothing_back_under_grad_scaler(options):
             for key, value in before[0].items():
                 assert torch.equal(after[0][key], value), key
             for index, state in before[1].items():
-                for key, value in state.items():
-                    assert torch.equal(after[1][index][key], value), (index, key)
+                for key, value in state.items():  # (tensors, and the names of placeholders)
+                    same = torch.equal if isinstance(value, torch.Tensor) else str.__eq__
+                    assert same(after[1][index][key], value), (index, key)
     assert guarded == [2, 3, 4, 6, 7, 8, 9] and opt._steps == 9
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

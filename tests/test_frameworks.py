@@ -1,7 +1,11 @@
 """FOOF and KFAC inside the frameworks people train with: PyTorch Lightning and accelerate, each compared
 with the same training written by hand (which the other test modules check against independent
 computations). Skipped where a framework is not installed (CI installs none of them)."""
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastfoof
+from helpers import importorskip
 
 STEPS, CLIP = 4, 0.1
 KW = dict(lr=0.1, momentum=0.9, inv_period=2, stats_steps=1)
@@ -86,7 +91,7 @@ def test_kfac_warns_where_it_cannot_unscale_its_fisher():
 # ---- PyTorch Lightning -------------------------------------------------------------------------------
 
 def lightning_module(kind, manual=False, warm_up=False):
-    pl = pytest.importorskip("lightning.pytorch")
+    pl = importorskip("lightning.pytorch")
 
     class Module(pl.LightningModule):
         def __init__(self):
@@ -113,7 +118,7 @@ def lightning_module(kind, manual=False, warm_up=False):
 
 
 def fit(module, **trainer_kw):
-    pl = pytest.importorskip("lightning.pytorch")
+    pl = importorskip("lightning.pytorch")
     loader = torch.utils.data.DataLoader(data(), batch_size=None)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **trainer_kw)
@@ -127,7 +132,7 @@ def fit(module, **trainer_kw):
 def test_lightning_16_mixed_with_gradient_clipping_equals_the_hand_written_loop(kind):
     """Lightning's 16-mixed precision with gradient_clip_val: it unscales and clips, GradScaler hands FOOF the
     non-finite flag; the same as by hand."""
-    pl = pytest.importorskip("lightning.pytorch")
+    pl = importorskip("lightning.pytorch")
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     module = lightning_module(kind)
@@ -166,7 +171,7 @@ def test_warm_up_through_lightnings_optimizer_wrapper():
 def test_accelerate_fp16_with_clip_grad_norm_equals_the_hand_written_loop(kind):
     """accelerate's fp16 path (GradScaler, `clip_grad_norm_` unscales, AcceleratedOptimizer steps through the
     scaler). accelerate runs no GradScaler on the CPU, so the test gives it one, as on a GPU."""
-    accelerate = pytest.importorskip("accelerate")
+    accelerate = importorskip("accelerate")
     model = make_model()
     accelerator = accelerate.Accelerator(mixed_precision="fp16", cpu=True)
     accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8), True
@@ -256,3 +261,35 @@ def test_taking_a_checkpoint_of_a_fresh_optimizer_changes_nothing(name):
             conv_step(model, opt, x, y)
         runs.append(model)
     assert_same(*runs)
+
+
+# ---- a clone's root as the working directory ------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def python_in_root(code: str, pythonpath: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=pythonpath)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_clones_kernels_folder_does_not_shadow_a_kernels_package(tmp_path):
+    """Run from the clone's root, `import kernels` (transformers and peft import the `kernels` distribution)
+    finds the installed package, or nothing; fastfoof.kernels stays importable."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("CUDAProperties = 'the installed kernels'\n")
+    found = python_in_root("import kernels, fastfoof.kernels.update; print(kernels.CUDAProperties)", str(tmp_path))
+    assert found.returncode == 0 and found.stdout.strip() == "the installed kernels", found.stderr
+    elsewhere = python_in_root("try:\n import kernels\n print(kernels.__file__)\nexcept ModuleNotFoundError as e:\n"
+                               " print(e)", "")
+    assert elsewhere.returncode == 0 and elsewhere.stdout.strip() != str(ROOT / "kernels" / "__init__.py"), \
+        elsewhere.stdout + elsewhere.stderr
+
+
+def test_a_package_that_fails_to_import_otherwise_skips(tmp_path, monkeypatch):
+    """A torchvision built for another torch raises RuntimeError on import: the optional tests skip."""
+    (tmp_path / "mismatched_build.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(pytest.skip.Exception, match="RuntimeError: operator torchvision::nms"):
+        importorskip("mismatched_build")

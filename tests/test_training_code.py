@@ -412,6 +412,12 @@ def test_invalid_arguments_are_value_errors_naming_them(kind, kw, name):
         getattr(fastfoof, kind)(small_net(), **kw)
 
 
+@pytest.mark.parametrize("kind", ["FOOF", "KFAC"])
+def test_a_missing_lr_is_named_in_the_optimizers_own_words(kind):
+    with pytest.raises(TypeError, match=rf"^{kind}\(\): .*'lr'"):
+        getattr(fastfoof, kind)(small_net())
+
+
 def test_a_triton_backend_that_cannot_run_here_fails_at_construction(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend"):
@@ -537,6 +543,20 @@ def test_layers_whose_forward_is_not_what_foof_believes_are_handled_or_named(flo
     assert all(torch.isfinite(p).all() for p in model.parameters())
     with pytest.warns(RuntimeWarning, match="no training forward of attn.out_proj, unused was observed"):
         train_step(model, opt, x, y)  # t = 2 = T: a whole period without a forward of `unused`
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_public_patch_gram_takes_a_layer_as_the_optimizer_does(backend, float64):
+    """fastfoof.ops on a TF-"SAME" conv (tf_efficientnet's depthwise 5×5, stride 2, on a 4×4 map): the patches
+    of the padded input; on a conv whose forward is no convolution of its weight: ValueError saying why."""
+    torch.manual_seed(0)
+    same = SamePaddedConv(3, 3, 5, stride=2, groups=3)
+    x = torch.randn(2, 3, 4, 4)
+    padded = F.pad(x, (1, 2, 1, 2))  # 4 at stride 2, kernel 5: (⌈4/2⌉ − 1)·2 + 5 − 4 = 3, the odd one after
+    x, padded = (t.float() if backend == "triton" else t for t in (x, padded))
+    assert rel_error(ops.patch_gram(x, same, backend=backend), gram64(padded, same, True)) <= 1e-5
+    with pytest.raises(ValueError, match=r"StandardisedConv.forward does not compute a convolution"):
+        ops.patch_gram(x, StandardisedConv(3, 4, 3), backend=backend)
 
 
 # ---- KFAC's G when the layer's output is changed in place ---------------------------------------------

@@ -39,12 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-torchvision = pytest.importorskip("torchvision")
-timm = pytest.importorskip("timm")
+from helpers import batched_and_padded, importorskip, patches64
+
+torchvision = importorskip("torchvision")
+timm = importorskip("timm")
 
 import fastfoof  # noqa: E402
-
-from helpers import batched_and_padded, patches64  # noqa: E402
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CLASSES = 10
