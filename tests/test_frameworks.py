@@ -293,3 +293,46 @@ def test_a_package_that_fails_to_import_otherwise_skips(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(pytest.skip.Exception, match="RuntimeError: operator torchvision::nms"):
         importorskip("mismatched_build")
+
+
+# ---- transformers.Trainer ------------------------------------------------------------------------------
+
+class Classifier(nn.Module):
+    """What Trainer expects of a model: keyword inputs, a loss in its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_model()
+
+    def forward(self, x, labels):
+        return {"loss": F.cross_entropy(self.net(x), labels)}
+
+
+@pytest.mark.parametrize("kind", [fastfoof.FOOF, fastfoof.KFAC])
+def test_transformers_trainer_steps_as_the_hand_written_loop(kind, tmp_path):
+    """Trainer with `optimizers=(FOOF(...), None)`: its own linear schedule and gradient clipping, in batch
+    order (no shuffling): the same as that loop written by hand."""
+    importorskip("transformers")
+    from transformers import Trainer, TrainingArguments
+
+    batches = data()
+    dataset = [{"x": x[i], "labels": y[i]} for x, y in batches for i in range(len(y))]
+    model = Classifier()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=STEPS,
+                             learning_rate=KW["lr"], max_grad_norm=CLIP, report_to=[], save_strategy="no",
+                             use_cpu=True, dataloader_drop_last=True, disable_tqdm=True, logging_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, optimizers=(kind(model, **KW), None))
+    trainer._get_train_sampler = lambda *args: torch.utils.data.SequentialSampler(dataset)
+    trainer.train()
+    twin = Classifier()
+    opt = kind(twin, **KW)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, (STEPS - t) / STEPS))  # Trainer's linear
+    for x, y in batches:
+        opt.zero_grad()
+        twin(x, y)["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), CLIP)
+        opt.step()
+        schedule.step()
+    assert trainer.optimizer.optimizer._steps == opt._steps == STEPS
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert ((p - q).norm() / q.norm()).item() <= 1e-6
