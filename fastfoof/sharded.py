@@ -208,7 +208,6 @@ def rank_stacked(t: torch.Tensor, mesh) -> DTensor:
 
 
 def own_row(t: DTensor) -> torch.Tensor:
-    """This rank's row of a `rank_stacked` tensor; zeros where a checkpoint of fewer ranks has none for it
-    (a statistic and its weight n both zero: the ranks' average Σ/n is unchanged)."""
-    local = t.to_local()
-    return local[0] if local.shape[0] else local.new_zeros(t.shape[1:])
+    """This rank's row of a `rank_stacked` tensor (a checkpoint resumes on as many ranks as saved it:
+    the rows' count is the stacked tensor's global size)."""
+    return t.to_local()[0]
