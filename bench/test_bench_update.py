@@ -7,8 +7,10 @@ BatchNorm weights and biases that take U = G/λ). Two suites:
   and bf16 parameters, P padded to 16-byte rows as the inverse returns it (the kernel's vector
   variant where D allows) or at a 4-byte offset (all scalar), and on sm_90 both tile configs of
   `fastfoof.kernels.update` (HOPPER_CONFIG "registers" or "async": which is faster is what these
-  rows are for). extra_info: GEMM flops (2·M·D'² per layer group), TFLOP/s, bytes of P, the config
-  and the problems per variant of the Triton rows, and on CUDA the peak memory the call allocated.
+  rows are for); grafted rows (graft="sgd": two passes through a U workspace, against graft=None's
+  one). extra_info: GEMM flops (2·M·D'² per layer group), TFLOP/s, bytes of P, the config and the
+  problems per variant of the Triton rows (grafted: the U workspace's bytes), and on CUDA the peak
+  memory the call allocated.
 - `test_step`: `optimizer.step()` of FOOF (reference or triton backend, steady state: no inversion
   in the timed steps) vs `torch.optim.SGD(momentum=0.9, foreach=True)` on the same parameters.
 
@@ -99,25 +101,28 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-# (backend, dtype, conv weight layout, P placement, sm_90 tile config of the Triton kernel)
+# (backend, dtype, conv weight layout, P placement, sm_90 tile config of the Triton kernel, graft)
 UPDATE_ROWS = [
-    ("reference", torch.float32, "contiguous", "padded", None),
-    ("reference", torch.float32, "channels_last", "padded", None),
-    ("triton", torch.float32, "contiguous", "padded", "registers"),
-    ("triton", torch.float32, "contiguous", "padded", "async"),
-    ("triton", torch.float32, "contiguous", "unaligned", "registers"),
-    ("triton", torch.float32, "channels_last", "padded", "registers"),
-    ("triton", torch.bfloat16, "contiguous", "padded", "registers"),
-    ("triton", torch.bfloat16, "contiguous", "padded", "async"),
-    ("triton", torch.bfloat16, "channels_last", "padded", "registers"),
+    ("reference", torch.float32, "contiguous", "padded", None, None),
+    ("reference", torch.float32, "channels_last", "padded", None, None),
+    ("triton", torch.float32, "contiguous", "padded", "registers", None),
+    ("triton", torch.float32, "contiguous", "padded", "async", None),
+    ("triton", torch.float32, "contiguous", "unaligned", "registers", None),
+    ("triton", torch.float32, "channels_last", "padded", "registers", None),
+    ("triton", torch.float32, "contiguous", "padded", "registers", "sgd"),
+    ("triton", torch.bfloat16, "contiguous", "padded", "registers", None),
+    ("triton", torch.bfloat16, "contiguous", "padded", "async", None),
+    ("triton", torch.bfloat16, "channels_last", "padded", "registers", None),
+    ("triton", torch.bfloat16, "contiguous", "padded", "registers", "sgd"),
 ]
-UPDATE_IDS = ["-".join([backend, str(dtype)[6:], layout, placement] + ([f"sm90_{config}"] if config else []))
-              for backend, dtype, layout, placement, config in UPDATE_ROWS]
+UPDATE_IDS = ["-".join([backend, str(dtype)[6:], layout, placement] + ([f"sm90_{config}"] if config else [])
+                       + ([f"graft_{graft}"] if graft else []))
+              for backend, dtype, layout, placement, config, graft in UPDATE_ROWS]
 
 
-@pytest.mark.parametrize("backend,dtype,layout,placement,hopper_config", UPDATE_ROWS, ids=UPDATE_IDS)
+@pytest.mark.parametrize("backend,dtype,layout,placement,hopper_config,graft", UPDATE_ROWS, ids=UPDATE_IDS)
 @pytest.mark.parametrize("model_name", ["resnet18", "resnet50"])
-def test_update(benchmark, monkeypatch, model_name, backend, dtype, layout, placement, hopper_config):
+def test_update(benchmark, monkeypatch, model_name, backend, dtype, layout, placement, hopper_config, graft):
     if backend == "triton" and not CUDA:
         pytest.skip("Triton rows need CUDA")
     model = make_model(model_name, dtype)
@@ -133,7 +138,7 @@ def test_update(benchmark, monkeypatch, model_name, backend, dtype, layout, plac
         update._TABLES.clear()  # so that the tables listed below are this row's
 
     def run():
-        ops.preconditioned_update_(blocks, buffers, damping=DAMPING, backend=backend)
+        ops.preconditioned_update_(blocks, buffers, damping=DAMPING, graft=graft, backend=backend)
         synchronize()
 
     run()  # creates the momentum buffers and the device tables
@@ -148,9 +153,12 @@ def test_update(benchmark, monkeypatch, model_name, backend, dtype, layout, plac
         device=torch.cuda.get_device_name() if CUDA else "cpu")
     if backend == "triton":
         benchmark.extra_info["config"] = update.launch_config(torch.device(DEVICE))
-        for (_, _, table, *vec), (key, _) in update._TABLES.items():
-            if table == "problems":
-                benchmark.extra_info[f"problems_vec{vec[0]}"] = len(key)
+        for name, (key, _) in update._TABLES.items():
+            if name[2:3] == ("problems",):  # (device, dtype, "problems", VEC)
+                benchmark.extra_info[f"problems_vec{name[3]}"] = len(key)
+        if graft is not None:
+            benchmark.extra_info["update_workspace_mbytes"] = \
+                update._WORKSPACES[(blocks[0].params[0].device, "updates")].numel() * 4 / 2 ** 20
     if benchmark.stats is not None:
         benchmark.extra_info["tflops"] = flops / benchmark.stats.stats.mean / 1e12
     if CUDA:

@@ -567,12 +567,19 @@ def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | N
         grafted_updates(blocks, damping, reduce_norms)
     slot = 0
     for block, block_us in zip(blocks, updates):
-        for p, u, group in zip(block.params, block_us, block.options):
-            if u is not None:
-                if grad_scale is not None:
-                    u = u / grad_scale
-                momentum_buffers[slot] = sgd_step_(p, u, momentum_buffers[slot], group, skip)
-            slot += 1
+        step_block_(block, block_us, momentum_buffers, slot, grad_scale, skip)
+        slot += len(block.params)
+
+
+def step_block_(block, block_us: list[torch.Tensor | None], momentum_buffers: list, slot: int,
+                grad_scale: torch.Tensor | None, skip: torch.Tensor | None) -> None:
+    """The SGD epilogue of each parameter of a block on its U (None: not stepped), grad_scale divided out;
+    its momentum buffers are momentum_buffers[slot:], updated in place."""
+    for i, (p, u, group) in enumerate(zip(block.params, block_us, block.options)):
+        if u is not None:
+            if grad_scale is not None:
+                u = u / grad_scale
+            momentum_buffers[slot + i] = sgd_step_(p, u, momentum_buffers[slot + i], group, skip)
 
 
 def grafted(block) -> bool:
@@ -599,7 +606,7 @@ def grafted_updates(blocks: list, damping: float, reduce_norms=None) -> list[lis
             updates.append(block_updates(block, 1.0))  # U = G/λ with λ = 1
             continue
         block_us = block_updates(block, damping)
-        squares.append(torch.stack([squared_norm([p.grad for p in block.params]), squared_norm(block_us)]))
+        squares.append(graft_squares(block, block_us))
         updates.append(block_us)
         scaled.append(block_us)
         rows.append(block)
@@ -608,10 +615,20 @@ def grafted_updates(blocks: list, damping: float, reduce_norms=None) -> list[lis
     if reduce_norms is not None:
         stacked = reduce_norms(stacked, rows)
     for block_us, scale in zip(scaled, graft_scales(stacked)):
-        for u in block_us:
-            if u is not None:
-                u.mul_(scale)
+        scale_updates_(block_us, scale)
     return updates
+
+
+def graft_squares(block, block_us: list[torch.Tensor | None]) -> torch.Tensor:
+    """[‖Ĝ‖², ‖U‖²] of a grafted block: Ĝ its parameters' own gradients (also where KFAC's `block.grad`
+    holds a transformed one), U its `block_updates` (weight and bias; None: not counted)."""
+    return torch.stack([squared_norm([p.grad for p in block.params]), squared_norm(block_us)])
+
+
+def scale_updates_(block_us: list[torch.Tensor | None], scale: torch.Tensor) -> None:
+    for u in block_us:
+        if u is not None:
+            u.mul_(scale)
 
 
 def squared_norm(tensors: list[torch.Tensor | None]) -> torch.Tensor:

@@ -29,12 +29,39 @@ columns plus s and a workspace slice: `low_rank_project_kernel` writes Y = (Ĝ·
 (K loop over r) with the same epilogue. λ is a run-time argument; the two products cost 4·rows·D'·r
 flops against the dense 2·rows·D'². channels_last weights get Q's rows in memory order, once per Q.
 
-Parameters without a preconditioner (U = G/λ) take one `torch._foreach_*` update per param group,
-device and dtype. float64 parameters, and weights, grads and buffers with different layouts (or
-neither DESIGN nor channels_last order) take the reference path, block by block.
+Parameters without a preconditioner (U = G/λ) take `plain_update_kernel`: one launch per dtype and
+variant over a table of entries. float64 parameters, and weights, grads and buffers with different
+layouts (or neither DESIGN nor channels_last order) take the reference path, block by block.
+
+Grafting (`graft="sgd"`, DESIGN §1.4: each preconditioned block's U, weight and bias of all groups,
+rescaled to ‖Ĝ‖_F/‖U‖_F; U = G for the other parameters) needs a reduction over a whole layer before
+any of its tiles may step, and FSDP2's `reduce_norms` between the two. So it runs in two passes:
+1. The GEMM kernels above with GRAFT on (a constexpr: the same K loops, tiles and schedule) store
+   their tile of U (fp32, GradScaler's scale still in it) into an update workspace, [rows, D' rounded
+   up to 4] per problem at an offset in the problem table, and the tile's Σu² into its own slot of a
+   partials buffer [grafted blocks, most tiles of one] (the slot is the tile table's 4th column; the
+   buffer is zero-filled once per layout, so the slots no tile owns stay 0). No atomics: ‖U‖² =
+   partials.sum(1) is a fixed-order sum, the same every run.
+2. On the host, without a synchronisation: ‖Ĝ‖² of the parameters' own gradients (not KFAC's
+   transformed `block.grad`) by one `torch._foreach_norm`; blocks the kernels cannot take compute
+   their U and both norms with the reference (`reference.graft_squares`) and join the same [n, 2]
+   rows, in block order; then `reduce_norms` (called once, also with n = 0) and
+   `reference.graft_scales`. `graft_step_kernel` then reads each tile of U back, multiplies it by its
+   block's scale / grad_scale and runs the same SGD epilogue (`_step_tile`); the reference blocks step
+   with their own scale.
+Why store U rather than recompute Ĝ·P in the second pass: the second pass then moves U twice (an fp32
+write and a read, 8·rows·D' bytes) instead of reading P again (4·D'² bytes, often the larger, e.g.
+ResNet-18's 3×3 convs of 512 channels: U 512×4608 = 9.4 MB against P 4608² = 84.9 MB) and redoing the
+GEMM's 2·rows·D'² flops; the low-rank update would redo both of its products. Over a network the
+stored U moves less (ResNet-18: 93 MB against 416 MB of P and Ĝ read again; ResNet-50: 204 against
+601 MB); per layer only where rows > D' would the recompute move less (ResNet-50's expanding 1×1
+convs, e.g. 2048×512: U 4.2 MB, P 1.0 MB), not worth a second kind of second pass. The cost is the
+workspace: 4 bytes per element of the grafted weights (about the size of their momentum buffers).
+graft=None launches the GRAFT-off builds, the code it ran before.
 """
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 
@@ -68,18 +95,23 @@ VECTOR_BYTES = 16
 # Problem table: one int64 row per (layer, conv group). Column indices are shared with the kernel,
 # which reads them in pairs (one 128-bit load each). A momentum buffer shares its parameter's strides
 # (the host checks), so one offset serves both. precond_cols: the columns of P a tile may read (D',
-# or D' rounded up to 4 within P's row padding).
+# or D' rounded up to 4 within P's row padding). Grafting (0 without): the offset (elements) of the
+# problem's U in the update workspace, U's row stride there (D' rounded up to 4) and the block's row
+# of graft scales.
 PROBLEM_COLUMNS = ("grad_w", "precond", "weight", "buf_w", "rows", "dim", "grad_w_row", "weight_row",
                    "precond_row", "precond_cols", "slot_w", "grad_b", "grad_b_stride", "dim_p", "bias", "buf_b",
-                   "slot_b", "bias_stride")
+                   "slot_b", "bias_stride", "update", "update_row", "graft_row", "pad")
 PROBLEM_FIELDS = tl.constexpr(len(PROBLEM_COLUMNS))
+UPDATE_COLUMN = tl.constexpr(PROBLEM_COLUMNS.index("update"))
 # Low-rank problems (U = (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ): the same columns, "precond" holding Q
 # ([D', r] of the group), "precond_row" its row stride and "precond_cols" r, then s of the group,
 # the offset (elements) of the problem's slice of the launch's workspace for Y = (Ĝ·Q)·diag(s/(s+λ))
 # ([rows, r]) and Y's row stride (r rounded up to 4).
 LOW_RANK_COLUMNS = PROBLEM_COLUMNS + ("eigvals", "projection", "projection_row", "unused")
 LOW_RANK_FIELDS = tl.constexpr(len(LOW_RANK_COLUMNS))
-# Tile schedule: (problem, tile row, tile column, unused) int32, one 128-bit load per tile.
+EIGVALS_COLUMN = tl.constexpr(LOW_RANK_COLUMNS.index("eigvals"))
+# Tile schedule: (problem, tile row, tile column, slot) int32, one 128-bit load per tile. slot: the
+# tile's entry in grafting's buffer of partial sums Σu² ([grafted blocks, most tiles of one], 0 without).
 TILE_FIELDS = tl.constexpr(4)
 # Scalar table: one fp32 row per parameter: lr, 1 − lr·wd, μ, 1 − τ, nesterov, first step, μ ≠ 0, unused.
 SCALAR_FIELDS = tl.constexpr(8)
@@ -89,6 +121,9 @@ ENTRY_COLUMNS = ("grad", "param", "buf", "numel", "slot", "unused")
 ENTRY_FIELDS = tl.constexpr(len(ENTRY_COLUMNS))
 PLAIN_BLOCK = 1024
 PLAIN_WARPS = 4
+# Grafting's second pass (`graft_step_kernel`: elementwise over the first pass's tiles): 4 warps, whatever
+# the GEMM config (its BLOCK_M and BLOCK_N are the GEMM's: the tile schedule is shared).
+GRAFT_STEP_WARPS = 4
 
 
 @triton.jit
@@ -169,13 +204,14 @@ def _problem(row, PARAM_KIND: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
-def grouped_update_kernel(problems_ptr, tiles_ptr, scalars_ptr, scale_ptr, found_inf_ptr,
+def grouped_update_kernel(problems_ptr, tiles_ptr, scalars_ptr, scale_ptr, found_inf_ptr, updates_ptr, partials_ptr,
                           PARAM_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, VEC: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          GRAFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of U = Ĝ·P of one problem, then its SGD epilogue, unless
-    GradScaler found non-finite gradients (found_inf ≠ 0: nothing is written). VEC > 1: the host
-    guarantees the 16-byte alignment of the vector variant (module docstring)."""
-    problem, tile_row, tile_col, unused = _load_quad(tiles_ptr + tl.program_id(0) * TILE_FIELDS)
+    GradScaler found non-finite gradients (found_inf ≠ 0: nothing is written). GRAFT: grafting's first
+    pass instead of the epilogue (`_store_update`; scale_ptr, scalars_ptr and found_inf_ptr unread).
+    VEC > 1: the host guarantees the 16-byte alignment of the vector variant (module docstring)."""
+    problem, tile_row, tile_col, slot = _load_quad(tiles_ptr + tl.program_id(0) * TILE_FIELDS)
     m0 = tile_row * BLOCK_M
     n0 = tile_col * BLOCK_N
     row = problems_ptr + problem.to(tl.int64) * PROBLEM_FIELDS
@@ -187,8 +223,11 @@ def grouped_update_kernel(problems_ptr, tiles_ptr, scalars_ptr, scale_ptr, found
     grad_b_stride, dim_p = _load_pair(row + 12)  # D' only sizes the host's tile schedule
     acc = _gradient_product(grad_w, precond, rows, cols, row_ok, cols < p_cols, dim, g_row, p_row, grad_b_address,
                             grad_b_stride.to(tl.int32), PARAM_KIND, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    _step_tile(acc / tl.load(scale_ptr), row, rows, cols, row_ok, n0, dim, w_row, weight, buf_w, slot_w,
-               grad_b_address, scalars_ptr, found_inf_ptr, PARAM_KIND, BLOCK_N)
+    if GRAFT:
+        _store_update(acc, row, rows, cols, row_ok, dim, grad_b_address, updates_ptr, partials_ptr + slot)
+    else:
+        _step_tile(acc / tl.load(scale_ptr), row, rows, cols, row_ok, n0, dim, w_row, weight, buf_w, slot_w,
+                   grad_b_address, scalars_ptr, found_inf_ptr, PARAM_KIND, BLOCK_N)
 
 
 @triton.jit
@@ -233,12 +272,60 @@ def _step_tile(u, row, rows, cols, row_ok, n0, dim, w_row, weight, buf_w, slot_w
 
 
 @triton.jit
+def _update_columns(row, updates_ptr):
+    """Grafting's columns of a problem row: (its U in the update workspace, U's row stride there, the
+    block's row of graft scales). The host lays every U out 16-byte aligned with rows padded to 4."""
+    update, update_row = _load_pair(row + UPDATE_COLUMN)
+    graft_row, pad = _load_pair(row + UPDATE_COLUMN + 2)
+    return tl.multiple_of(updates_ptr + update, 16), tl.multiple_of(update_row.to(tl.int32), 4), graft_row
+
+
+@triton.jit
+def _store_update(u, row, rows, cols, row_ok, dim, grad_b_address, updates_ptr, partial_ptr):
+    """Grafting's first pass on a tile of U (fp32, GradScaler's scale still in it): the tile into its
+    problem's U in the workspace, and its Σu² into the tile's own slot of the partial sums (a fixed
+    slot, no atomics: deterministic). Σu² counts the columns that step, as `reference.graft_squares`:
+    the weight's, and the bias's where it has a gradient; the other columns (P's row padding the vector
+    variant reads) are stored as 0. Rows past the problem's are 0 already (both GEMMs load their Ĝ and
+    Y rows masked)."""
+    update, update_row, _ = _update_columns(row, updates_ptr)
+    width = dim + (grad_b_address != 0).to(tl.int32)
+    u = tl.where((cols < width)[None, :], u, 0.0)  # the rows too would cost a spill (sm_90, "ieee" config)
+    # masked at the padded width (a multiple of 4): 128-bit stores
+    tl.store(update + (rows[:, None] * update_row + cols[None, :]), u,
+             mask=row_ok[:, None] & (cols < update_row)[None, :])
+    tl.store(partial_ptr, tl.sum(tl.sum(u * u, axis=1), axis=0))
+
+
+@triton.jit
+def graft_step_kernel(problems_ptr, tiles_ptr, updates_ptr, factors_ptr, scalars_ptr, found_inf_ptr,
+                      FIELDS: tl.constexpr, PARAM_KIND: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Grafting's second pass over the first pass's tiles (dense or low-rank problems: FIELDS columns a
+    row): the tile of U from the workspace times its block's factor (graft scale / grad_scale), then the
+    SGD epilogue of `_step_tile`, unless found_inf ≠ 0."""
+    problem, tile_row, tile_col, slot = _load_quad(tiles_ptr + tl.program_id(0) * TILE_FIELDS)
+    n0 = tile_col * BLOCK_N
+    row = problems_ptr + problem.to(tl.int64) * FIELDS
+    (grad_w, factor, weight, buf_w, rows_total, dim, g_row, w_row, f_row, f_cols, slot_w,
+     grad_b_address) = _problem(row, PARAM_KIND, VEC)
+    update, update_row, graft_row = _update_columns(row, updates_ptr)
+    rows = tile_row * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    row_ok = rows < rows_total
+    u = tl.load(update + (rows[:, None] * update_row + cols[None, :]),
+                mask=row_ok[:, None] & (cols < update_row)[None, :], other=0.0)
+    _step_tile(u * tl.load(factors_ptr + graft_row), row, rows, cols, row_ok, n0, dim, w_row, weight, buf_w, slot_w,
+               grad_b_address, scalars_ptr, found_inf_ptr, PARAM_KIND, BLOCK_N)
+
+
+@triton.jit
 def _low_rank_columns(row, workspace_ptr, VEC: tl.constexpr):
     """The columns a low-rank problem row has beyond `_problem`'s: (grad_b's stride, D', s, Y's slice of
     the workspace, Y's row stride), with the vector variant's alignment facts."""
     grad_b_stride, dim_p = _load_pair(row + 12)
-    eigvals, projection = _load_pair(row + 18)
-    y_row, unused = _load_pair(row + 20)
+    eigvals, projection = _load_pair(row + EIGVALS_COLUMN)
+    y_row, unused = _load_pair(row + EIGVALS_COLUMN + 2)
     eigvals = eigvals.to(tl.pointer_type(tl.float32))
     projection = workspace_ptr + projection
     y_row = y_row.to(tl.int32)
@@ -274,12 +361,14 @@ def low_rank_project_kernel(problems_ptr, tiles_ptr, workspace_ptr, damping, PAR
 
 @triton.jit
 def low_rank_update_kernel(problems_ptr, tiles_ptr, workspace_ptr, scalars_ptr, scale_ptr, found_inf_ptr, damping,
-                           PARAM_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, VEC: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           updates_ptr, partials_ptr, PARAM_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                           VEC: tl.constexpr, GRAFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
     """The second skinny product and the epilogue: one [BLOCK_M, BLOCK_N] tile of U = (Ĝ − Y·Qᵀ)/λ of
     one problem ([rows, D']), with Y from `low_rank_project_kernel`, then the SGD step of §1.4, unless
-    found_inf ≠ 0. VEC > 1: the host guarantees the vector variant's alignment."""
-    problem, tile_row, tile_col, unused = _load_quad(tiles_ptr + tl.program_id(0) * TILE_FIELDS)
+    found_inf ≠ 0. GRAFT: grafting's first pass instead of the epilogue (`_store_update`). VEC > 1: the
+    host guarantees the vector variant's alignment."""
+    problem, tile_row, tile_col, slot = _load_quad(tiles_ptr + tl.program_id(0) * TILE_FIELDS)
     m0 = tile_row * BLOCK_M
     n0 = tile_col * BLOCK_N
     row = problems_ptr + problem.to(tl.int64) * LOW_RANK_FIELDS
@@ -304,9 +393,13 @@ def low_rank_update_kernel(problems_ptr, tiles_ptr, workspace_ptr, scalars_ptr, 
         grad_b = _param_pointer(grad_b_address, PARAM_KIND)
         gb = tl.load(grad_b + rows * grad_b_stride, mask=row_ok, other=0.0).to(tl.float32)
         g = tl.where(cols[None, :] == dim, gb[:, None], g)
-    u = (g - acc) / (damping * tl.load(scale_ptr))
-    _step_tile(u, row, rows, cols, row_ok, n0, dim, w_row, weight, buf_w, slot_w, grad_b_address, scalars_ptr,
-               found_inf_ptr, PARAM_KIND, BLOCK_N)
+    if GRAFT:  # GradScaler's scale leaves with the graft scale, in the second pass
+        _store_update((g - acc) / damping, row, rows, cols, row_ok, dim, grad_b_address, updates_ptr,
+                      partials_ptr + slot)
+    else:
+        u = (g - acc) / (damping * tl.load(scale_ptr))
+        _step_tile(u, row, rows, cols, row_ok, n0, dim, w_row, weight, buf_w, slot_w, grad_b_address, scalars_ptr,
+                   found_inf_ptr, PARAM_KIND, BLOCK_N)
 
 
 @triton.jit
@@ -350,22 +443,29 @@ def vector_width(dtype: torch.dtype) -> int:
 
 def compile_specs() -> list[dict]:
     """Every configuration the launcher can pick, for fastfoof.kernels.compile_check."""
-    # The launcher passes freshly allocated tables (16-byte aligned) and a scalar grad scale.
+    # The launcher passes freshly allocated tables and workspaces (16-byte aligned) and a scalar grad scale;
+    # without grafting, the scalar table stands in for the first pass's outputs.
+    scalars = torch.empty(SCALAR_FIELDS.value)
     args = dict(problems_ptr=torch.empty(len(PROBLEM_COLUMNS), dtype=torch.int64),
-                tiles_ptr=torch.empty(TILE_FIELDS.value, dtype=torch.int32), scalars_ptr=torch.empty(SCALAR_FIELDS.value),
+                tiles_ptr=torch.empty(TILE_FIELDS.value, dtype=torch.int32), scalars_ptr=scalars,
                 scale_ptr=torch.ones(()), found_inf_ptr=torch.zeros(()))
     plain_args = dict(entries_ptr=torch.empty(len(ENTRY_COLUMNS), dtype=torch.int64),
-                      tiles_ptr=torch.empty(2, dtype=torch.int64), scalars_ptr=torch.empty(SCALAR_FIELDS.value),
+                      tiles_ptr=torch.empty(2, dtype=torch.int64), scalars_ptr=scalars,
                       scale_ptr=torch.ones(()), found_inf_ptr=torch.zeros(()), damping=0.7)
     low_rank = dict(problems_ptr=torch.empty(len(LOW_RANK_COLUMNS), dtype=torch.int64),
                     tiles_ptr=torch.empty(TILE_FIELDS.value, dtype=torch.int32), workspace_ptr=torch.empty(16),
                     damping=0.7)
-    # kernel name -> (kernel, representative arguments): the grouped GEMM, and the two low-rank passes
-    tiled = {"grouped_update_kernel": (grouped_update_kernel, args),
-             "low_rank_project_kernel": (low_rank_project_kernel, low_rank),
-             "low_rank_update_kernel": (low_rank_update_kernel,
-                                        dict(low_rank, **{k: args[k] for k in ("scalars_ptr", "scale_ptr",
-                                                                               "found_inf_ptr")}))}
+    low_rank_update = dict(low_rank, **{k: args[k] for k in ("scalars_ptr", "scale_ptr", "found_inf_ptr")})
+    # the first pass's outputs: stand-ins (GRAFT off) or grafting's workspace and partial sums
+    outputs = {False: dict(updates_ptr=scalars, partials_ptr=scalars),
+               True: dict(updates_ptr=torch.empty(64), partials_ptr=torch.zeros(4, 16))}
+    second_pass = dict(tiles_ptr=args["tiles_ptr"], updates_ptr=outputs[True]["updates_ptr"], factors_ptr=torch.ones(4),
+                       scalars_ptr=scalars, found_inf_ptr=torch.zeros(()))
+    # kernel name -> (kernel, representative arguments, the GRAFT values it has): the grouped GEMM, and
+    # the two low-rank passes
+    tiled = {"grouped_update_kernel": (grouped_update_kernel, args, (False, True)),
+             "low_rank_project_kernel": (low_rank_project_kernel, low_rank, (None,)),
+             "low_rank_update_kernel": (low_rank_update_kernel, low_rank_update, (False, True))}
     specs = []
     for dtype, kind in PARAM_KINDS.items():
         kind_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
@@ -373,21 +473,39 @@ def compile_specs() -> list[dict]:
             precision = "ieee" if name == "ieee" else "tf32"
             tiles = {k: v for k, v in config.items() if k.startswith("BLOCK")}
             for vec in (vector_width(dtype), 1):
-                for kernel, (fn, fn_args) in tiled.items():
-                    specs.append(dict(kernel=kernel,
-                                      config=f"{kind_name},{name},{'vector' if vec > 1 else 'scalar'},"
-                                             + ",".join(f"{k}={v}" for k, v in tiles.items())
-                                             + f",w{config['num_warps']},s{config['num_stages']}",
-                                      fn=fn, args=fn_args,
-                                      constexprs=dict(PARAM_KIND=kind, INPUT_PRECISION=precision, VEC=vec, **tiles),
-                                      num_warps=config["num_warps"], num_stages=config["num_stages"],
-                                      mma=precision == "tf32"))
+                variant = "vector" if vec > 1 else "scalar"
+                for kernel, (fn, fn_args, grafts) in tiled.items():
+                    for graft in grafts:
+                        constexprs = dict(PARAM_KIND=kind, INPUT_PRECISION=precision, VEC=vec, **tiles)
+                        spec_args = fn_args
+                        if graft is not None:
+                            constexprs["GRAFT"] = graft
+                            spec_args = dict(fn_args, **outputs[graft])
+                        specs.append(dict(kernel=kernel,
+                                          config=f"{kind_name},{'graft,' if graft else ''}{name},{variant},"
+                                                 + ",".join(f"{k}={v}" for k, v in tiles.items())
+                                                 + f",w{config['num_warps']},s{config['num_stages']}",
+                                          fn=fn, args=spec_args, constexprs=constexprs,
+                                          num_warps=config["num_warps"], num_stages=config["num_stages"],
+                                          mma=precision == "tf32"))
         for vec in (vector_width(dtype), 1):
+            variant = "vector" if vec > 1 else "scalar"
             specs.append(dict(kernel="plain_update_kernel",
-                              config=f"{kind_name},{'vector' if vec > 1 else 'scalar'},BLOCK={PLAIN_BLOCK},w{PLAIN_WARPS}",
+                              config=f"{kind_name},{variant},BLOCK={PLAIN_BLOCK},w{PLAIN_WARPS}",
                               fn=plain_update_kernel, args=plain_args,
                               constexprs=dict(PARAM_KIND=kind, VEC=vec, BLOCK=PLAIN_BLOCK),
                               num_warps=PLAIN_WARPS, num_stages=1, mma=False))
+            # grafting's second pass: one build per tile shape of the GEMM configs, dense and low-rank tables
+            for block_m, block_n in sorted({(c["BLOCK_M"], c["BLOCK_N"]) for c in CONFIGS.values()}):
+                for table, fields in (("dense", PROBLEM_FIELDS.value), ("low_rank", LOW_RANK_FIELDS.value)):
+                    specs.append(dict(kernel="graft_step_kernel",
+                                      config=f"{kind_name},{table},{variant},BLOCK_M={block_m},BLOCK_N={block_n},"
+                                             f"w{GRAFT_STEP_WARPS}",
+                                      fn=graft_step_kernel,
+                                      args=dict(second_pass, problems_ptr=torch.empty(fields, dtype=torch.int64)),
+                                      constexprs=dict(FIELDS=fields, PARAM_KIND=kind, VEC=vec, BLOCK_M=block_m,
+                                                      BLOCK_N=block_n),
+                                      num_warps=GRAFT_STEP_WARPS, num_stages=1, mma=False))
     return specs
 
 
@@ -497,10 +615,12 @@ def _scalars(group: dict, first: bool) -> tuple[float, ...]:
 
 
 def _fused_problems(block, slot: int, buffers: list, scalar_rows: list, keep_alive: list,
-                    workspace: list[int]) -> tuple[list[tuple], int] | None:
+                    workspace: list[int], grafting: _Grafting | None = None,
+                    graft_row: int | None = None) -> tuple[list[tuple], int] | None:
     """The problem rows of one preconditioned block (dense P: PROBLEM_COLUMNS; low rank (Q, s):
     LOW_RANK_COLUMNS, whose slices of Y are taken from `workspace`, [elements taken so far]) and their
-    VEC (1: the scalar variant), or None if the block needs the reference path."""
+    VEC (1: the scalar variant), or None if the block needs the reference path. Grafted (`grafting`
+    given): row `graft_row` of its scales, its U in `grafting`'s update workspace."""
     weight = block.params[0]
     bias = block.params[1] if len(block.params) == 2 else None
     grad_w = weight.grad
@@ -545,6 +665,8 @@ def _fused_problems(block, slot: int, buffers: list, scalar_rows: list, keep_ali
         keep_alive.append(factor)
     w_row, g_row = weight_view.stride(0), grad_view.stride(0)
     strides = [w_row, g_row] + [t.stride(0) for t in (bias, grad_b) if t is not None]
+    if grafting is not None:
+        strides.append(reference.padded_row(dim_p))  # U's rows in the update workspace
     if not offsets_fit_int32(rows, dim_p, max(strides), factor.stride(1), CONFIGS[launch_config(weight.device)]):
         return None
 
@@ -588,70 +710,105 @@ def _fused_problems(block, slot: int, buffers: list, scalar_rows: list, keep_ali
             bias=0 if bias is None else bias.data_ptr() + r0 * bias.stride(0) * size,
             bias_stride=0 if bias is None else bias.stride(0),
             buf_b=0 if buf_b is None else buf_b.data_ptr() + r0 * buf_b.stride(0) * 4, dim_p=dim_p)
+        columns.update(update=0, update_row=0, graft_row=0, pad=0)
+        if grafting is not None:
+            update_row = reference.padded_row(dim_p)
+            columns.update(update=grafting.elements, update_row=update_row, graft_row=graft_row)
+            grafting.elements += rows * update_row
         if low_rank:
             y_row = reference.padded_row(width)
             columns.update(eigvals=eigvals.data_ptr() + g * eigvals.stride(0) * 4, projection=workspace[0],
                            projection_row=y_row, unused=0)
             workspace[0] += rows * y_row
         problems.append(tuple(columns[c] for c in (LOW_RANK_COLUMNS if low_rank else PROBLEM_COLUMNS)))
+    if grafting is not None:
+        grafting.fused(graft_row, block, problems, launch_config(weight.device))
     return problems, vec
 
 
-def _tile_schedule(problems: list[tuple], block_m: int, block_n: int, columns: str = "dim_p") -> torch.Tensor:
-    """[tiles, TILE_FIELDS] int32 (problem, tile row, tile column, 0) over `rows` × `columns` (a problem
-    column: U's D', or the low-rank Y's r, "precond_cols"), the longest K loops first."""
-    dim, dim_p, rows = (PROBLEM_COLUMNS.index(c) for c in ("dim", columns, "rows"))
+def _tile_schedule(problems: list[tuple], block_m: int, block_n: int, columns: str = "dim_p",
+                   most: int = 0) -> torch.Tensor:
+    """[tiles, TILE_FIELDS] int32 (problem, tile row, tile column, slot) over `rows` × `columns` (a problem
+    column: U's D', or the low-rank Y's r, "precond_cols"), the longest K loops first. slot: grafting's
+    partial sum of the tile, graft_row·most + the tile's index among its block's (most = 0: 0)."""
+    dim, width, rows, graft_row = (PROBLEM_COLUMNS.index(c) for c in ("dim", columns, "rows", "graft_row"))
     order = sorted(range(len(problems)), key=lambda i: -problems[i][dim])  # a tile's work is ∝ its K = D
-    tiles = [(i, tm, tn, 0) for i in order
-             for tm in range(triton.cdiv(problems[i][rows], block_m))
-             for tn in range(triton.cdiv(problems[i][dim_p], block_n))]
+    taken: dict[int, int] = {}
+    tiles = []
+    for i in order:
+        for tm in range(triton.cdiv(problems[i][rows], block_m)):
+            for tn in range(triton.cdiv(problems[i][width], block_n)):
+                block_row = problems[i][graft_row]
+                index = taken[block_row] = taken.get(block_row, -1) + 1
+                tiles.append((i, tm, tn, block_row * most + index if most else 0))
     return torch.tensor(tiles, dtype=torch.int32).reshape(-1, TILE_FIELDS.value)
 
 
+def _graft_arguments(grafting: _Grafting | None, scalars: torch.Tensor) -> dict:
+    """The first pass's grafting arguments of the GEMM kernels: its outputs, or (GRAFT off) stand-ins
+    that are never read."""
+    if grafting is None:
+        return dict(updates_ptr=scalars, partials_ptr=scalars, GRAFT=False)
+    return dict(updates_ptr=grafting.updates, partials_ptr=grafting.partials, GRAFT=True)
+
+
 def _launch_grouped(device: torch.device, dtype: torch.dtype, variants: dict[int, list[tuple]], scalars: torch.Tensor,
-                    grad_scale: torch.Tensor, found_inf: torch.Tensor) -> None:
-    """One launch per variant (VEC) of this device and dtype."""
+                    grad_scale: torch.Tensor, found_inf: torch.Tensor, grafting: _Grafting | None = None) -> None:
+    """One launch per variant (VEC) of this device and dtype (grafted: the first pass)."""
     config = CONFIGS[launch_config(device)]
+    most = 0 if grafting is None else grafting.most
     for vec, problems in variants.items():
         key = tuple(problems)
         problem_table = _device_table((device, dtype, "problems", vec), key,
                                       lambda: torch.tensor(problems, dtype=torch.int64))
-        tiles = _device_table((device, dtype, "tiles", vec), (config["BLOCK_M"], config["BLOCK_N"]) + key,
-                              lambda: _tile_schedule(problems, config["BLOCK_M"], config["BLOCK_N"]))
+        tiles = _device_table((device, dtype, "tiles", vec), (config["BLOCK_M"], config["BLOCK_N"], most) + key,
+                              lambda: _tile_schedule(problems, config["BLOCK_M"], config["BLOCK_N"], most=most))
         grouped_update_kernel[(tiles.shape[0],)](
             problem_table, tiles, scalars, grad_scale, found_inf, PARAM_KIND=PARAM_KINDS[dtype],
-            INPUT_PRECISION=DOT_PRECISION, VEC=vec, **config)
+            INPUT_PRECISION=DOT_PRECISION, VEC=vec, **_graft_arguments(grafting, scalars), **config)
+        if grafting is not None:
+            grafting.second_pass.append((problem_table, tiles, PROBLEM_FIELDS.value, dtype, vec, config, scalars,
+                                         found_inf))
 
 
-# (device, dtype) -> the fp32 workspace of the low-rank launches' Y, grown as needed (Y's offsets live in
-# the problem table, its base is a kernel argument: a grown workspace leaves the tables valid)
+# (device, dtype) -> the fp32 workspace of the low-rank launches' Y; (device, "updates") -> grafting's U of
+# the fused blocks of every dtype. Each grown as needed (offsets live in the problem tables, the base is a
+# kernel argument: a grown workspace leaves the tables valid).
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
+
+
+def _workspace(key: tuple, device: torch.device, elements: int) -> torch.Tensor:
+    workspace = _WORKSPACES.get(key)
+    if workspace is None or workspace.numel() < elements:
+        workspace = _WORKSPACES[key] = torch.empty(elements, dtype=torch.float32, device=device)
+    return workspace
 
 
 def _launch_low_rank(device: torch.device, dtype: torch.dtype, variants: dict[int, list[tuple]],
                      scalars: torch.Tensor, grad_scale: torch.Tensor, found_inf: torch.Tensor, damping: float,
-                     workspace_elements: int) -> None:
+                     workspace_elements: int, grafting: _Grafting | None = None) -> None:
     """Two launches per variant (VEC) of this device and dtype: Y = (Ĝ·Q)·diag(s/(s+λ)) for every
-    low-rank problem, then U = (Ĝ − Y·Qᵀ)/λ with the SGD epilogue."""
+    low-rank problem, then U = (Ĝ − Y·Qᵀ)/λ with the SGD epilogue (grafted: grafting's first pass)."""
     if not variants:
         return
     config = CONFIGS[launch_config(device)]
     tiles = (config["BLOCK_M"], config["BLOCK_N"])
-    workspace = _WORKSPACES.get((device, dtype))
-    if workspace is None or workspace.numel() < workspace_elements:
-        workspace = _WORKSPACES[(device, dtype)] = torch.empty(workspace_elements, dtype=torch.float32, device=device)
+    most = 0 if grafting is None else grafting.most
+    workspace = _workspace((device, dtype), device, workspace_elements)
     for vec, problems in variants.items():
         key = tuple(problems)
         table = _device_table((device, dtype, "low_rank_problems", vec), key,
                               lambda: torch.tensor(problems, dtype=torch.int64))
         project = _device_table((device, dtype, "low_rank_project_tiles", vec), tiles + key,
                                 lambda: _tile_schedule(problems, *tiles, columns="precond_cols"))
-        steps = _device_table((device, dtype, "low_rank_update_tiles", vec), tiles + key,
-                               lambda: _tile_schedule(problems, *tiles))
+        steps = _device_table((device, dtype, "low_rank_update_tiles", vec), tiles + (most,) + key,
+                              lambda: _tile_schedule(problems, *tiles, most=most))
         knobs = dict(PARAM_KIND=PARAM_KINDS[dtype], INPUT_PRECISION=DOT_PRECISION, VEC=vec, **config)
         low_rank_project_kernel[(project.shape[0],)](table, project, workspace, float(damping), **knobs)
         low_rank_update_kernel[(steps.shape[0],)](table, steps, workspace, scalars, grad_scale, found_inf,
-                                                   float(damping), **knobs)
+                                                   float(damping), **_graft_arguments(grafting, scalars), **knobs)
+        if grafting is not None:
+            grafting.second_pass.append((table, steps, LOW_RANK_FIELDS.value, dtype, vec, config, scalars, found_inf))
 
 
 def _plain_entry(p: torch.Tensor, slot: int, buffers: list, scalar_rows: list, group: dict) -> tuple[tuple, int]:
@@ -688,13 +845,21 @@ def _launch_plain(device: torch.device, dtype: torch.dtype, variants: dict[int, 
 
 
 def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | None], *, damping: float,
-                           grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
+                           graft: str | None = None, grad_scale: torch.Tensor | None = None,
+                           found_inf: torch.Tensor | None = None, reduce_norms=None) -> None:
     """DESIGN §1.4 for all blocks: U = Ĝ·P (low rank: (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ; G/λ without
-    either), then each parameter's SGD epilogue.
+    either), grafted where `graft="sgd"` (two passes, module docstring), then each parameter's SGD epilogue.
 
     Same contract as `fastfoof.reference.preconditioned_update_`: with found_inf ≠ 0 (a device
-    scalar; GradScaler's non-finite gradients) nothing is written, decided on the device.
+    scalar; GradScaler's non-finite gradients) nothing is written, decided on the device; `reduce_norms`
+    is called once with the grafted blocks' [‖Ĝ‖², ‖U‖²] (`reference.grafted_updates`).
     """
+    if graft not in reference.GRAFTS:
+        raise ValueError(f"graft: expected one of {reference.GRAFTS}, got {graft!r}")
+    if not blocks:
+        return
+    grafting = None if graft is None else _Grafting(blocks[0].params[0])
+    plain_damping = damping if grafting is None else 1.0  # grafted calls step the others with U = G
     # (device, dtype) -> ({VEC: dense problems}, {VEC: low-rank problems}, {VEC: plain entries}, scalar rows,
     # [workspace elements the low-rank problems take])
     launches: dict[tuple, tuple[dict, dict, dict, list, list]] = {}
@@ -709,14 +874,17 @@ def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | N
                     entry, vec = _plain_entry(first, slot, momentum_buffers, scalar_rows, block.options[0])
                     plain.setdefault(vec, []).append(entry)
                 else:
-                    _reference_block(block, slot, momentum_buffers, damping, grad_scale, found_inf)
+                    _reference_block(block, slot, momentum_buffers, plain_damping, grad_scale, found_inf)
         elif first.grad is not None:
-            fused = _fused_problems(block, slot, momentum_buffers, scalar_rows, keep_alive, workspace)
+            row = None if grafting is None else grafting.add(block)
+            fused = _fused_problems(block, slot, momentum_buffers, scalar_rows, keep_alive, workspace, grafting, row)
             if fused is None:
-                _reference_block(block, slot, momentum_buffers, damping, grad_scale, found_inf)
+                _reference_block(block, slot, momentum_buffers, damping, grad_scale, found_inf, grafting, row)
             else:
                 (variants if block.eigvecs is None else low_rank).setdefault(fused[1], []).extend(fused[0])
         slot += len(block.params)
+    if grafting is not None:
+        grafting.allocate()
     for (device, dtype), (variants, low_rank, plain, scalar_rows, workspace) in launches.items():
         if not scalar_rows:
             continue
@@ -724,13 +892,115 @@ def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | N
                                 lambda: torch.tensor(scalar_rows, dtype=torch.float32))
         scale = _constant(1.0, device) if grad_scale is None else grad_scale.to(torch.float32)
         skip = _constant(0.0, device) if found_inf is None else found_inf.to(torch.float32)
-        _launch_grouped(device, dtype, variants, scalars, scale, skip)
-        _launch_low_rank(device, dtype, low_rank, scalars, scale, skip, damping, workspace[0])
-        _launch_plain(device, dtype, plain, scalars, scale, skip, damping)
+        _launch_grouped(device, dtype, variants, scalars, scale, skip, grafting)
+        _launch_low_rank(device, dtype, low_rank, scalars, scale, skip, damping, workspace[0], grafting)
+        _launch_plain(device, dtype, plain, scalars, scale, skip, plain_damping)
+    if grafting is not None:
+        grafting.finish(momentum_buffers, grad_scale, found_inf, reduce_norms)
 
 
 def _reference_block(block, slot: int, buffers: list, damping: float, grad_scale: torch.Tensor | None,
-                     found_inf: torch.Tensor | None) -> None:
+                     found_inf: torch.Tensor | None, grafting: _Grafting | None = None,
+                     graft_row: int | None = None) -> None:
+    """The reference update of a block the kernels cannot take. Grafted (`grafting` given): its U now,
+    its norms with the others' and its step once the scales are known (`_Grafting.finish`)."""
+    if grafting is not None:
+        grafting.defer(graft_row, block, slot, reference.block_updates(block, damping))
+        return
     own = buffers[slot:slot + len(block.params)]
     reference.preconditioned_update_([block], own, damping=damping, grad_scale=grad_scale, found_inf=found_inf)
     buffers[slot:slot + len(own)] = own
+
+
+class _Grafting:
+    """Grafting's state for one call (DESIGN §1.4), on the device of the call's blocks: a row of
+    [‖Ĝ‖², ‖U‖²] per grafted block, in block order (`reduce_norms`' rows).
+
+    Fused blocks: the first pass (the GEMM kernels with GRAFT on) stores U, fp32 with GradScaler's scale
+    in it, in the update workspace and each tile's Σu² in its own slot of `partials` ([rows, most tiles
+    of a row], zero-filled once per layout; the slots a layout's tiles own are rewritten every call, the
+    others stay 0), so ‖U‖² = partials.sum(1), a fixed-order sum, and nothing is atomic. ‖Ĝ‖² of their
+    parameters' own gradients: one torch._foreach_norm (fp32) for them all. Reference blocks (`defer`):
+    both from `reference.graft_squares`, their U kept until the scales are known. `finish`: the scales
+    of `reference.graft_scales` (after `reduce_norms`), the second pass (`graft_step_kernel`: U read
+    back, times scale / grad_scale, the SGD epilogue), and the reference blocks' steps."""
+
+    def __init__(self, first: torch.Tensor):
+        self.first = first  # the call's first parameter: the device, and the dtype of an empty [0, 2]
+        self.blocks: list = []  # the grafted blocks
+        self.tiles: list[int] = []  # per row: the first pass's tiles of its problems (0: a reference block)
+        self.grads: list[torch.Tensor] = []  # the fused rows' own gradients (weight and bias)
+        self.grad_rows: list[tuple[int, int]] = []  # per row: its positions in grads (-1: none)
+        self.deferred: list[tuple] = []  # (row, block, slot, U) of the reference blocks
+        self.second_pass: list[tuple] = []  # what each first-pass launch hands to graft_step_kernel
+        self.elements = 0  # update workspace elements taken
+        self.most = 0  # tiles of the row with the most: the partial sums' row length
+        self.partials = self.updates = None  # the first pass's outputs (`allocate`)
+
+    def add(self, block) -> int:
+        """A grafted block's row."""
+        if block.params[0].device != self.first.device:
+            raise ValueError(f"graft: the blocks of one call must share a device, got {self.first.device} "
+                             f"and {block.params[0].device}")
+        self.blocks.append(block)
+        self.tiles.append(0)
+        self.grad_rows.append((-1, -1))
+        return len(self.blocks) - 1
+
+    def fused(self, row: int, block, problems: list[tuple], config: str) -> None:
+        rows, dim_p = PROBLEM_COLUMNS.index("rows"), PROBLEM_COLUMNS.index("dim_p")
+        block_m, block_n = CONFIGS[config]["BLOCK_M"], CONFIGS[config]["BLOCK_N"]
+        self.tiles[row] = sum(triton.cdiv(p[rows], block_m) * triton.cdiv(p[dim_p], block_n) for p in problems)
+        grads = [p.grad for p in block.params if p.grad is not None]
+        self.grad_rows[row] = tuple(range(len(self.grads), len(self.grads) + len(grads))) + (-1,) * (2 - len(grads))
+        self.grads += grads
+
+    def defer(self, row: int, block, slot: int, block_us: list) -> None:
+        self.deferred.append((row, block, slot, block_us))
+
+    def allocate(self) -> None:
+        """The first pass's outputs, once every block has its row."""
+        device = self.first.device
+        self.most = max(self.tiles, default=0) or 1
+        self.partials = _device_table((device, "graft_partials"), (self.most,) + tuple(self.tiles),
+                                      lambda: torch.zeros(len(self.tiles), self.most))
+        self.updates = _workspace((device, "updates"), device, self.elements)
+
+    def squares(self) -> torch.Tensor:
+        """[‖Ĝ‖², ‖U‖²] per row (the reference's dtype: the rows' statistics dtypes promoted)."""
+        first = self.first
+        if not self.blocks:
+            return first.new_zeros(0, 2, dtype=reference.stat_dtype(first.dtype))
+        u2 = self.partials.sum(1)
+        g2 = torch.zeros_like(u2)
+        if self.grads:
+            norms = torch.stack(torch._foreach_norm(self.grads, 2, dtype=torch.float32))
+            none = len(self.grads)  # the index of the zero appended for a missing gradient
+            index = _device_table((first.device, "graft_grad_rows"), tuple(self.grad_rows), lambda: torch.tensor(
+                [[none if i < 0 else i for i in row] for row in self.grad_rows], dtype=torch.int64))
+            g2 = torch.cat([norms.square(), norms.new_zeros(1)])[index].sum(1)
+        dtype = functools.reduce(torch.promote_types, [reference.stat_dtype(b.params[0].dtype) for b in self.blocks])
+        squares = torch.stack([g2, u2], 1).to(dtype)
+        for row, block, _, block_us in self.deferred:
+            squares[row] = reference.graft_squares(block, block_us)
+        return squares
+
+    def finish(self, buffers: list, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+               reduce_norms) -> None:
+        squares = self.squares()
+        if reduce_norms is not None:
+            squares = reduce_norms(squares, self.blocks)
+        scales = reference.graft_scales(squares)
+        if self.second_pass:
+            factors = scales.to(torch.float32)
+            if grad_scale is not None:
+                factors = factors / grad_scale.to(torch.float32)
+            for table, tiles, fields, dtype, vec, config, scalars, skip in self.second_pass:
+                graft_step_kernel[(tiles.shape[0],)](
+                    table, tiles, self.updates, factors, scalars, skip, FIELDS=fields, PARAM_KIND=PARAM_KINDS[dtype],
+                    VEC=vec, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], num_warps=GRAFT_STEP_WARPS,
+                    num_stages=1)
+        skip = None if found_inf is None else found_inf != 0
+        for row, block, slot, block_us in self.deferred:
+            reference.scale_updates_(block_us, scales[row])
+            reference.step_block_(block, block_us, buffers, slot, grad_scale, skip)

@@ -94,6 +94,28 @@ def test_low_rank_update_builds_keep_tensor_cores_and_wide_loads(rows):
             assert row["mma_kind"] == ("none" if ",ieee," in row["config"] else "wgmma"), row
 
 
+def test_graft_builds_keep_tensor_cores_and_wide_loads(rows):
+    """Grafting's first pass (the GEMM kernels with GRAFT on) keeps wgmma on sm_90 for the tf32 configs,
+    and the vector variant sm_90 runs loads at least 64 bits at a time (over half its loads; without
+    the epilogue's parameter and buffer reads, bf16's 128-bit share is about half). The second pass
+    (U, parameters, buffers: elementwise) loads 128 bits at a time in its vector variants."""
+    from fastfoof.kernels import update
+
+    for kernel in ("grouped_update_kernel", "low_rank_update_kernel"):
+        for dtype in ("fp32", "bf16"):
+            row, = kernel_rows(rows, kernel, config=f"{dtype},graft,{update.HOPPER_CONFIG},vector,")
+            assert wide_load_share(row, 64) > 0.5, row
+        grafted = [row for row in kernel_rows(rows, kernel) if ",graft," in row["config"]]
+        assert len(grafted) == 3 * len(update.CONFIGS) * 2  # dtypes × configs × variants
+        for row in grafted:
+            assert row["mma_kind"] == ("none" if ",ieee," in row["config"] else "wgmma"), row
+    for arch in ("sm_80", "sm_90"):
+        for dtype in ("fp32", "bf16"):
+            for table in ("dense", "low_rank"):
+                row, = kernel_rows(rows, "graft_step_kernel", arch=arch, config=f"{dtype},{table},vector,")
+                assert wide_load_share(row, 128) > 0.5, row
+
+
 def test_fold_builds_keep_wide_loads(rows):
     for kernel in ("fold_kernel", "nonfinite_flags_kernel"):
         for arch in ("sm_80", "sm_90"):
@@ -156,26 +178,9 @@ def assert_specs_match_launches(module, launches):
             (run.num_warps, run.num_stages, run.enable_fp_fusion), name
 
 
-def test_update_specs_carry_the_launchers_arguments():
-    from fastfoof.kernels import update
-    from fastfoof.layers import Block
-
-    group = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0)
-    blocks = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for rows, dim in ((8, 16), (5, 7)):  # vector and scalar variants
-            weight, bias = torch.randn(rows, dim, dtype=dtype), torch.randn(rows, dtype=dtype)
-            weight.grad, bias.grad = torch.randn_like(weight), torch.randn_like(bias)
-            precond = torch.empty(1, dim + 1, -(-(dim + 1) // 4) * 4)[..., :dim + 1].copy_(torch.eye(dim + 1))
-            blocks.append(Block([weight, bias], [group, group], 1, precond))
-    launches = recorded_launches(update, ["grouped_update_kernel"],
-                                 lambda: update.preconditioned_update_(blocks, [None] * 8, damping=1.0))
-    assert sorted(launch[2]["VEC"] for launch in launches) == [1, 1, 4, 8]
-    assert_specs_match_launches(update, launches)
-
-
-def test_low_rank_update_specs_carry_the_launchers_arguments():
-    from fastfoof.kernels import update
+def update_blocks(low_rank):
+    """A Linear block with bias per dtype (fp32, bf16) and variant (vector: D = 16; scalar: D = 7), with a
+    dense P padded as the inverse returns it, or a low-rank (Q, s)."""
     from fastfoof.layers import Block
 
     group = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0)
@@ -184,12 +189,53 @@ def test_low_rank_update_specs_carry_the_launchers_arguments():
         for rows, dim, rank in ((8, 16, 4), (5, 7, 3)):  # vector and scalar variants
             weight, bias = torch.randn(rows, dim, dtype=dtype), torch.randn(rows, dtype=dtype)
             weight.grad, bias.grad = torch.randn_like(weight), torch.randn_like(bias)
-            q = torch.linalg.qr(torch.randn(1, dim + 1, rank)).Q.contiguous()
-            blocks.append(Block([weight, bias], [group, group], 1, eigvecs=q, eigvals=torch.rand(1, rank)))
+            if low_rank:
+                q = torch.linalg.qr(torch.randn(1, dim + 1, rank)).Q.contiguous()
+                blocks.append(Block([weight, bias], [group, group], 1, eigvecs=q, eigvals=torch.rand(1, rank)))
+            else:
+                precond = torch.empty(1, dim + 1, -(-(dim + 1) // 4) * 4)[..., :dim + 1].copy_(torch.eye(dim + 1))
+                blocks.append(Block([weight, bias], [group, group], 1, precond))
+    return blocks
+
+
+def test_update_specs_carry_the_launchers_arguments():
+    from fastfoof.kernels import update
+
+    blocks = update_blocks(low_rank=False)
+    launches = recorded_launches(update, ["grouped_update_kernel"],
+                                 lambda: update.preconditioned_update_(blocks, [None] * 8, damping=1.0))
+    assert sorted(launch[2]["VEC"] for launch in launches) == [1, 1, 4, 8]
+    assert_specs_match_launches(update, launches)
+
+
+def test_low_rank_update_specs_carry_the_launchers_arguments():
+    from fastfoof.kernels import update
+
+    blocks = update_blocks(low_rank=True)
     names = ["low_rank_project_kernel", "low_rank_update_kernel"]
     launches = recorded_launches(update, names, lambda: update.preconditioned_update_(blocks, [None] * 8, damping=1.0))
     assert sorted((name, constexprs["VEC"]) for name, _, constexprs, _ in launches) == \
         sorted((name, vec) for name in names for vec in (1, 1, 4, 8))
+    assert_specs_match_launches(update, launches)
+
+
+def test_graft_specs_carry_the_launchers_arguments():
+    """A grafted call: the GEMM kernels with GRAFT on (dense and low-rank), then graft_step_kernel over
+    both kinds of table, each in both variants and dtypes."""
+    from fastfoof.kernels import update
+
+    blocks = update_blocks(low_rank=False) + update_blocks(low_rank=True)
+    names = ["grouped_update_kernel", "low_rank_project_kernel", "low_rank_update_kernel", "graft_step_kernel"]
+    launches = recorded_launches(update, names, lambda: update.preconditioned_update_(blocks, [None] * 16, damping=1.0,
+                                                                                      graft="sgd"))
+    passes = sorted((name, constexprs.get("GRAFT"), constexprs.get("FIELDS"), constexprs["VEC"])
+                    for name, _, constexprs, _ in launches)
+    fields = {"dense": update.PROBLEM_FIELDS.value, "low_rank": update.LOW_RANK_FIELDS.value}
+    assert passes == sorted([(name, graft, None, vec) for name, graft in (("grouped_update_kernel", True),
+                                                                         ("low_rank_project_kernel", None),
+                                                                         ("low_rank_update_kernel", True))
+                             for vec in (1, 1, 4, 8)]
+                            + [("graft_step_kernel", None, f, vec) for f in fields.values() for vec in (1, 1, 4, 8)])
     assert_specs_match_launches(update, launches)
 
 

@@ -106,13 +106,15 @@ def fresh_grads(blocks, gen, scale=1.0):
             p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=gen) * scale)
 
 
-def step64(blocks, buffers, damping):
-    """DESIGN §1.4 in float64, written independently of fastfoof.reference."""
+def step64(blocks, buffers, damping, graft=None, squares=None):
+    """DESIGN §1.4 in float64, written independently of fastfoof.reference. graft="sgd": each
+    preconditioned block's U rescaled to its gradient's Frobenius norm (weight and bias together), U = G
+    for the others; `squares` (a list), if given, gets the grafted blocks' (‖Ĝ‖², ‖U‖²) in order."""
     new_params, new_buffers, slot = [], [], 0
     for block in blocks:
         grads = [None if p.grad is None else p.grad.double() for p in block.params]
         if block.precond is None and block.eigvecs is None:
-            us = [None if g is None else g / damping for g in grads]
+            us = [None if g is None else g / (1.0 if graft else damping) for g in grads]
         elif grads[0] is None:
             us = [None] * len(grads)
         else:
@@ -125,6 +127,11 @@ def step64(blocks, buffers, damping):
             us = [u[:, :w[0].numel()].reshape(w.shape)]
             if len(grads) == 2:
                 us.append(None if grads[1] is None else u[:, -1])
+            if graft:
+                g2, u2 = (sum(float((t * t).sum()) for t in ts if t is not None) for ts in (grads, us))
+                if squares is not None:
+                    squares.append((g2, u2))
+                us = [None if u is None else u * (g2 ** 0.5 / u2 ** 0.5 if u2 > 0 else 0.0) for u in us]
         for p, u, h in zip(block.params, us, block.options):
             buf = buffers[slot] if buffers[slot] is None else buffers[slot].double()
             p = p.double()
@@ -153,19 +160,20 @@ def flat(blocks):
     return [p for block in blocks for p in block.params]
 
 
-def check_step(blocks, buffers, damping, tol, grad_scale=None):
-    """One kernel step, compared parameter by parameter (its change) and buffer by buffer with float64."""
+def check_step(blocks, buffers, damping, tol, grad_scale=None, **options):
+    """One kernel step, compared parameter by parameter (its change) and buffer by buffer with float64.
+    `options`: the kernel's graft and reduce_norms (the oracle grafts as the kernel does)."""
     before = [p.detach().clone() for p in flat(blocks)]
     grads = [None if p.grad is None else p.grad.clone() for p in flat(blocks)]
     if grad_scale is not None:  # the oracle sees the unscaled gradients
         for p in flat(blocks):
             if p.grad is not None:
                 p.grad /= grad_scale
-    want_params, want_buffers = step64(blocks, buffers, damping)
+    want_params, want_buffers = step64(blocks, buffers, damping, options.get("graft"))
     for p, g in zip(flat(blocks), grads):
         if g is not None:
             p.grad.copy_(g)  # in place: the gradients keep their addresses, as after a backward
-    update.preconditioned_update_(blocks, buffers, damping=damping, grad_scale=grad_scale)
+    update.preconditioned_update_(blocks, buffers, damping=damping, grad_scale=grad_scale, **options)
     for p, g in zip(flat(blocks), grads):
         assert (p.grad is None and g is None) or torch.equal(p.grad, g), "the update wrote into .grad"
     for p, old, want, g in zip(flat(blocks), before, want_params, grads):
@@ -183,28 +191,29 @@ def check_step(blocks, buffers, damping, tol, grad_scale=None):
             assert rel_error(buf, want) <= tol
 
 
-def check_steps(blocks, gen, steps, damping, tol):
+def check_steps(blocks, gen, steps, damping, tol, **options):
     """`steps` kernel steps on fresh gradients, each checked by `check_step`; returns the buffers."""
     buffers = [None] * len(flat(blocks))
     for _ in range(steps):
         fresh_grads(blocks, gen)
-        check_step(blocks, buffers, damping=damping, tol=tol)
+        check_step(blocks, buffers, damping=damping, tol=tol, **options)
     return buffers
 
 
-def assert_skipped_step_writes_nothing(blocks, buffers, gen, damping):
+def assert_skipped_step_writes_nothing(blocks, buffers, gen, damping, **options):
     """GradScaler's skipped step on non-finite gradients leaves parameters and buffers bitwise as they were."""
     before = [p.clone() for p in flat(blocks)]
     kept = [None if b is None else b.clone() for b in buffers]
     fresh_grads(blocks, gen, scale=float("inf"))
-    update.preconditioned_update_(blocks, buffers, damping=damping, found_inf=torch.ones((), device=DEVICE))
+    update.preconditioned_update_(blocks, buffers, damping=damping, found_inf=torch.ones((), device=DEVICE),
+                                  **options)
     for p, old in zip(flat(blocks), before):
         assert torch.equal(p, old)
     for b, old in zip(buffers, kept):
         assert (b is None and old is None) or torch.equal(b, old)
 
 
-def assert_transformed_gradient_tracks_reference(blocks, damping):
+def assert_transformed_gradient_tracks_reference(blocks, damping, **options):
     """Blocks with a left-transformed gradient (Block.grad): the kernel and the reference op on copies."""
     twins = [dataclasses.replace(b, params=[p.detach().clone() for p in b.params]) for b in blocks]
     for twin, block in zip(twins, blocks):
@@ -212,8 +221,8 @@ def assert_transformed_gradient_tracks_reference(blocks, damping):
             q.grad = p.grad.clone()
     buffers, twin_buffers = [None] * len(flat(blocks)), [None] * len(flat(blocks))
     for _ in range(2):
-        update.preconditioned_update_(blocks, buffers, damping=damping)
-        reference.preconditioned_update_(twins, twin_buffers, damping=damping)
+        update.preconditioned_update_(blocks, buffers, damping=damping, **options)
+        reference.preconditioned_update_(twins, twin_buffers, damping=damping, **options)
     for p, q in zip(flat(blocks), flat(twins)):
         assert rel_error(p, q) <= 1e-6
 
@@ -229,18 +238,19 @@ def test_grouped_update_matches_float64_over_steps(hyper, fused_only):
     check_steps(blocks, gen, 3, damping=0.7, tol=1e-5)
 
 
-def assert_tracks_reference(blocks, gen, damping, steps=2):
-    """The kernel and the reference op on copies of the same blocks, step by step."""
+def assert_tracks_reference(blocks, gen, damping, steps=2, tol=1e-6, **options):
+    """The kernel and the reference op on copies of the same blocks, step by step (`options`: both ops'
+    graft, grad_scale, …)."""
     twin = copy.deepcopy(blocks)
     bufs, twin_bufs = [None] * len(flat(blocks)), [None] * len(flat(blocks))
     for _ in range(steps):
         fresh_grads(blocks, gen)
         for p, q in zip(flat(blocks), flat(twin)):
             q.grad = p.grad.clone()
-        update.preconditioned_update_(blocks, bufs, damping=damping)
-        reference.preconditioned_update_(twin, twin_bufs, damping=damping)
+        update.preconditioned_update_(blocks, bufs, damping=damping, **options)
+        reference.preconditioned_update_(twin, twin_bufs, damping=damping, **options)
         for p, q in zip(flat(blocks), flat(twin)):
-            assert rel_error(p, q) <= 1e-6
+            assert rel_error(p, q) <= tol
         for b, c in zip(bufs, twin_bufs):
             assert (b is None) == (c is None) and (b is None or rel_error(b, c) <= 1e-5)
 
@@ -278,21 +288,38 @@ def test_low_precision_params_keep_float32_buffers(dtype, fused_only):
     check_steps(blocks, gen, 2, damping=0.8, tol=2e-2)
 
 
-def test_float64_and_mixed_layout_blocks_take_the_reference_path(monkeypatch):
-    gen = torch.Generator().manual_seed(5)
-    blocks = make_blocks(torch.float64, HYPER[:2], gen, layers=LAYERS[2:4])
-    conv = make_blocks(torch.float32, HYPER[:2], gen, layers=[((6, 3, 3, 3), 1, True)])[0]
-    conv.params[0].data = channels_last(conv.params[0].data)
-    blocks.append(conv)
+def reference_spy(monkeypatch):
+    """The blocks that take update._reference_block (which still runs), in order."""
     referenced = []
     reference_block = update._reference_block
     monkeypatch.setattr(update, "_reference_block", lambda block, *args: (referenced.append(block),
                                                                           reference_block(block, *args)))
+    return referenced
+
+
+def mixed_layout_conv(gen):
+    """A conv block with a channels_last weight: with a contiguous gradient it takes the reference path."""
+    conv = make_blocks(torch.float32, HYPER[:2], gen, layers=[((6, 3, 3, 3), 1, True)])[0]
+    conv.params[0].data = channels_last(conv.params[0].data)
+    return conv
+
+
+def check_mixed_layout_steps(blocks, conv, gen, **options):
+    """Two `check_step`s on fresh gradients, `conv`'s weight channels_last and its gradient not."""
     buffers = [None] * len(flat(blocks))
     for _ in range(2):
         fresh_grads(blocks, gen)
-        conv.params[0].grad = conv.params[0].grad.contiguous()  # weight channels_last, its grad not
-        check_step(blocks, buffers, damping=0.6, tol=1e-5)
+        conv.params[0].grad = conv.params[0].grad.contiguous()
+        check_step(blocks, buffers, damping=0.6, tol=1e-5, **options)
+
+
+def test_float64_and_mixed_layout_blocks_take_the_reference_path(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    blocks = make_blocks(torch.float64, HYPER[:2], gen, layers=LAYERS[2:4])
+    conv = mixed_layout_conv(gen)
+    blocks.append(conv)
+    referenced = reference_spy(monkeypatch)
+    check_mixed_layout_steps(blocks, conv, gen)
     assert [b for b in referenced if b.precond is not None] == [blocks[0], blocks[1], conv] * 2
 
 
@@ -455,10 +482,7 @@ def test_problems_past_int32_take_the_reference_path(monkeypatch):
     monkeypatch.setattr(update, "offsets_fit_int32", lambda *args: False)
     gen = torch.Generator().manual_seed(11)
     blocks = make_blocks(torch.float32, HYPER[:2], gen, layers=LAYERS[:2])
-    referenced = []
-    reference_block = update._reference_block
-    monkeypatch.setattr(update, "_reference_block", lambda block, *args: (referenced.append(block),
-                                                                          reference_block(block, *args)))
+    referenced = reference_spy(monkeypatch)
     buffers = [None] * len(flat(blocks))
     fresh_grads(blocks, gen)
     check_step(blocks, buffers, damping=0.5, tol=1e-5)
@@ -595,3 +619,145 @@ def test_foof_with_rank_and_triton_update_tracks_reference(fused_only, monkeypat
     assert all("top_eigvecs" in fused.state[layer.weight] for layer in fused.layers)  # D' = 28, 54 and 73 > 12
     for p, q in zip(model.parameters(), twin.parameters()):
         assert rel_error(p, q) <= 1e-5
+
+
+# ---- grafting (graft="sgd", DESIGN §1.4): U rescaled per preconditioned block to ‖Ĝ‖_F, U = G for the rest ----
+
+def grafted_blocks(blocks):
+    return [b for b in blocks if (b.precond is not None or b.eigvecs is not None) and b.params[0].grad is not None]
+
+
+@pytest.mark.parametrize("layers,layout,hyper", [(LAYERS, None, HYPER[:2]),
+                                                 (CHANNELS_LAST_LAYERS, channels_last, [HYPER[2], HYPER[0]])],
+                         ids=["contiguous", "channels_last"])
+def test_grafted_update_matches_float64_and_the_reference(layers, layout, hyper, fused_only):
+    # odd sizes, grouped convs, bias and no bias, plain parameters (U = G); the second step updates the
+    # momentum buffers the first created
+    gen = torch.Generator().manual_seed(20)
+    blocks = make_blocks(torch.float32, hyper, gen, layers=layers, layout=layout)
+    check_steps(blocks, gen, 2, damping=0.7, tol=1e-5, graft="sgd")
+    assert_tracks_reference(blocks, gen, damping=0.7, graft="sgd")
+
+
+def test_grafted_low_rank_update_matches_float64_and_the_reference(fused_only):
+    """Low-rank, dense and plain blocks in one call: one scale computation for both GEMM kinds."""
+    gen = torch.Generator().manual_seed(21)
+    blocks = make_low_rank_blocks(torch.float32, HYPER[:2], gen)
+    check_steps(blocks, gen, 2, damping=0.6, tol=1e-5, graft="sgd")
+    assert_tracks_reference(blocks, gen, damping=0.6, graft="sgd")
+
+
+def test_grafted_update_of_bf16_params(fused_only):
+    gen = torch.Generator().manual_seed(22)
+    blocks = make_low_rank_blocks(torch.bfloat16, HYPER[:2], gen, layers=LOW_RANK_LAYERS[1:3])
+    check_steps(blocks, gen, 2, damping=0.8, tol=2e-2, graft="sgd")
+
+
+def test_grafted_transformed_gradient_takes_the_norm_of_the_raw_gradient(fused_only):
+    # KFAC's Block.grad feeds U; ‖Ĝ‖ is still that of the parameters' own gradients
+    gen = torch.Generator().manual_seed(23)
+    blocks = [b for b in make_blocks(torch.float32, HYPER[:2], gen, layers=LAYERS[:4]) if b.precond is not None]
+    fresh_grads(blocks, gen)
+    for block in blocks:
+        rows, dim_p = block.params[0].shape[0] // block.groups, block.precond.shape[-1]
+        block.grad = torch.randn(block.groups, rows, dim_p, generator=gen).to(DEVICE)
+    assert_transformed_gradient_tracks_reference(blocks, damping=0.8, graft="sgd")
+
+
+def test_grafted_reference_blocks_join_the_fused_blocks_norms(monkeypatch):
+    """Blocks the kernels cannot take (float64; a channels_last weight with a contiguous grad), between
+    fused ones: their U comes from the reference, their norms go through the same reduce_norms call,
+    and each is grafted with its own norm."""
+    gen = torch.Generator().manual_seed(24)
+    fused = make_blocks(torch.float32, HYPER[:2], gen, layers=LAYERS[:4])
+    conv = mixed_layout_conv(gen)
+    wide = make_blocks(torch.float64, HYPER[:2], gen, layers=[((9, 2, 3, 2), 3, True)])[0]
+    blocks = fused[:2] + [conv] + fused[2:4] + [wide] + fused[4:]
+    referenced, calls = reference_spy(monkeypatch), []
+    check_mixed_layout_steps(blocks, conv, gen, graft="sgd",
+                             reduce_norms=lambda squares, rows: (calls.append(rows), squares)[1])
+    assert referenced == [conv, wide] * 2
+    assert [[id(b) for b in rows] for rows in calls] == [[id(b) for b in grafted_blocks(blocks)]] * 2
+
+
+def test_grafted_zero_gradient_steps_only_the_weight_decay(fused_only):
+    """‖U‖ = 0: scale 0, no NaN (a dense and a low-rank block); the other blocks step as usual."""
+    gen = torch.Generator().manual_seed(25)
+    blocks = make_low_rank_blocks(torch.float32, HYPER[:2], gen, layers=LOW_RANK_LAYERS[1:2])
+    buffers = [None] * len(flat(blocks))
+    fresh_grads(blocks, gen)
+    zero = [blocks[0], blocks[1]]  # low rank (with bias), dense (with bias)
+    for block in zero:
+        for p in block.params:
+            p.grad.zero_()
+    before = [p.clone() for p in flat(blocks)]
+    update.preconditioned_update_(blocks, buffers, damping=0.5, graft="sgd")
+    slot = 0
+    for block in blocks:
+        for p, old, group in zip(block.params, before[slot:], block.options):
+            assert torch.isfinite(p).all() and (buffers[slot] is None or torch.isfinite(buffers[slot]).all())
+            if block in zero:
+                assert torch.allclose(p, old * (1 - group["lr"] * group["weight_decay"]), rtol=1e-6, atol=0)
+                assert buffers[slot] is None or torch.equal(buffers[slot], torch.zeros_like(buffers[slot]))
+            else:
+                assert not torch.equal(p, old)
+            slot += 1
+
+
+def test_grafted_update_with_grad_scale_and_a_skipped_step(fused_only):
+    gen = torch.Generator().manual_seed(26)
+    blocks = make_low_rank_blocks(torch.float32, HYPER[:2], gen, layers=LOW_RANK_LAYERS[:2])
+    buffers = [None] * len(flat(blocks))
+    scale = torch.tensor(1024.0, device=DEVICE)
+    fresh_grads(blocks, gen, scale=1024.0)
+    check_step(blocks, buffers, damping=0.6, tol=1e-5, grad_scale=scale, graft="sgd")
+    calls = []
+    assert_skipped_step_writes_nothing(blocks, buffers, gen, damping=0.6, graft="sgd",
+                                       reduce_norms=lambda squares, rows: (calls.append(rows), squares)[1])
+    assert len(calls) == 1  # FSDP's all-reduce runs on a skipped step too
+    fresh_grads(blocks, gen, scale=1024.0)
+    check_step(blocks, buffers, damping=0.6, tol=1e-5, grad_scale=scale, graft="sgd")
+
+
+def test_reduce_norms_gets_the_grafted_blocks_squares_once_and_its_result_is_used(fused_only):
+    gen = torch.Generator().manual_seed(27)
+    plain_sgd = dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)
+    blocks = make_low_rank_blocks(torch.float32, [plain_sgd, plain_sgd], gen, layers=LOW_RANK_LAYERS[:2])
+    fresh_grads(blocks, gen)
+    for i in (0, 5):  # low rank, dense: a bias without a gradient is left out of both norms (and not stepped)
+        blocks[i].params[1].grad = None
+    want = []
+    step64(blocks, [None] * len(flat(blocks)), 0.5, graft="sgd", squares=want)
+    twin = copy.deepcopy(blocks)
+    before = [p.clone() for p in flat(blocks)]
+    calls = []
+
+    def record(squares, rows):
+        calls.append((squares.clone(), rows))
+        return squares
+
+    update.preconditioned_update_(blocks, [None] * len(flat(blocks)), damping=0.5, graft="sgd", reduce_norms=record)
+    (squares, rows), = calls
+    grafted = grafted_blocks(blocks)
+    assert len(grafted) == 4 and [id(b) for b in rows] == [id(b) for b in grafted]  # two low-rank, two dense
+    assert squares.shape == (4, 2) and squares.dtype == torch.float32
+    assert rel_error(squares[:, 0], torch.tensor(want)[:, 0]) <= 1e-6
+    assert rel_error(squares[:, 1], torch.tensor(want)[:, 1]) <= 1e-6
+    # the returned squares are the ones used: doubling ‖Ĝ‖² scales every grafted U by √2, nothing else
+    update.preconditioned_update_(twin, [None] * len(flat(twin)), damping=0.5, graft="sgd",
+                                  reduce_norms=lambda squares, rows: squares * squares.new_tensor([2.0, 1.0]))
+    for block, twin_block in zip(blocks, twin):
+        for p, q, old in zip(block.params, twin_block.params, before[:len(block.params)]):
+            if block in grafted and p.grad is not None:
+                assert rel_error(q - old, (p - old) * 2 ** 0.5) <= 1e-6
+            else:
+                assert torch.equal(p, q)
+        before = before[len(block.params):]
+    # no grafted block: called once all the same, with [0, 2]
+    calls.clear()
+    plain = [b for b in blocks if b not in grafted]
+    update.preconditioned_update_(plain, [None] * len(flat(plain)), damping=0.5, graft="sgd", reduce_norms=record)
+    (squares, rows), = calls
+    assert squares.shape == (0, 2) and rows == []
+    with pytest.raises(ValueError, match="graft"):
+        update.preconditioned_update_(blocks, [None] * len(flat(blocks)), damping=0.5, graft="adam")
