@@ -644,10 +644,11 @@ class KroneckerOptimizer(Optimizer):
         from torch.optim.SGD, whose momentum holds gradients rather than U) raises ValueError."""
         groups = [dict(group) for group in state_dict["param_groups"]]
         own = [group.pop(OWN_ENTRIES, None) for group in groups][0] if groups else None
+        own = state_dict.get("foof", own)  # where state dicts saved before 2026-12-06 kept them
         if own is None:
             raise ValueError(f"state_dict: no '{OWN_ENTRIES}' entry in its param groups; {self.KIND} loads only "
                              f"state dicts saved by {self.KIND}.state_dict()")
-        if own["kind"] != self.KIND:
+        if own.get("kind", "FOOF") != self.KIND:
             raise ValueError(f"state_dict: saved by {own['kind']}, not {self.KIND}")
         state = {}
         for i, entry in state_dict["state"].items():
@@ -655,7 +656,7 @@ class KroneckerOptimizer(Optimizer):
             for key in filter(None, entry.pop(PLACEHOLDERS, "").split(",")):
                 del entry[key]
             state[i] = entry
-        super().load_state_dict({**state_dict, "state": state, "param_groups": groups})
+        super().load_state_dict({"state": state, "param_groups": groups})
         # torch casts floating state to each parameter's dtype; the statistics keep their own.
         ids = chain.from_iterable(group["params"] for group in groups)
         params = chain.from_iterable(group["params"] for group in self.param_groups)

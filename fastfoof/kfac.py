@@ -287,7 +287,7 @@ class KFAC(KroneckerOptimizer):
     def _load_own_entries(self, entries: dict) -> None:
         super()._load_own_entries(entries)
         self._generators = {}
-        for device, state in entries["generators"].items():
+        for device, state in entries.get("generators", {}).items():  # (none in older state dicts)
             self._generator(torch.device(device)).set_state(state)
 
     # ---- preconditioners --------------------------------------------------------------------

@@ -192,7 +192,21 @@ def test_gradient_accumulation_equals_big_batch():
     assert_same_params(twin, model, 1e-12)
 
 
-def test_resume_is_bit_for_bit():
+def legacy(state_dict):
+    """A state dict as FOOF saved it before 2026-12-06: its own entries at the top as "foof", no placeholders."""
+    groups = [dict(group) for group in state_dict["param_groups"]]
+    own = [group.pop("fastfoof") for group in groups][0]
+    state = {}
+    for i, entry in state_dict["state"].items():
+        entry = dict(entry)
+        for key in filter(None, entry.pop("fastfoof_placeholders").split(",")):
+            del entry[key]
+        state[i] = entry
+    return {"state": state, "param_groups": groups, "foof": own}
+
+
+@pytest.mark.parametrize("saved_as", ["today", "before 2026-12-06"])
+def test_resume_is_bit_for_bit(saved_as):
     batches = make_batches(8)
     kw = dict(lr=0.2, damping=0.5, momentum=0.9, nesterov=True, weight_decay=0.01, inv_period=3, stats_steps=2)
     model = make_model()
@@ -207,7 +221,7 @@ def test_resume_is_bit_for_bit():
     resumed = make_model(seed=7)
     resumed.load_state_dict(saved[0])
     opt2 = fastfoof.FOOF(resumed, backend="reference", **kw)
-    opt2.load_state_dict(saved[1])
+    opt2.load_state_dict(saved[1] if saved_as == "today" else legacy(saved[1]))
     for x, y in batches[4:]:
         opt2.zero_grad()
         loss_fn(resumed, x, y).backward()
