@@ -239,6 +239,10 @@ def train_step(model, optimizer, x, y) -> torch.Tensor:
     optimizer.zero_grad(set_to_none=True)
     logits = model(x)
     if isinstance(optimizer, fastfoof.KFAC):
+        if not torch.isfinite(logits).all():
+            # Diverged: no labels can be sampled from non-finite logits (backward_fisher raises on them). The run
+            # takes no step, and its NaN loss takes it out of the race at the epoch's end, as any diverged run.
+            return torch.full((), math.nan, device=logits.device)
         optimizer.backward_fisher(logits)  # G from labels sampled from the model
     loss = F.cross_entropy(logits, y)
     loss.backward()
@@ -487,8 +491,8 @@ def figure(results: dict[str, list[Setting]], targets: dict[str, float], title: 
             ax.grid(True, which="both", alpha=0.3)
             ax.set_ylabel("training loss (mean over the epoch)")
         seeds = len(settings[0].runs)
-        by_epoch.set_title(f"{name}: median over {seeds} seeds of every setting (faint, in its optimizer's colour) "
-                           f"and of each optimizer's best (bold; band: its seeds' min to max)", fontsize=9)
+        by_epoch.set_title(f"{name}, median of {seeds} seeds per setting\nbold: each optimizer's best (band: its seeds' "
+                           f"min to max)\nfaint: its other settings, in its optimizer's colour", fontsize=9)
         by_time.set_title(f"{name}: the best settings against their own training time", fontsize=10)
         by_epoch.set_xlabel("epoch")
         by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))

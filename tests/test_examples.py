@@ -161,7 +161,7 @@ def test_plot_draws_every_faint_setting_in_its_optimizers_colour():
         for name in ("SGD", "FOOF", "KFAC"):
             handle = legend.legend_handles[labels.index(f"{name}: its other settings (faint)")]
             assert to_rgba(handle.get_color())[:3] == to_rgba(compare_optimizers.COLORS[name])[:3]
-        assert "faint, in its optimizer's colour" in by_epoch.get_title()
+        assert "faint: its other settings, in its optimizer's colour" in by_epoch.get_title()
     finally:
         import matplotlib.pyplot as plt
 
@@ -328,3 +328,18 @@ def test_sweep_graft_tiny_end_to_end(tmp_path):
             best = min(lrs, key=lambda lr: loss[(lr, "SGD")])
             row = f"| {n} | {s} | {best:g} | {loss[(best, 'SGD')]:.2e} | {loss[(best, 'FOOF')]:.2e} | "
             assert row in markdown, row
+
+
+def test_a_diverged_kfac_run_leaves_the_race_instead_of_raising():
+    """Non-finite logits: KFAC's backward_fisher cannot sample labels from them, so the comparison's step
+    returns a NaN loss (the race drops the run at the epoch's end) and changes nothing."""
+    torch.manual_seed(0)
+    model = compare_optimizers.MNIST1DMLP()
+    optimizer = compare_optimizers.make_optimizer("KFAC", model, 0.1, 1.0)
+    x, y = torch.randn(8, 1, 40), torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        model.classifier.weight.fill_(math.inf)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = compare_optimizers.train_step(model, optimizer, x, y)
+    assert math.isnan(loss.item())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
