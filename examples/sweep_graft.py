@@ -407,7 +407,7 @@ def report(*datas: dict) -> str:
         m = data["machine"]
         out.append(f"{', '.join(data['settings']['optimizers'])}: {len(data['runs'])} runs in "
                    f"{m['wall_seconds'] / 60:.1f} min wall on {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
-                   f"(one thread per process, {m['processes']} processes at once), Python {m['python']}, {m['date']}; "
+                   f"(one thread per process; processes at once: {m['processes']}), Python {m['python']}, {m['date']}; "
                    f"the machine was shared with other jobs (load average "
                    f"{', '.join(f'{v:.1f}' for v in m['load_average_at_start'])} at the start, "
                    f"{', '.join(f'{v:.1f}' for v in m['load_average_at_end'])} at the end).")
