@@ -1,14 +1,20 @@
-"""FOOF vs KFAC vs SGD with momentum vs Adam vs Muon on small nets, each over a small grid.
+"""FOOF vs KFAC vs SGD with momentum vs Adam vs Muon on small nets, each over a small grid, over seeds.
 
     python examples/compare_optimizers.py --dataset mnist1d    # the MNIST-1D benchmark's CNN and MLP
     python examples/compare_optimizers.py                      # scikit-learn's digits, bundled
     python examples/compare_optimizers.py --dataset cifar10 --data-dir ~/data --device cuda
 
-Every run of a model starts from the same initial weights and sees the same batches in the same
-order. The runs take turns step by step (every run takes its step k before any takes step k+1), so
-that a change in background load hits every run alike and the step times compare. Prints a table
-per model (final training loss, test accuracy, time per step, time to a target training loss) and
-writes a PNG of the training loss per epoch and against training seconds on a log scale (--plot).
+FOOF and KFAC take SGD's learning rates: with their default graft="sgd" each layer's step is
+rescaled to its gradient's norm, so lr means what it means for SGD, and damping only shapes the
+direction. Their grid is SGD's lr grid at their default damping 1 and at 0.1.
+
+Within a seed every run of a model starts from the same initial weights and sees the same batches in
+the same order (--seeds, default 0 1 2: three seeds). The runs of a seed take turns step by step
+(every run takes its step k before any takes step k+1), so that a change in background load hits
+every run alike and the step times compare. Prints a table per model (each setting's final training
+loss and test accuracy as the median over the seeds with their min and max, time per step, time to a
+target training loss) and writes a PNG of the training loss per epoch and against training seconds on
+a log scale (--plot).
 """
 from __future__ import annotations
 
@@ -31,31 +37,38 @@ from data import channel_stats, normalise, read_cifar10  # noqa: E402
 from models import MNIST1DConvNet, MNIST1DMLP, SmallConvNet  # noqa: E402
 
 
-def foof_grid(dampings: tuple[float, ...], steps: tuple[float, ...]) -> list[tuple[float, float]]:
-    """(lr, damping) with lr = damping × step: FOOF's and KFAC's parameters without a preconditioner
-    (BatchNorm), and the weights along directions where a layer's inputs barely vary, step with
-    lr/damping, so `step` is the SGD-equivalent step size."""
-    return [(round(damping * step, 6), damping) for damping in dampings for step in steps]
+# FOOF's and KFAC's dampings: their default, and one other (smaller: preconditions more).
+DAMPINGS = (1.0, 0.1)
 
 
-# (lr, damping) per run, 3x apart, placed so that each optimizer's best setting on the dataset lies inside
-# its grid (README: the sweeps that placed them). KFAC uses Martens & Grosse's heuristic damping and the
-# Monte Carlo Fisher (the paper's choice). The parameters Muon does not take step with AdamW at a tenth
-# of Muon's rate.
+def sgd_lr_grid(sgd_lrs: tuple[float, ...], dampings: tuple[float, ...] = DAMPINGS) -> list[tuple[float, float]]:
+    """(lr, damping) for FOOF and KFAC: SGD's learning rates at each damping. With their default
+    graft="sgd" every preconditioned layer steps as far as SGD would (its update rescaled to the
+    gradient's norm), so SGD's lr carries over and the damping only shapes the direction."""
+    return [(lr, damping) for damping in dampings for lr in sgd_lrs]
+
+
+# lr per run, 3x apart, placed so that SGD's, Adam's and Muon's best setting on the dataset lies inside
+# its grid (README: the sweeps that placed them); FOOF and KFAC take SGD's. KFAC uses Martens & Grosse's
+# heuristic damping and the Monte Carlo Fisher (the paper's choice). The parameters Muon does not take
+# step with AdamW at a tenth of Muon's rate.
+MNIST1D_SGD_LRS = (0.03, 0.1, 0.3)
+DIGITS_SGD_LRS = (0.1, 0.3, 1.0)
 MNIST1D_GRIDS = {
-    "SGD": [(0.03, None), (0.1, None), (0.3, None)],
+    "SGD": [(lr, None) for lr in MNIST1D_SGD_LRS],
     "Adam": [(3e-3, None), (1e-2, None), (3e-2, None)],
     "Muon": [(3e-3, None), (0.01, None), (0.03, None)],
-    "FOOF": foof_grid((0.1, 1.0), (0.3, 1.0, 3.0)),
-    "KFAC": foof_grid((0.1, 1.0), (0.1, 0.3)),
+    "FOOF": sgd_lr_grid(MNIST1D_SGD_LRS),
+    "KFAC": sgd_lr_grid(MNIST1D_SGD_LRS),
 }
 DIGITS_GRIDS = {
-    "SGD": [(0.1, None), (0.3, None), (1.0, None)],
+    "SGD": [(lr, None) for lr in DIGITS_SGD_LRS],
     "Adam": [(3e-3, None), (1e-2, None), (3e-2, None)],
     "Muon": [(0.03, None), (0.1, None), (0.3, None)],
-    "FOOF": foof_grid((0.1, 1.0), (0.3, 1.0, 3.0)),
-    "KFAC": foof_grid((0.1, 1.0), (0.1, 0.3, 1.0)),
+    "FOOF": sgd_lr_grid(DIGITS_SGD_LRS),
+    "KFAC": sgd_lr_grid(DIGITS_SGD_LRS),
 }
+SEEDS = (0, 1, 2)
 MOMENTUM = 0.9
 PERIOD, STATS_STEPS = 100, 10  # FOOF's and KFAC's inv_period T and stats_steps S (their defaults)
 # dataset -> models, grids, epochs, batch size, target training loss per model
@@ -226,6 +239,10 @@ def train_step(model, optimizer, x, y) -> torch.Tensor:
     optimizer.zero_grad(set_to_none=True)
     logits = model(x)
     if isinstance(optimizer, fastfoof.KFAC):
+        if not torch.isfinite(logits).all():
+            # Diverged: no labels can be sampled from non-finite logits (backward_fisher raises on them). The run
+            # takes no step, and its NaN loss takes it out of the race at the epoch's end, as any diverged run.
+            return torch.full((), math.nan, device=logits.device)
         optimizer.backward_fisher(logits)  # G from labels sampled from the model
     loss = F.cross_entropy(logits, y)
     loss.backward()
@@ -301,12 +318,92 @@ def loss_key(run: Run) -> float:
     return run.final_loss if math.isfinite(run.final_loss) else math.inf
 
 
-def best_runs(runs: list[Run]) -> dict[str, Run]:
-    """Per optimizer, the run with the lowest final training loss."""
+@dataclass
+class Setting:
+    """One grid point of one optimizer: its run on each seed."""
+    runs: list[Run]
+
+    @property
+    def optimizer(self) -> str:
+        return self.runs[0].optimizer
+
+    @property
+    def lr(self) -> float:
+        return self.runs[0].lr
+
+    @property
+    def damping(self) -> float | None:
+        return self.runs[0].damping
+
+    @property
+    def label(self) -> str:
+        return self.runs[0].label
+
+    @property
+    def losses(self) -> list[float]:
+        """Each seed's final training loss (inf where the run diverged)."""
+        return [loss_key(run) for run in self.runs]
+
+    @property
+    def final_loss(self) -> float:
+        """The median over the seeds (a diverged seed counts as inf)."""
+        return statistics.median(self.losses)
+
+    @property
+    def accuracies(self) -> list[float]:
+        return [run.test_accuracy for run in self.runs]
+
+    @property
+    def test_accuracy(self) -> float:
+        return statistics.median(self.accuracies)
+
+    @property
+    def median_step(self) -> float:
+        return statistics.median(run.median_step for run in self.runs)
+
+    @property
+    def amortised_step(self) -> float:
+        return statistics.median(run.amortised_step for run in self.runs)
+
+    def seconds_to(self, target: float) -> float:
+        """The median over the seeds of the training seconds until the loss first reached `target`."""
+        return statistics.median(run.seconds_to(target) for run in self.runs)
+
+    @property
+    def epoch_losses(self) -> list[float]:
+        """Per epoch the median over the seeds of the epoch's mean loss, as long as every seed is finite."""
+        losses = []
+        for epoch in range(max(len(run.epoch_losses) for run in self.runs)):
+            values = [run.epoch_losses[epoch] if epoch < len(run.epoch_losses) else math.inf for run in self.runs]
+            if not all(math.isfinite(v) for v in values):
+                break
+            losses.append(statistics.median(values))
+        return losses
+
+    def epoch_band(self) -> tuple[list[float], list[float]]:
+        """Per epoch (as long as every seed is finite) the lowest and highest seed's loss."""
+        count = len(self.epoch_losses)
+        return ([min(run.epoch_losses[e] for run in self.runs) for e in range(count)],
+                [max(run.epoch_losses[e] for run in self.runs) for e in range(count)])
+
+    @property
+    def epoch_seconds(self) -> list[float]:
+        """Training seconds at each epoch's end, at the median amortised step over the seeds."""
+        steps = self.runs[0].steps_per_epoch
+        return [(epoch + 1) * steps * self.amortised_step for epoch in range(len(self.epoch_losses))]
+
+
+def settings_of(runs_per_seed: list[list[Run]]) -> list[Setting]:
+    """Group each seed's runs (the same grid, in the same order) by grid point."""
+    return [Setting(list(runs)) for runs in zip(*runs_per_seed)]
+
+
+def best_settings(settings: list[Setting]) -> dict[str, Setting]:
+    """Per optimizer, the setting with the lowest median final training loss."""
     best = {}
-    for run in runs:
-        if run.optimizer not in best or loss_key(run) < loss_key(best[run.optimizer]):
-            best[run.optimizer] = run
+    for setting in settings:
+        if setting.optimizer not in best or setting.final_loss < best[setting.optimizer].final_loss:
+            best[setting.optimizer] = setting
     return best
 
 
@@ -318,70 +415,107 @@ def format_damping(damping: float | None) -> str:
     return "-" if damping is None else f"{damping:g}"
 
 
-def print_tables(name: str, runs: list[Run], epochs: int, target: float) -> None:
-    print(f"{name}: all runs ({epochs} epochs each; ms per step after the first epoch: the median step, and "
-          f"amortised over FOOF's period T={PERIOD}, S={STATS_STEPS}; seconds to the target loss {target:g} at the "
-          f"amortised step)")
-    print(f"{'optimizer':<10} {'lr':>8} {'damping':>8} {'final train loss':>17} {'test acc':>9} {'median ms':>10} "
+def format_loss(loss: float) -> str:
+    return f"{loss:.2e}" if math.isfinite(loss) else "diverged"
+
+
+def loss_columns(setting: Setting) -> str:
+    """The median final training loss over the seeds, then the lowest and the highest seed's."""
+    return " ".join(f"{format_loss(v):>9}" for v in (setting.final_loss, min(setting.losses), max(setting.losses)))
+
+
+def accuracy_columns(setting: Setting) -> str:
+    return " ".join(f"{v:>7.2%}" for v in (setting.test_accuracy, min(setting.accuracies), max(setting.accuracies)))
+
+
+LOSS_HEADER = f"{'loss med':>9} {'min':>9} {'max':>9}"
+ACCURACY_HEADER = f"{'acc med':>7} {'min':>7} {'max':>7}"
+
+
+def print_tables(name: str, settings: list[Setting], epochs: int, target: float, seeds: list[int]) -> None:
+    print(f"{name}: every setting over seeds {' '.join(map(str, seeds))} ({epochs} epochs each; final training loss "
+          f"(the last epoch's mean) and test accuracy: the median over the seeds, then the lowest and highest seed's; "
+          f"ms per step after the first epoch: the median step, and amortised over FOOF's period T={PERIOD}, "
+          f"S={STATS_STEPS}, median over the seeds; seconds to the target loss {target:g} at the amortised step, "
+          f"median over the seeds)")
+    print(f"{'optimizer':<10} {'lr':>8} {'damping':>8} {LOSS_HEADER} {ACCURACY_HEADER} {'median ms':>10} "
           f"{'amort. ms':>10} {'s to target':>12}")
-    for run in runs:
-        print(f"{run.optimizer:<10} {run.lr:>8g} {format_damping(run.damping):>8} {run.final_loss:>17.3e} "
-              f"{run.test_accuracy:>9.2%} {1e3 * run.median_step:>10.2f} {1e3 * run.amortised_step:>10.2f} "
-              f"{format_seconds(run.seconds_to(target)):>12}")
-    best = best_runs(runs)
+    for setting in settings:
+        print(f"{setting.optimizer:<10} {setting.lr:>8g} {format_damping(setting.damping):>8} {loss_columns(setting)} "
+              f"{accuracy_columns(setting)} {1e3 * setting.median_step:>10.2f} {1e3 * setting.amortised_step:>10.2f} "
+              f"{format_seconds(setting.seconds_to(target)):>12}")
+    best = best_settings(settings)
     sgd_step = best["SGD"].amortised_step
-    print(f"\n{name}: best setting per optimizer (lowest final training loss; step / SGD: amortised step over "
-          f"SGD's best run's)")
-    print(f"{'optimizer':<10} {'best lr':>8} {'damping':>8} {'final train loss':>17} {'test acc':>9} {'amort. ms':>10} "
+    print(f"\n{name}: best setting per optimizer (lowest median final training loss; step / SGD: amortised step over "
+          f"SGD's best setting's)")
+    print(f"{'optimizer':<10} {'best lr':>8} {'damping':>8} {LOSS_HEADER} {ACCURACY_HEADER} {'amort. ms':>10} "
           f"{'step / SGD':>11} {'s to target':>12}")
-    for optimizer, run in sorted(best.items(), key=lambda item: loss_key(item[1])):
-        print(f"{optimizer:<10} {run.lr:>8g} {format_damping(run.damping):>8} {run.final_loss:>17.3e} "
-              f"{run.test_accuracy:>9.2%} {1e3 * run.amortised_step:>10.2f} {run.amortised_step / sgd_step:>10.2f}x "
-              f"{format_seconds(run.seconds_to(target)):>12}")
+    for optimizer, setting in sorted(best.items(), key=lambda item: item[1].final_loss):
+        print(f"{optimizer:<10} {setting.lr:>8g} {format_damping(setting.damping):>8} {loss_columns(setting)} "
+              f"{accuracy_columns(setting)} {1e3 * setting.amortised_step:>10.2f} "
+              f"{setting.amortised_step / sgd_step:>10.2f}x {format_seconds(setting.seconds_to(target)):>12}")
 
 
-def plot(results: dict[str, list[Run]], targets: dict[str, float], path: Path, title: str) -> None:
+def figure(results: dict[str, list[Setting]], targets: dict[str, float], title: str):
+    """Per model: every setting's median loss per epoch, faint in its optimizer's colour, each optimizer's best
+    in bold with its seeds' band (left); the best settings against training seconds (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(len(results), 2, figsize=(13, 4.2 * len(results) + 0.8), squeeze=False)
-    for (name, runs), (by_epoch, by_time) in zip(results.items(), axes):
-        best = best_runs(runs)
-        for run in runs:
-            if best[run.optimizer] is not run:
-                by_epoch.plot(range(1, len(run.epoch_losses) + 1), run.epoch_losses, color=COLORS[run.optimizer],
-                              alpha=0.25, linewidth=0.8)
-        for run in best.values():  # on top of the others
-            style = dict(color=COLORS[run.optimizer], linewidth=2.0)
-            by_epoch.plot(range(1, len(run.epoch_losses) + 1), run.epoch_losses, **style)
-            by_time.plot(run.epoch_seconds, run.epoch_losses, label=run.label, **style)
+    for (name, settings), (by_epoch, by_time) in zip(results.items(), axes):
+        best = best_settings(settings)
+        for setting in settings:
+            if best[setting.optimizer] is not setting:
+                by_epoch.plot(range(1, len(setting.epoch_losses) + 1), setting.epoch_losses,
+                              color=COLORS[setting.optimizer], alpha=0.3, linewidth=0.8)
+        for setting in best.values():  # on top of the others
+            epochs = range(1, len(setting.epoch_losses) + 1)
+            style = dict(color=COLORS[setting.optimizer], linewidth=2.0)
+            by_epoch.plot(epochs, setting.epoch_losses, **style)
+            by_epoch.fill_between(epochs, *setting.epoch_band(), color=COLORS[setting.optimizer], alpha=0.15,
+                                  linewidth=0)
+            by_time.plot(setting.epoch_seconds, setting.epoch_losses, label=setting.label, **style)
         # Runs on their way to diverging would stretch the axis: it ends just above the best runs' start.
-        top = 1.5 * max(run.epoch_losses[0] for run in best.values() if run.epoch_losses)
+        top = 1.5 * max(max(run.epoch_losses[0] for run in setting.runs if run.epoch_losses)
+                        for setting in best.values())
         for ax in (by_epoch, by_time):
             ax.axhline(targets[name], color="black", linestyle="--", linewidth=1.0)
             ax.set_yscale("log")
             ax.set_ylim(top=top)
             ax.grid(True, which="both", alpha=0.3)
             ax.set_ylabel("training loss (mean over the epoch)")
-        by_epoch.set_title(f"{name}: every run (faint) and each optimizer's best (bold)", fontsize=10)
-        by_time.set_title(f"{name}: the best runs against their own training time", fontsize=10)
+        seeds = len(settings[0].runs)
+        by_epoch.set_title(f"{name}, median of {seeds} seeds per setting\nbold: each optimizer's best (band: its seeds' "
+                           f"min to max)\nfaint: its other settings, in its optimizer's colour", fontsize=9)
+        by_time.set_title(f"{name}: the best settings against their own training time", fontsize=10)
         by_epoch.set_xlabel("epoch")
         by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
-        by_time.set_xlabel("training seconds at the run's amortised step (forward, backward, optimizer step)")
+        by_time.set_xlabel("training seconds at the setting's amortised step (forward, backward, optimizer step)")
         handles, labels = by_time.get_legend_handles_labels()
-        handles += [Line2D([], [], color="gray", alpha=0.4, linewidth=0.8),
-                    Line2D([], [], color="black", linestyle="--", linewidth=1.0)]
-        labels += ["other grid points (faint)", f"target loss {targets[name]:g}"]
+        for optimizer in best:
+            handles.append(Line2D([], [], color=COLORS[optimizer], alpha=0.3, linewidth=0.8))
+            labels.append(f"{optimizer}: its other settings (faint)")
+        handles += [Patch(color="gray", alpha=0.15), Line2D([], [], color="black", linestyle="--", linewidth=1.0)]
+        labels += ["best setting's seeds, min to max (left)", f"target loss {targets[name]:g}"]
         by_time.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.suptitle(title)
-    fig.text(0.01, 0.005, "Right: steps taken × the run's amortised step time (on a CPU its CPU time), measured while "
-             "the runs took turns step by step. A run that needs fewer epochs arrives later if its steps cost enough "
-             "more.", fontsize=8)
+    fig.text(0.01, 0.005, "Right: steps taken × the setting's amortised step time (on a CPU its CPU time), measured "
+             "while the runs took turns step by step. A run that needs fewer epochs arrives later if its steps cost "
+             "enough more.", fontsize=8)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
+    return fig
+
+
+def plot(results: dict[str, list[Setting]], targets: dict[str, float], path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(results, targets, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -396,12 +530,15 @@ def parse_args(argv=None):
         f"{name} {setting['epochs']}" for name, setting in DATASETS.items()))
     parser.add_argument("--batch-size", type=int, help="default: " + ", ".join(
         f"{name} {setting['batch_size']}" for name, setting in DATASETS.items()))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help=f"seeds of the initial weights and the batch order (default: {' '.join(map(str, SEEDS))}; "
+                             "with --smoke: 0)")
     parser.add_argument("--plot", type=Path, default=Path("compare_optimizers.png"), help="where the PNG goes")
     parser.add_argument("--target-loss", type=float,
                         help="training loss whose time to reach is reported (default: per dataset and model)")
     parser.add_argument("--smoke", action="store_true",
-                        help=f"{SMOKE_EPOCHS} epochs of {SMOKE_STEPS_PER_EPOCH} steps (a quick check that it runs)")
+                        help=f"{SMOKE_EPOCHS} epochs of {SMOKE_STEPS_PER_EPOCH} steps, one seed (a quick check that it "
+                             "runs)")
     args = parser.parse_args(argv)
     if args.dataset == "cifar10" and args.data_dir is None:
         parser.error("--dataset cifar10 needs --data-dir (the folder holding cifar-10-batches-py)")
@@ -410,6 +547,8 @@ def parse_args(argv=None):
         args.epochs = SMOKE_EPOCHS if args.smoke else setting["epochs"]
     if args.batch_size is None:
         args.batch_size = setting["batch_size"]
+    if args.seeds is None:
+        args.seeds = [0] if args.smoke else list(SEEDS)
     return args
 
 
@@ -427,28 +566,37 @@ def main(argv=None) -> None:
                "cifar10": lambda: load_cifar10_data(args.data_dir)}
     data = tuple(t.to(device) for t in loaders[args.dataset]())
     setting = DATASETS[args.dataset]
+    seeds = args.seeds
     print(f"{args.dataset}: {len(data[0])} training / {len(data[2])} test examples of shape "
-          f"{tuple(data[0].shape[1:])}; batch {args.batch_size}, {args.epochs} epochs, device {device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; step times: "
-          f"{'CPU time' if device.type == 'cpu' else 'wall clock'}")
+          f"{tuple(data[0].shape[1:])}; batch {args.batch_size}, {args.epochs} epochs, seeds "
+          f"{' '.join(map(str, seeds))}, device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU "
+          f"threads; step times: {'CPU time' if device.type == 'cpu' else 'wall clock'}")
     grids = setting["grids"]
+    sgd_lrs = [lr for lr, _ in grids["SGD"]]
+    print(f"FOOF and KFAC take SGD's learning rates ({', '.join(f'{lr:g}' for lr in sgd_lrs)}): with their default "
+          f"graft='sgd' each layer steps as far as under SGD; damping {DAMPINGS[0]:g} (the default) and "
+          f"{', '.join(f'{d:g}' for d in DAMPINGS[1:])}")
     runs_per_model = sum(len(grid) for grid in grids.values())
-    bar = tqdm(total=len(setting["models"]) * runs_per_model * args.epochs * epoch_steps(len(data[0]), args), unit="step",
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=len(setting["models"]) * len(seeds) * runs_per_model * args.epochs
+               * epoch_steps(len(data[0]), args), unit="step", file=sys.stderr, dynamic_ncols=True)
     results, targets, muon_parameters = {}, {}, {}
     for name, make_model in setting["models"].items():
-        runs = [Run(optimizer, lr, damping) for optimizer, grid in grids.items() for lr, damping in grid]
-        optimizers = race(name, runs, make_model, data, args, device, bar)
-        muon_parameters[name] = next(o.description for o in optimizers if isinstance(o, MuonWithAdamW))
-        results[name] = runs
+        runs_per_seed = []
+        for seed in seeds:
+            args.seed = seed  # race's initial weights and batch order
+            runs = [Run(optimizer, lr, damping) for optimizer, grid in grids.items() for lr, damping in grid]
+            optimizers = race(f"{name}, seed {seed}", runs, make_model, data, args, device, bar)
+            muon_parameters[name] = next(o.description for o in optimizers if isinstance(o, MuonWithAdamW))
+            runs_per_seed.append(runs)
+        results[name] = settings_of(runs_per_seed)
         targets[name] = args.target_loss if args.target_loss is not None else setting["target_loss"][name]
     bar.close()
-    for name, runs in results.items():
+    for name, settings in results.items():
         parameters = sum(p.numel() for p in setting["models"][name]().parameters())
         print(f"\n{name}: {parameters:,} parameters. {muon_parameters[name]}")
-        print_tables(name, runs, args.epochs, targets[name])
-    plot(results, targets, args.plot, f"{args.dataset}: batch {args.batch_size}, {args.epochs} epochs, "
-         f"{device}, {torch.get_num_threads()} CPU threads")
+        print_tables(name, settings, args.epochs, targets[name], seeds)
+    plot(results, targets, args.plot, f"{args.dataset}: batch {args.batch_size}, {args.epochs} epochs, seeds "
+         f"{' '.join(map(str, seeds))}, {device}, {torch.get_num_threads()} CPU threads")
     print(f"\nplot: {args.plot.resolve()}")
     print(f"wall time: {time.perf_counter() - started:.0f} s (data, every run, tables and plot)")
 

@@ -1,7 +1,12 @@
 """The sweeps behind the README's Use snippet and tuning guide, on a net that is not the README example's.
 
-    python examples/tune_foof.py settings   # FOOF's lr x damping against SGD(lr=0.1, momentum=0.9), 3 seeds
+    python examples/tune_foof.py settings   # FOOF's lr x damping against SGD at the same lrs, 3 seeds
     python examples/tune_foof.py schedule   # T and S: final loss and amortised step time against SGD
+
+FOOF runs with its default graft="sgd": each preconditioned layer's update is rescaled to its
+gradient's norm, so FOOF's lr is SGD's learning rate and the damping λ only shapes the direction
+(small: preconditions more; large: closer to SGD's direction). `settings` therefore puts FOOF and SGD
+on the same lr grid, one column per lr, and FOOF's rows are its dampings.
 
 The net is a standard BatchNorm CNN, ResNet-18 (narrow: width 8), on scikit-learn's digits. Within a
 seed every run starts from the same weights and sees the same batches, and the runs take turns step
@@ -10,6 +15,7 @@ by step (compare_optimizers.race), so that their step times compare.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -19,14 +25,13 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fastfoof  # noqa: E402
-from compare_optimizers import MOMENTUM, Run, epoch_steps, load_digits_data, race  # noqa: E402
+from compare_optimizers import MOMENTUM, Run, epoch_steps, load_digits_data, loss_key, race  # noqa: E402
 from models import resnet18  # noqa: E402
 
 SNIPPET = dict(lr=0.1, damping=1.0)  # the README's Use snippet: FOOF(model, lr=0.1, damping=1.0, momentum=0.9)
-SGD_LR = 0.1  # the reference: torch.optim.SGD(lr=0.1, momentum=0.9)
-SETTINGS_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
+SGD_LR = 0.1  # the reference: torch.optim.SGD(lr=0.1, momentum=0.9), the snippet's lr
+SETTINGS_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)  # FOOF's and SGD's: with grafting, FOOF's lr is SGD's
 SETTINGS_DAMPINGS = (0.1, 1.0, 10.0)
-SGD_LRS = (0.03, 0.1, 0.3)  # SGD's own neighbourhood, so that the reference is not a weak setting of it
 SEEDS = (0, 1, 2)
 # (T, S): inverting every 10 steps from every step's statistics, the default, S = T, and the paper's
 # ResNet setting (once per epoch there; T=500 is 23 of these digits epochs).
@@ -68,7 +73,18 @@ def train_all(runs_per_seed, seeds, args, data, title: str) -> list[list[FOOFRun
 
 
 def median_loss(runs: list[FOOFRun]) -> float:
-    return statistics.median(run.final_loss for run in runs)
+    """The median final training loss over the seeds; a diverged seed counts as inf."""
+    return statistics.median(loss_key(run) for run in runs)
+
+
+def cell(runs: list[FOOFRun]) -> str:
+    """'median loss (mean test accuracy)', or 'diverged' where the median is."""
+    loss = median_loss(runs)
+    return f"{loss:.2e} ({mean_accuracy(runs):.1%})" if math.isfinite(loss) else "diverged"
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if math.isfinite(a) and math.isfinite(b) else "—"
 
 
 def mean_accuracy(runs: list[FOOFRun]) -> float:
@@ -77,7 +93,7 @@ def mean_accuracy(runs: list[FOOFRun]) -> float:
 
 def settings(args, data) -> None:
     def runs_per_seed():
-        return ([FOOFRun("SGD", lr, None) for lr in SGD_LRS]
+        return ([FOOFRun("SGD", lr, None) for lr in SETTINGS_LRS]
                 + [FOOFRun("FOOF", lr, damping) for damping in SETTINGS_DAMPINGS for lr in SETTINGS_LRS])
 
     seeds = SEEDS[:1] if args.smoke else SEEDS
@@ -86,22 +102,24 @@ def settings(args, data) -> None:
     for runs in results:
         for run in runs:
             by_setting.setdefault((run.optimizer, run.lr, run.damping), []).append(run)
-    print(f"\nsettings: FOOF(lr, damping, momentum={MOMENTUM}) and SGD(lr, momentum={MOMENTUM}); ResNet-18 "
-          f"(width {WIDTH}, BatchNorm) on digits, {args.epochs} epochs of batch {BATCH_SIZE}, seeds "
-          f"{' '.join(map(str, seeds))}")
+    print(f"\nsettings: FOOF(lr, damping, momentum={MOMENTUM}) (graft='sgd', the default: lr is SGD's) and "
+          f"SGD(lr, momentum={MOMENTUM}) at the same lrs; ResNet-18 (width {WIDTH}, BatchNorm) on digits, "
+          f"{args.epochs} epochs of batch {BATCH_SIZE}, seeds {' '.join(map(str, seeds))}")
     print("median final training loss over the seeds (mean test accuracy):")
     print(f"{'':<14}" + "".join(f"{f'lr={lr:g}':>18}" for lr in SETTINGS_LRS))
     for damping in SETTINGS_DAMPINGS:
         cells = [by_setting[("FOOF", lr, damping)] for lr in SETTINGS_LRS]
-        print(f"{f'FOOF λ={damping:g}':<14}" + "".join(
-            f"{f'{median_loss(runs):.2e} ({mean_accuracy(runs):.1%})':>18}" for runs in cells))
-    sgd_cells = {lr: by_setting[("SGD", lr, None)] for lr in SGD_LRS}
-    print(f"{'SGD':<14}" + "".join(
-        f"{f'{median_loss(sgd_cells[lr]):.2e} ({mean_accuracy(sgd_cells[lr]):.1%})':>18}" if lr in sgd_cells
-        else f"{'':>18}" for lr in SETTINGS_LRS))
+        print(f"{f'FOOF λ={damping:g}':<14}" + "".join(f"{cell(runs):>18}" for runs in cells))
+    sgd_cells = {lr: by_setting[("SGD", lr, None)] for lr in SETTINGS_LRS}
+    print(f"{'SGD':<14}" + "".join(f"{cell(sgd_cells[lr]):>18}" for lr in SETTINGS_LRS))
+    print("FOOF's median loss ÷ SGD's at the same lr (below 1: FOOF lower):")
+    for damping in SETTINGS_DAMPINGS:
+        print(f"{f'λ={damping:g} ÷ SGD':<14}" + "".join(
+            f"{ratio(median_loss(by_setting[('FOOF', lr, damping)]), median_loss(sgd_cells[lr])):>18}"
+            for lr in SETTINGS_LRS))
     snippet = by_setting[("FOOF", SNIPPET["lr"], SNIPPET["damping"])]
     sgd = sgd_cells[SGD_LR]
-    wins = sum(f.final_loss < s.final_loss for f, s in zip(snippet, sgd))
+    wins = sum(loss_key(f) < loss_key(s) for f, s in zip(snippet, sgd))
     print(f"\nUse snippet FOOF(lr={SNIPPET['lr']}, damping={SNIPPET['damping']}, momentum={MOMENTUM}): final "
           f"training loss {' '.join(f'{run.final_loss:.2e}' for run in snippet)}, test accuracy "
           f"{' '.join(f'{run.test_accuracy:.1%}' for run in snippet)}")

@@ -1,6 +1,8 @@
 """The examples run end to end in their --smoke modes and print what they promise."""
 from __future__ import annotations
 
+import inspect
+import json
 import math
 import pickle
 import re
@@ -12,9 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+import fastfoof
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 import compare_optimizers  # noqa: E402  (the grids and settings that the printed tables must show)
+import sweep_graft  # noqa: E402
 import tune_foof  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -48,48 +53,119 @@ def approx_ratio(ms: float, baseline_ms: float):
     return pytest.approx(ratio, abs=0.005 + ratio * (0.005 / ms + 0.005 / baseline_ms))
 
 
-def check_comparison(stdout: str, dataset: str, model: str, muon_matrices: int, plot: Path) -> None:
-    """One model's two tables: every grid point once, then the best of each optimizer."""
+def loss_value(text: str) -> float:
+    return math.inf if text == "diverged" else float(text)
+
+
+def percent(text: str) -> float:
+    return float(text.rstrip("%"))
+
+
+def check_comparison(stdout: str, dataset: str, model: str, muon_matrices: int, plot: Path, seeds: int = 1) -> None:
+    """One model's two tables: every grid point once (median, min and max over the seeds), then the best of
+    each optimizer."""
     grids = compare_optimizers.DATASETS[dataset]["grids"]
-    runs = table_rows(stdout, f"{model}: all runs")
+    runs = table_rows(stdout, f"{model}: every setting over seeds {' '.join(map(str, range(seeds)))} (")
     points = sorted((r[0], float(r[1]), None if r[2] == "-" else float(r[2])) for r in runs)
     assert points == sorted((name, lr, damping) for name, grid in grids.items() for lr, damping in grid)
     for row in runs:
-        assert math.isfinite(float(row[3])) and 0 <= float(row[4].rstrip("%")) <= 100, row
-        assert float(row[5]) > 0 and float(row[6]) > 0, row
-        assert row[7] == "never" or float(row[7]) > 0
+        loss, low, high = map(loss_value, row[3:6])
+        assert math.isfinite(loss) and low <= loss <= high, row
+        accuracy, low, high = map(percent, row[6:9])
+        assert 0 <= low <= accuracy <= high <= 100, row
+        if seeds == 1:
+            assert row[3] == row[4] == row[5] and row[6] == row[7] == row[8], row
+        assert float(row[9]) > 0 and float(row[10]) > 0, row
+        assert row[11] == "never" or float(row[11]) > 0
     best = table_rows(stdout, f"{model}: best setting")
     assert sorted(row[0] for row in best) == sorted(grids)
-    losses = [float(row[3]) for row in best]
-    assert losses == sorted(losses), "the best-per-optimizer table is sorted by loss"
-    sgd_mean_ms = float(next(row for row in best if row[0] == "SGD")[5])
+    losses = [loss_value(row[3]) for row in best]
+    assert losses == sorted(losses), "the best-per-optimizer table is sorted by median loss"
+    sgd_mean_ms = float(next(row for row in best if row[0] == "SGD")[9])
     for row in best:
         own = [r for r in runs if r[0] == row[0]]
-        assert float(row[3]) == min(float(r[3]) for r in own)
-        assert row[1:5] in [r[1:5] for r in own]  # the best run's lr, damping, loss and accuracy
-        assert row[5] in [r[6] for r in own]  # and its mean step
-        assert float(row[6].rstrip("x")) == approx_ratio(float(row[5]), sgd_mean_ms)
+        assert loss_value(row[3]) == min(loss_value(r[3]) for r in own)
+        assert row[1:9] in [r[1:9] for r in own]  # the best setting's lr, damping, losses and accuracies
+        assert row[9] in [r[10] for r in own]  # and its amortised step
+        assert float(row[10].rstrip("x")) == approx_ratio(float(row[9]), sgd_mean_ms)
+        assert row[11] in [r[11] for r in own]
     assert f"Muon: {muon_matrices} conv filters and hidden weight matrices" in stdout
+    sgd_lrs = ", ".join(f"{lr:g}" for lr, _ in grids["SGD"])
+    assert f"FOOF and KFAC take SGD's learning rates ({sgd_lrs})" in stdout
     assert plot.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_foof_and_kfac_take_sgds_learning_rates():
+    """The issue's grid: SGD's lrs at the default damping and one other."""
+    defaults = {name: inspect.signature(cls).parameters["damping"].default
+                for name, cls in (("FOOF", fastfoof.FOOF), ("KFAC", fastfoof.KFAC))}
+    assert compare_optimizers.DAMPINGS[0] == defaults["FOOF"] == defaults["KFAC"] == 1.0
+    assert len(compare_optimizers.DAMPINGS) == 2
+    for dataset, setting in compare_optimizers.DATASETS.items():
+        grids = setting["grids"]
+        sgd_lrs = [lr for lr, _ in grids["SGD"]]
+        for name in ("FOOF", "KFAC"):
+            assert sorted(grids[name]) == sorted((lr, d) for lr in sgd_lrs for d in compare_optimizers.DAMPINGS), \
+                (dataset, name)
+    assert compare_optimizers.SEEDS == (0, 1, 2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_compare_optimizers_smoke_on_digits(tmp_path, device):
     result = run_example("compare_optimizers.py", "--smoke", "--device", device, "--plot", "plots/loss.png",
-                         cwd=tmp_path)
+                         "--seeds", "0", "1", cwd=tmp_path)
     assert result.stdout.startswith("digits: 1437 training / 360 test examples of shape (1, 8, 8); batch 64")
-    assert f"device {device}" in result.stdout.splitlines()[0]
-    check_comparison(result.stdout, "digits", "SmallConvNet", 3, tmp_path / "plots" / "loss.png")
+    assert f"seeds 0 1, device {device}" in result.stdout.splitlines()[0]
+    check_comparison(result.stdout, "digits", "SmallConvNet", 3, tmp_path / "plots" / "loss.png", seeds=2)
 
 
 def test_compare_optimizers_smoke_on_mnist1d(tmp_path):
     result = run_example("compare_optimizers.py", "--smoke", "--dataset", "mnist1d", "--device", "cpu", cwd=tmp_path)
     assert result.stdout.startswith("mnist1d: 4000 training / 1000 test examples of shape (1, 40); batch 100")
+    assert "seeds 0, device cpu" in result.stdout.splitlines()[0]
     assert "1 CPU threads" in result.stdout.splitlines()[0]
     for model, parameters, muon_matrices in (("CNN", 5_210, 3), ("MLP", 15_210, 2)):
         assert f"\n{model}: {parameters:,} parameters." in result.stdout
         check_comparison(result.stdout, "mnist1d", model, muon_matrices, tmp_path / "compare_optimizers.png")
     assert [p.name for p in tmp_path.iterdir()] == ["compare_optimizers.png"], "MNIST-1D is neither cached nor downloaded"
+
+
+def fake_run(optimizer: str, lr: float, damping, losses: list[float]):
+    run = compare_optimizers.Run(optimizer, lr, damping, epoch_losses=losses, step_seconds=[1e-3] * 4 * len(losses),
+                                 steps_per_epoch=4, test_accuracy=0.9)
+    return run
+
+
+def test_plot_draws_every_faint_setting_in_its_optimizers_colour():
+    """Every setting that is not its optimizer's best is a faint line in that optimizer's colour, and the
+    legend names each optimizer's faint lines."""
+    from matplotlib.colors import to_rgba
+
+    grid = [("SGD", 0.1, None), ("SGD", 0.3, None), ("FOOF", 0.1, 1.0), ("FOOF", 0.1, 0.1), ("KFAC", 0.1, 1.0),
+            ("KFAC", 0.3, 1.0)]
+    runs_per_seed = [[fake_run(name, lr, damping, [2.0 / (k + 1 + seed), 1.0 / (k + 2 + seed), 0.5 / (k + 3)])
+                      for k, (name, lr, damping) in enumerate(grid)] for seed in range(3)]
+    settings = compare_optimizers.settings_of(runs_per_seed)
+    best = compare_optimizers.best_settings(settings)
+    fig = compare_optimizers.figure({"net": settings}, {"net": 0.1}, "title")
+    try:
+        by_epoch, by_time = fig.axes[:2]
+        faint = [setting for setting in settings if best[setting.optimizer] is not setting]
+        assert len(faint) == 3
+        for setting in faint:
+            lines = [line for line in by_epoch.lines if list(line.get_ydata()) == setting.epoch_losses]
+            assert len(lines) == 1 and lines[0].get_alpha() < 1
+            assert to_rgba(lines[0].get_color())[:3] == to_rgba(compare_optimizers.COLORS[setting.optimizer])[:3]
+        legend = by_time.get_legend()
+        labels = [text.get_text() for text in legend.get_texts()]
+        for name in ("SGD", "FOOF", "KFAC"):
+            handle = legend.legend_handles[labels.index(f"{name}: its other settings (faint)")]
+            assert to_rgba(handle.get_color())[:3] == to_rgba(compare_optimizers.COLORS[name])[:3]
+        assert "faint: its other settings, in its optimizer's colour" in by_epoch.get_title()
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 def write_fake_cifar10(folder: Path, per_batch: int) -> None:
@@ -123,6 +199,11 @@ def training_losses(line: str) -> list[float]:
     return [float(v) for v in line.split("final training loss ")[1].split(",")[0].split()]
 
 
+def grid_cells(line: str, width: int = 18, label: int = 14) -> list[str]:
+    """The fixed-width cells of a row of tune_foof.py's settings grid, after its label."""
+    return [line[i:i + width].strip() for i in range(label, len(line), width)]
+
+
 def test_tune_foof_settings_smoke(tmp_path):
     result = run_example("tune_foof.py", "settings", "--smoke", cwd=tmp_path)
     lines = result.stdout.splitlines()
@@ -131,11 +212,22 @@ def test_tune_foof_settings_smoke(tmp_path):
     sgd = next(line for line in lines if line.startswith(f"SGD(lr={tune_foof.SGD_LR}, momentum=0.9): "))
     wins = sum(f < s for f, s in zip(training_losses(snippet), training_losses(sgd)))
     assert f"lower than SGD's on {wins} of 1 seeds" in result.stdout
+    assert "graft='sgd', the default: lr is SGD's" in result.stdout
     # With one seed the grid's cell is that seed's loss: the snippet's row, at the snippet's lr.
     header = next(line for line in lines if line.strip().startswith("lr="))
-    column = header.split().index(f"lr={lr:g}")
-    row = next(line for line in lines if line.startswith(f"FOOF λ={damping:g} ")).split()
-    assert float(row[2 + 2 * column]) == pytest.approx(training_losses(snippet)[0], rel=1e-2)
+    assert grid_cells(header) == [f"lr={lr:g}" for lr in tune_foof.SETTINGS_LRS]
+    column = tune_foof.SETTINGS_LRS.index(lr)
+    rows = {line[:14].strip(): grid_cells(line) for line in lines if line.startswith(("FOOF λ=", "SGD ", "λ="))}
+    snippet_cell = rows[f"FOOF λ={damping:g}"][column]
+    assert float(snippet_cell.split()[0]) == pytest.approx(training_losses(snippet)[0], rel=1e-2)
+    assert float(rows["SGD"][column].split()[0]) == pytest.approx(training_losses(sgd)[0], rel=1e-2)
+    # FOOF and SGD share the lr grid (grafting: FOOF's lr is SGD's), and the ratio rows divide the two.
+    for d in tune_foof.SETTINGS_DAMPINGS:
+        foof, ratios = rows[f"FOOF λ={d:g}"], rows[f"λ={d:g} ÷ SGD"]
+        assert len(foof) == len(ratios) == len(rows["SGD"]) == len(tune_foof.SETTINGS_LRS)
+        for f, s, r in zip(foof, rows["SGD"], ratios):
+            if "diverged" not in (f, s):
+                assert float(r) == pytest.approx(float(f.split()[0]) / float(s.split()[0]), rel=0.02, abs=0.01)
     assert len([line for line in lines if line.startswith("FOOF λ=")]) == len(tune_foof.SETTINGS_DAMPINGS)
 
 
@@ -196,3 +288,58 @@ def test_train_resnet_smoke_resumes(tmp_path, device):
 def test_train_resnet_argument_errors(tmp_path, args, message):
     result = run_example("train_resnet_cifar.py", *args, cwd=tmp_path, expect_ok=False)
     assert result.returncode != 0 and message in result.stderr
+
+
+SWEEP_RECORD_KEYS = {"net", "held_out", "held_out_schedule", "dataset", "schedule", "lr", "seed", "optimizer", "epochs",
+                     "batch_size", "steps", "initial_train_loss", "final_train_loss", "final_train_accuracy",
+                     "test_accuracy", "last_epoch_mean_loss", "diverged", "seconds_per_step", "total_step_seconds"}
+
+
+def test_sweep_graft_tiny_end_to_end(tmp_path):
+    """The sweep at a tiny size: every run in the JSON with the machine, and the markdown generated from it."""
+    nets, schedules, lrs = ["SmallConvNet (digits)", "LayerNorm-GELU MLP (digits)"], ["constant", "step"], [0.1, 0.3]
+    run_example("sweep_graft.py", "run", "-o", "out/sweep.json", "--jobs", "1", "--nets", *nets, "--schedules",
+                *schedules, "--lrs", *map(str, lrs), "--seeds", "0", "--epochs", "1", "--steps-per-epoch", "2",
+                cwd=tmp_path)
+    data = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    machine = data["machine"]
+    assert machine["torch"] == torch.__version__ and machine["cores"] >= 1 and machine["cpu"] and machine["date"]
+    runs = data["runs"]
+    assert len(runs) == len(nets) * len(schedules) * len(lrs) * len(sweep_graft.OPTIMIZERS)
+    assert sorted({(r["net"], r["schedule"], r["lr"], r["optimizer"]) for r in runs}) == sorted(
+        (n, s, lr, o) for n in nets for s in schedules for lr in lrs for o in sweep_graft.OPTIMIZERS)
+    for r in runs:
+        assert set(r) == SWEEP_RECORD_KEYS, r
+        assert r["steps"] == 2 and r["seconds_per_step"] > 0 and math.isfinite(r["final_train_loss"])
+        assert r["held_out"] == (r["net"] in sweep_graft.HELD_OUT)
+        assert r["held_out_schedule"] == (r["schedule"] in sweep_graft.HELD_OUT_SCHEDULES)
+    for n in nets:  # the same initial weights for every optimizer and lr
+        assert len({r["initial_train_loss"] for r in runs if r["net"] == n}) == 1
+    run_example("sweep_graft.py", "report", "out/sweep.json", "-o", "out/sweep.md", cwd=tmp_path)
+    markdown = (tmp_path / "out" / "sweep.md").read_text()
+    assert machine["cpu"] in markdown and f"torch {machine['torch']}" in markdown
+    # summary: in-repo and held-out nets x in-repo (constant) and held-out (step) schedules, at SGD's best lr
+    # and at every lr
+    assert markdown.count("| FOOF | ") == 4 * 2
+    for n in nets:
+        for s in schedules:
+            loss = {(r["lr"], r["optimizer"]): r["final_train_loss"] for r in runs
+                    if r["net"] == n and r["schedule"] == s}
+            best = min(lrs, key=lambda lr: loss[(lr, "SGD")])
+            row = f"| {n} | {s} | {best:g} | {loss[(best, 'SGD')]:.2e} | {loss[(best, 'FOOF')]:.2e} | "
+            assert row in markdown, row
+
+
+def test_a_diverged_kfac_run_leaves_the_race_instead_of_raising():
+    """Non-finite logits: KFAC's backward_fisher cannot sample labels from them, so the comparison's step
+    returns a NaN loss (the race drops the run at the epoch's end) and changes nothing."""
+    torch.manual_seed(0)
+    model = compare_optimizers.MNIST1DMLP()
+    optimizer = compare_optimizers.make_optimizer("KFAC", model, 0.1, 1.0)
+    x, y = torch.randn(8, 1, 40), torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        model.classifier.weight.fill_(math.inf)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = compare_optimizers.train_step(model, optimizer, x, y)
+    assert math.isnan(loss.item())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
