@@ -216,7 +216,11 @@ class KFAC(KroneckerOptimizer):
         with torch.no_grad():
             scores = logits.detach().to(dtype)
             if loss == "cross_entropy":
-                targets = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+                probs = scores.softmax(-1)
+                # rows of non-finite logits (a diverging run, an fp16 overflow GradScaler will skip) draw from
+                # the uniform instead of stopping multinomial; their G is non-finite and dropped at the fold
+                probs = torch.where(torch.isfinite(probs).all(-1, keepdim=True), probs, torch.ones_like(probs))
+                targets = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             else:
                 noise = torch.randn(scores.shape, generator=generator, dtype=dtype, device=scores.device)
                 targets = scores + math.sqrt(scores.shape[-1] / 2) * noise

@@ -458,6 +458,19 @@ def test_the_inversion_round_never_raises_on_bad_numbers(backend, method, dim):
     assert status[0][5] != reference.OK
 
 
+def test_kfac_mc_on_non_finite_logits_raises_nothing():
+    """backward_fisher on logits gone non-finite (a diverging run, an fp16 overflow): their G is dropped."""
+    model = small_net(batch_norm=False)
+    opt = fastfoof.KFAC(model, lr=0.1, fisher="mc")
+    x, y = batch()
+    logits = model(x) * float("inf")
+    opt.backward_fisher(logits)
+    F.cross_entropy(logits, y).backward()
+    with pytest.warns(RuntimeWarning, match="dropped_stats"):
+        opt.step()
+    assert opt.diagnostics["dropped_stats"] > 0
+
+
 @pytest.mark.parametrize("damping_mode", ["heuristic", "factor", "exact"])
 def test_a_diverging_kfac_run_falls_back_instead_of_crashing(damping_mode):
     from sklearn.datasets import load_digits
