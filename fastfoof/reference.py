@@ -587,15 +587,22 @@ def grafted(block) -> bool:
     return (block.precond is not None or block.eigvecs is not None) and block.params[0].grad is not None
 
 
-def graft_scales(squares: torch.Tensor) -> torch.Tensor:
-    """‖Ĝ‖_F / ‖U‖_F per row of [‖Ĝ‖², ‖U‖²] (DESIGN §1.4), 0 where U = 0."""
+# Grafting's bound on its scale, in units of λ: a grafted step is at most GRAFT_BOUND times eq. 6's at
+# lr = λ·lr (DESIGN §1.4): along a direction its inputs barely vary in, at most 10× SGD's
+GRAFT_BOUND = 10.0
+
+
+def graft_scales(squares: torch.Tensor, damping: float) -> torch.Tensor:
+    """min(‖Ĝ‖_F / ‖U‖_F, GRAFT_BOUND·λ) per row of [‖Ĝ‖², ‖U‖²] (DESIGN §1.4), 0 where U = 0."""
     g, u = squares.unbind(-1)
-    return torch.where(u > 0, g.sqrt() / u.sqrt(), torch.zeros_like(u))
+    scale = torch.where(u > 0, g.sqrt() / u.sqrt(), torch.zeros_like(u))
+    return scale.clamp(max=GRAFT_BOUND * damping)
 
 
 def grafted_updates(blocks: list, damping: float, reduce_norms=None) -> list[list[torch.Tensor | None]]:
     """Per block the U of `block_updates`, grafted (DESIGN §1.4): a preconditioned block's U rescaled to
-    its gradient's Frobenius norm, all groups, weight and bias together; U = G for the others.
+    its gradient's Frobenius norm (at most by GRAFT_BOUND·λ), all groups, weight and bias together; U = G
+    for the others.
 
     `reduce_norms(squares, blocks)`, if given, is called once with [‖Ĝ‖², ‖U‖²] of the grafted blocks
     ([n, 2], in their order, even where n = 0) and returns them summed with the other ranks' rows of
@@ -614,7 +621,7 @@ def grafted_updates(blocks: list, damping: float, reduce_norms=None) -> list[lis
     stacked = torch.stack(squares) if squares else first.new_zeros(0, 2, dtype=stat_dtype(first.dtype))
     if reduce_norms is not None:
         stacked = reduce_norms(stacked, rows)
-    for block_us, scale in zip(scaled, graft_scales(stacked)):
+    for block_us, scale in zip(scaled, graft_scales(stacked, damping)):
         scale_updates_(block_us, scale)
     return updates
 

@@ -896,7 +896,7 @@ def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | N
         _launch_low_rank(device, dtype, low_rank, scalars, scale, skip, damping, workspace[0], grafting)
         _launch_plain(device, dtype, plain, scalars, scale, skip, plain_damping)
     if grafting is not None:
-        grafting.finish(momentum_buffers, grad_scale, found_inf, reduce_norms)
+        grafting.finish(momentum_buffers, grad_scale, found_inf, reduce_norms, damping)
 
 
 def _reference_block(block, slot: int, buffers: list, damping: float, grad_scale: torch.Tensor | None,
@@ -986,11 +986,11 @@ class _Grafting:
         return squares
 
     def finish(self, buffers: list, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
-               reduce_norms) -> None:
+               reduce_norms, damping: float) -> None:
         squares = self.squares()
         if reduce_norms is not None:
             squares = reduce_norms(squares, self.blocks)
-        scales = reference.graft_scales(squares)
+        scales = reference.graft_scales(squares, damping)
         if self.second_pass:
             factors = scales.to(torch.float32)
             if grad_scale is not None:

@@ -147,7 +147,8 @@ def _update_case(dtype=torch.float64):
     in float64 without grafting: (blocks, params, U per parameter, the parameters of each preconditioned
     block, damping). A grouped conv with bias, a Linear without bias, a low-rank Linear (U = Ĝ·(QsQᵀ +
     λI)⁻¹), a Linear whose gradient is zero, a KFAC block (U = block.grad·P; grafting takes the raw Ĝ's
-    norm), and a LayerNorm's parameters without a preconditioner."""
+    norm), a Linear whose P = 0.02·I (grafting would scale it by 50 > 10λ: bounded), and a LayerNorm's
+    parameters without a preconditioner."""
     torch.manual_seed(4)
     damping = 0.7
     group = dict(lr=0.3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.01)
@@ -157,8 +158,10 @@ def _update_case(dtype=torch.float64):
     low = nn.Linear(8, 4).to(dtype)
     still = nn.Linear(3, 2).to(dtype)
     kfac = nn.Linear(4, 3).to(dtype)
+    bounded = nn.Linear(3, 4, bias=False).to(dtype)
     norm = nn.LayerNorm(3).to(dtype)
-    for p in [*conv.parameters(), *lin.parameters(), *low.parameters(), *kfac.parameters(), *norm.parameters()]:
+    for p in [*conv.parameters(), *lin.parameters(), *low.parameters(), *kfac.parameters(), bounded.weight,
+              *norm.parameters()]:
         p.grad = torch.randn_like(p)
     for p in still.parameters():
         p.grad = torch.zeros_like(p)
@@ -171,6 +174,7 @@ def _update_case(dtype=torch.float64):
               Block([low.weight, low.bias], [group, group], 1, None, eigvecs=q, eigvals=s),
               Block([still.weight, still.bias], [group, group], 1, p_still),
               Block([kfac.weight, kfac.bias], [other, group], 1, p_kfac, grad=transformed),
+              Block([bounded.weight], [group], 1, 0.02 * torch.eye(3, dtype=dtype)[None]),
               Block([norm.weight], [other]), Block([norm.bias], [group])]
     params = [p for b in blocks for p in b.params]
     joint = torch.cat([conv.weight.grad.reshape(2, 3, 18), conv.bias.grad.reshape(2, 3, 1)], -1) @ p_conv
@@ -179,20 +183,21 @@ def _update_case(dtype=torch.float64):
     u_kfac = transformed[0] @ p_kfac[0]
     expected = [joint[..., :18].reshape(conv.weight.shape), joint[..., 18].reshape(6), lin.weight.grad @ p_lin[0],
                 u_low[:, :8], u_low[:, 8], torch.zeros_like(still.weight), torch.zeros_like(still.bias),
-                u_kfac[:, :4], u_kfac[:, 4], norm.weight.grad / damping, norm.bias.grad / damping]
-    layers = [[0, 1], [2], [3, 4], [5, 6], [7, 8]]
+                u_kfac[:, :4], u_kfac[:, 4], 0.02 * bounded.weight.grad, norm.weight.grad / damping,
+                norm.bias.grad / damping]
+    layers = [[0, 1], [2], [3, 4], [5, 6], [7, 8], [9]]
     return blocks, params, expected, layers, damping
 
 
-def _grafted64(params, expected, layers):
-    """U grafted by DESIGN §1.4 in float64: each layer's U (weight and bias) times ‖Ĝ‖_F/‖U‖_F (0 where U = 0),
-    the other parameters' U = G."""
+def _grafted64(params, expected, layers, damping, g_factor=1.0):
+    """U grafted by DESIGN §1.4 in float64: each layer's U (weight and bias) times min(‖Ĝ‖_F/‖U‖_F, 10λ)
+    (0 where U = 0; ‖Ĝ‖_F times g_factor), the other parameters' U = G."""
     grafted = [p.grad.clone() for p in params]
     for members in layers:
-        g = torch.cat([params[i].grad.reshape(-1) for i in members]).norm()
+        g = g_factor * torch.cat([params[i].grad.reshape(-1) for i in members]).norm()
         u = torch.cat([expected[i].reshape(-1) for i in members]).norm()
         for i in members:
-            grafted[i] = expected[i] * (g / u if u > 0 else 0.0)
+            grafted[i] = expected[i] * (min(g / u, 10 * damping) if u > 0 else 0.0)
     return grafted
 
 
@@ -205,7 +210,7 @@ def _close(out, ref):
 def test_preconditioned_update_matches_float64(momentum, dampening, nesterov, graft):
     blocks, params, expected_u, layers, damping = _update_case()
     if graft == "sgd":
-        expected_u = _grafted64(params, expected_u, layers)
+        expected_u = _grafted64(params, expected_u, layers, damping)
     options = [o for b in blocks for o in b.options]
     for opt in options:
         opt.update(momentum=momentum, dampening=dampening, nesterov=nesterov)
@@ -225,7 +230,7 @@ def test_preconditioned_update_matches_float64(momentum, dampening, nesterov, gr
 
 def test_graft_norms_go_through_reduce_norms():
     """reduce_norms sees [‖Ĝ‖², ‖U‖²] of each grafted block once, in block order, and what it returns sets
-    the scale: ‖Ĝ‖² × 4 doubles every grafted U."""
+    the scale: ‖Ĝ‖² × 4 doubles every grafted U but the bounded one's."""
     blocks, params, expected_u, layers, damping = _update_case()
     seen = []
 
@@ -237,13 +242,12 @@ def test_graft_norms_go_through_reduce_norms():
     ops.preconditioned_update_(blocks, [None] * len(params), damping=damping, graft="sgd", reduce_norms=reduce_norms,
                                backend="reference")
     (squares, grafted), = seen
-    assert grafted == blocks[:5]
+    assert grafted == blocks[:6]
     for row, members in zip(squares, layers):
         g = sum(params[i].grad.square().sum() for i in members)
         u = sum(expected_u[i].square().sum() for i in members)
         assert _close(row[0], g) and (u == 0 and row[1] == 0 or rel_error(row[1], u) <= 1e-13)
-    grafted_u = _grafted64(params, expected_u, layers)
+    grafted_u = _grafted64(params, expected_u, layers, damping, g_factor=2.0)
     options = [o for b in blocks for o in b.options]
     for i, (p, b, opt) in enumerate(zip(params, before, options)):
-        factor = 2.0 if any(i in members for members in layers) else 1.0
-        assert _close(p.detach(), b * (1 - opt["lr"] * opt["weight_decay"]) - opt["lr"] * factor * grafted_u[i])
+        assert _close(p.detach(), b * (1 - opt["lr"] * opt["weight_decay"]) - opt["lr"] * grafted_u[i])
