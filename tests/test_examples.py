@@ -290,7 +290,7 @@ def test_train_resnet_argument_errors(tmp_path, args, message):
     assert result.returncode != 0 and message in result.stderr
 
 
-SWEEP_RECORD_KEYS = {"net", "held_out", "held_out_schedule", "dataset", "schedule", "lr", "seed", "optimizer", "epochs",
+SWEEP_RECORD_KEYS = {"net", "held_out", "group", "held_out_schedule", "dataset", "schedule", "lr", "seed", "optimizer", "epochs",
                      "batch_size", "steps", "initial_train_loss", "final_train_loss", "final_train_accuracy",
                      "test_accuracy", "last_epoch_mean_loss", "diverged", "seconds_per_step", "total_step_seconds"}
 
@@ -311,7 +311,7 @@ def test_sweep_graft_tiny_end_to_end(tmp_path):
     for r in runs:
         assert set(r) == SWEEP_RECORD_KEYS, r
         assert r["steps"] == 2 and r["seconds_per_step"] > 0 and math.isfinite(r["final_train_loss"])
-        assert r["held_out"] == (r["net"] in sweep_graft.HELD_OUT)
+        assert r["held_out"] == (r["net"] not in sweep_graft.IN_REPO) and r["group"] == sweep_graft.GROUPS[r["net"]]
         assert r["held_out_schedule"] == (r["schedule"] in sweep_graft.HELD_OUT_SCHEDULES)
     for n in nets:  # the same initial weights for every optimizer and lr
         assert len({r["initial_train_loss"] for r in runs if r["net"] == n}) == 1
