@@ -3,7 +3,7 @@
 Per preconditioned layer, with A the layer's input patches (and a bias row of ones):
     every observed step      Σ ← mΣ + (1−m)·A·Aᵀ/B,  n ← m·n + (1−m)        (`KroneckerOptimizer`)
     every T steps            P ← (Σ/n + λI)⁻¹                                  (`_preconditioners`)
-    every step               U = Ĝ·P,  U ← U·‖Ĝ‖/‖U‖ (graft="sgd"),  then SGD with momentum on U
+    every step               U = Ĝ·P,  U ← U·min(‖Ĝ‖/‖U‖, 10λ) (graft="sgd"),  then SGD with momentum on U
 With `rank` = r, a layer with D' > 2r keeps the top r eigenpairs (Q, s) of Σ/n instead of P, and
 steps with U = (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ = Ĝ·(Q diag(s) Qᵀ + λI)⁻¹ (DESIGN §1.3).
 """
@@ -43,9 +43,9 @@ class FOOF(KroneckerOptimizer):
             of their statistic plus λI (its top r eigenpairs, by a randomized method), so that the
             update costs 4·O·D'·r flops instead of 2·O·D'² and no D'×D' P is kept.
         graft: "sgd" (default): each preconditioned layer's U is rescaled to its gradient's Frobenius
-            norm (weight and bias together), U ← U·‖Ĝ‖/‖U‖, and the other parameters step with U = G, so
-            the step has SGD's size per layer and FOOF's direction (DESIGN §1.4). None: the paper's eq. 6,
-            U = Ĝ·P and U = G/λ, for which lr = λ × your SGD lr.
+            norm (weight and bias together), U ← U·min(‖Ĝ‖/‖U‖, 10λ), and the other parameters step with
+            U = G, so the step has SGD's size per layer and FOOF's direction (DESIGN §1.4). None: the
+            paper's eq. 6, U = Ĝ·P and U = G/λ, for which lr = λ × your SGD lr.
         process_group: the torch.distributed group whose ranks share statistics and inversions
             (default: the default group, when one is initialised).
     """
