@@ -457,6 +457,28 @@ def summary(table: dict, keys: list, optimizer: str) -> dict:
                 seed_wins=seed_wins, seed_total=seed_total)
 
 
+def _cell_columns(cell: dict, optimizers: list[str], per_seed: bool) -> list[str]:
+    """A cell's columns after its net, schedule and lr: SGD's loss, every other optimizer's loss and its ratio to
+    SGD's (the median, or every seed's), and the optimizers' test accuracies."""
+    def loss(by_seed: dict) -> str:
+        if per_seed:
+            return " ".join(_fmt_loss(math.inf if v is None else v) for v in by_seed["seeds"])
+        return _fmt_loss(by_seed["loss"])
+
+    row = [loss(cell["SGD"])]
+    for opt in (o for o in optimizers if o != "SGD"):
+        row += [loss(cell[opt]), _fmt_ratio(_ratio(cell[opt]["loss"], cell["SGD"]["loss"]))]
+    return row + [" / ".join(f"{100 * cell[o]['acc']:.1f}" for o in optimizers)]
+
+
+def _cell_header(optimizers: list[str], per_seed: bool) -> list[str]:
+    suffix = " per seed" if per_seed else ""
+    header = [f"SGD loss{suffix}"]
+    for opt in (o for o in optimizers if o != "SGD"):
+        header += [f"{opt} loss{suffix}", "ratio"]
+    return header + ["test acc. % (" + " / ".join(optimizers) + ")"]
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + \
         ["| " + " | ".join(row) + " |" for row in rows]
@@ -524,20 +546,9 @@ def report(*datas: dict) -> str:
     for group, pairs in groups:
         out.append(f"## {group[0].upper()}{group[1:]}: at SGD's best lr")
         out.append("")
-        rows = []
-        for n, s in pairs:
-            lr = best[(n, s)]
-            c = table[(n, s, lr)]
-            row = [n, s, f"{lr:g}", _fmt_loss(c["SGD"]["loss"])]
-            for opt in others:
-                row += [_fmt_loss(c[opt]["loss"]), _fmt_ratio(_ratio(c[opt]["loss"], c["SGD"]["loss"]))]
-            row += [" / ".join(f"{100 * c[o]['acc']:.1f}" for o in optimizers)]
-            rows.append(row)
-        header = ["net", "schedule", "SGD's best lr", "SGD loss"]
-        for opt in others:
-            header += [f"{opt} loss", "ratio"]
-        header += ["test acc. % (" + " / ".join(optimizers) + ")"]
-        out += _md_table(header, rows)
+        rows = [[n, s, f"{best[(n, s)]:g}"] + _cell_columns(table[(n, s, best[(n, s)])], optimizers, per_seed=False)
+                for n, s in pairs]
+        out += _md_table(["net", "schedule", "SGD's best lr"] + _cell_header(optimizers, per_seed=False), rows)
         out.append("")
     out.append("## Every cell")
     out.append("")
@@ -548,20 +559,10 @@ def report(*datas: dict) -> str:
                 c = table.get((n, s, lr))
                 if c is None:
                     continue
-                row = [n + (" (held out)" if n in held_out else ""),
-                       s + (" (held out)" if s in held_out_schedules else ""),
-                       f"{lr:g}" + (" *" if best[(n, s)] == lr else ""),
-                       " ".join(_fmt_loss(math.inf if v is None else v) for v in c["SGD"]["seeds"])]
-                for opt in others:
-                    row += [" ".join(_fmt_loss(math.inf if v is None else v) for v in c[opt]["seeds"]),
-                            _fmt_ratio(_ratio(c[opt]["loss"], c["SGD"]["loss"]))]
-                row += [" / ".join(f"{100 * c[o]['acc']:.1f}" for o in optimizers)]
-                rows.append(row)
-    header = ["net", "schedule", "lr (* SGD's best)", "SGD loss per seed"]
-    for opt in others:
-        header += [f"{opt} loss per seed", "ratio"]
-    header += ["test acc. % (" + " / ".join(optimizers) + ")"]
-    out += _md_table(header, rows)
+                rows.append([n + (" (held out)" if n in held_out else ""),
+                             s + (" (held out)" if s in held_out_schedules else ""),
+                             f"{lr:g}" + (" *" if best[(n, s)] == lr else "")] + _cell_columns(c, optimizers, per_seed=True))
+    out += _md_table(["net", "schedule", "lr (* SGD's best)"] + _cell_header(optimizers, per_seed=True), rows)
     out.append("")
     out.append("## Cost per step")
     out.append("")
