@@ -6,6 +6,7 @@ chooses between them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import os
@@ -595,8 +596,7 @@ GRAFT_BOUND = 10.0
 def graft_scales(squares: torch.Tensor, damping: float) -> torch.Tensor:
     """min(‖Ĝ‖_F / ‖U‖_F, GRAFT_BOUND·λ) per row of [‖Ĝ‖², ‖U‖²] (DESIGN §1.4), 0 where U = 0."""
     g, u = squares.unbind(-1)
-    scale = torch.where(u > 0, g.sqrt() / u.sqrt(), torch.zeros_like(u))
-    return scale.clamp(max=GRAFT_BOUND * damping)
+    return torch.where(u > 0, (g / u).sqrt(), 0.0).clamp_(max=GRAFT_BOUND * damping)
 
 
 def grafted_updates(blocks: list, damping: float, reduce_norms=None) -> list[list[torch.Tensor | None]]:
@@ -607,43 +607,39 @@ def grafted_updates(blocks: list, damping: float, reduce_norms=None) -> list[lis
     `reduce_norms(squares, blocks)`, if given, is called once with [‖Ĝ‖², ‖U‖²] of the grafted blocks
     ([n, 2], in their order, even where n = 0) and returns them summed with the other ranks' rows of
     the same layers (FSDP2)."""
-    updates, rows, scaled, squares = [], [], [], []
-    for block in blocks:
-        if not grafted(block):
-            updates.append(block_updates(block, 1.0))  # U = G/λ with λ = 1
-            continue
-        block_us = block_updates(block, damping)
-        squares.append(graft_squares(block, block_us))
-        updates.append(block_us)
-        scaled.append(block_us)
-        rows.append(block)
-    first = blocks[0].params[0]
-    stacked = torch.stack(squares) if squares else first.new_zeros(0, 2, dtype=stat_dtype(first.dtype))
+    updates = [block_updates(block, damping if grafted(block) else 1.0) for block in blocks]  # U = G/λ, λ = 1
+    rows = [i for i, block in enumerate(blocks) if grafted(block)]
+    squares = graft_squares([blocks[i] for i in rows], [updates[i] for i in rows], blocks[0].params[0])
     if reduce_norms is not None:
-        stacked = reduce_norms(stacked, rows)
-    for block_us, scale in zip(scaled, graft_scales(stacked, damping)):
-        scale_updates_(block_us, scale)
+        squares = reduce_norms(squares, [blocks[i] for i in rows])
+    scale_updates_([updates[i] for i in rows], graft_scales(squares, damping))
     return updates
 
 
-def graft_squares(block, block_us: list[torch.Tensor | None]) -> torch.Tensor:
-    """[‖Ĝ‖², ‖U‖²] of a grafted block: Ĝ its parameters' own gradients (also where KFAC's `block.grad`
-    holds a transformed one), U its `block_updates` (weight and bias; None: not counted)."""
-    return torch.stack([squared_norm([p.grad for p in block.params]), squared_norm(block_us)])
+def graft_squares(blocks: list, updates: list[list[torch.Tensor | None]], first: torch.Tensor) -> torch.Tensor:
+    """[‖Ĝ‖², ‖U‖²] per grafted block ([n, 2], in the blocks' statistics dtype; `first`: a parameter for the
+    device and dtype where n = 0): Ĝ its parameters' own gradients (also where KFAC's `block.grad` holds a
+    transformed one), U its `block_updates` (weight and bias; None: not counted). One norm call for all:
+    each block contributes (weight, bias) of each, an empty tensor standing in for a missing one."""
+    dtype = functools.reduce(torch.promote_types, [stat_dtype(b.params[0].dtype) for b in blocks],
+                             stat_dtype(first.dtype))
+    if not blocks:
+        return first.new_zeros(0, 2, dtype=dtype)
+    empty = first.new_empty(0, dtype=dtype)
+    tensors = []
+    for block, block_us in zip(blocks, updates):
+        for values in ([p.grad for p in block.params], block_us):
+            values = [empty if t is None else t for t in values]
+            tensors += values + [empty] * (2 - len(values))
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
+    return norms.square().view(len(blocks), 2, 2).sum(-1)
 
 
-def scale_updates_(block_us: list[torch.Tensor | None], scale: torch.Tensor) -> None:
-    for u in block_us:
-        if u is not None:
-            u.mul_(scale)
-
-
-def squared_norm(tensors: list[torch.Tensor | None]) -> torch.Tensor:
-    """Σ x² over the given tensors (None: none), in the statistics' dtype, as a device scalar."""
-    present = [t for t in tensors if t is not None]
-    dtype = stat_dtype(present[0].dtype)
-    flat = [t.reshape(-1).to(dtype) for t in present]
-    return sum(torch.dot(x, x) for x in flat)
+def scale_updates_(updates: list[list[torch.Tensor | None]], scales: torch.Tensor) -> None:
+    """Each block's U times its row's scale, in place."""
+    pairs = [(u, scale) for block_us, scale in zip(updates, scales.unbind()) for u in block_us if u is not None]
+    if pairs:
+        torch._foreach_mul_([u for u, _ in pairs], [scale for _, scale in pairs])
 
 
 def sgd_step_(p: torch.Tensor, u: torch.Tensor, buf: torch.Tensor | None, group: dict,
@@ -689,7 +685,7 @@ def block_updates(block, damping: float) -> list[torch.Tensor | None]:
     grads = [p.grad for p in block.params]
     dtype = stat_dtype(block.params[0].dtype)
     if block.precond is None and block.eigvecs is None:
-        return [None if g is None else g.to(dtype) / damping for g in grads]
+        return [None if g is None else g.to(dtype) / damping if damping != 1 else g.to(dtype) for g in grads]
     weight = block.params[0]
     if grads[0] is None:
         return [None] * len(grads)

@@ -981,8 +981,9 @@ class _Grafting:
             g2 = torch.cat([norms.square(), norms.new_zeros(1)])[index].sum(1)
         dtype = functools.reduce(torch.promote_types, [reference.stat_dtype(b.params[0].dtype) for b in self.blocks])
         squares = torch.stack([g2, u2], 1).to(dtype)
-        for row, block, _, block_us in self.deferred:
-            squares[row] = reference.graft_squares(block, block_us)
+        if self.deferred:
+            rows, blocks, _, block_us = zip(*self.deferred)
+            squares[list(rows)] = reference.graft_squares(list(blocks), list(block_us), first).to(dtype)
         return squares
 
     def finish(self, buffers: list, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
@@ -1001,6 +1002,8 @@ class _Grafting:
                     VEC=vec, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], num_warps=GRAFT_STEP_WARPS,
                     num_stages=1)
         skip = None if found_inf is None else found_inf != 0
-        for row, block, slot, block_us in self.deferred:
-            reference.scale_updates_(block_us, scales[row])
+        if self.deferred:
+            rows, _, _, block_us = zip(*self.deferred)
+            reference.scale_updates_(list(block_us), scales[list(rows)])
+        for _, block, slot, block_us in self.deferred:
             reference.step_block_(block, block_us, buffers, slot, grad_scale, skip)
