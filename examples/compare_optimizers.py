@@ -88,6 +88,25 @@ WARM_UP_STEPS = 3
 COLORS = {"SGD": "tab:blue", "Adam": "tab:green", "Muon": "tab:purple", "FOOF": "tab:red", "KFAC": "tab:orange"}
 
 
+def muon_kinds(model: torch.nn.Module, flattened: list) -> dict[str, int]:
+    """What Muon takes, by kind: conv filters (flattened) and hidden weight matrices."""
+    filters = sum(p.ndim > 2 for p, _ in flattened)
+    return {"conv filters (flattened to [O, C·k·k])": filters, "hidden weight matrices": len(flattened) - filters}
+
+
+def adamw_kinds(model: torch.nn.Module, rest: list, classifier: set) -> dict[str, int]:
+    """What AdamW takes, by kind: the classifier's parameters, normalisation layers' and the other biases."""
+    norms = {id(p) for m in model.modules()
+             if isinstance(m, (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm))
+             for p in m.parameters(recurse=False)}
+    counts = {"classifier parameters": 0, "normalisation parameters": 0, "biases": 0}
+    for p in rest:
+        kind = "classifier parameters" if id(p) in classifier else "normalisation parameters" if id(p) in norms \
+            else "biases"
+        counts[kind] += 1
+    return counts
+
+
 class MuonWithAdamW:
     """torch.optim.Muon for the hidden weight matrices, AdamW for everything else, as the Muon reference
     does: conv filters are flattened to [O, C·k·k] (Muon takes 2-d parameters only, so it updates a 2-d
@@ -106,8 +125,12 @@ class MuonWithAdamW:
                 rest.append(p)
         self.muon = torch.optim.Muon(matrices, lr=lr, momentum=0.95, weight_decay=0.0)
         self.adamw = torch.optim.AdamW(rest, lr=adamw_lr, weight_decay=0.0)
-        self.description = (f"Muon: {len(matrices)} conv filters and hidden weight matrices (flattened to "
-                            f"[O, C·k·k]); AdamW: {len(rest)} others (classifier, biases, BatchNorm)")
+        self.description = f"Muon: {self.counted(muon_kinds(model, self.flattened))}; AdamW: " \
+                           f"{self.counted(adamw_kinds(model, rest, classifier))}"
+
+    @staticmethod
+    def counted(kinds: dict[str, int]) -> str:
+        return ", ".join(f"{n} {kind}" for kind, n in kinds.items() if n) or "nothing"
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.adamw.zero_grad(set_to_none)

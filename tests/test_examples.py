@@ -343,3 +343,14 @@ def test_a_diverged_kfac_run_leaves_the_race_instead_of_raising():
     loss = compare_optimizers.train_step(model, optimizer, x, y)
     assert math.isnan(loss.item())
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("net, description", [
+    ("MLP", "Muon: 2 hidden weight matrices; AdamW: 2 classifier parameters, 2 biases"),
+    ("SmallConvNet", "Muon: 3 conv filters (flattened to [O, C·k·k]); AdamW: 2 classifier parameters, "
+                     "6 normalisation parameters"),
+])
+def test_muon_says_what_it_takes_of_each_net(net, description):
+    """The comparison names what Muon and AdamW take of the net as it is (an MLP has no conv filters)."""
+    models = {**compare_optimizers.DATASETS["mnist1d"]["models"], **compare_optimizers.DATASETS["digits"]["models"]}
+    assert compare_optimizers.MuonWithAdamW(models[net](), 0.01, 0.001).description == description
