@@ -46,6 +46,7 @@ from torch.optim.optimizer import required
 from . import ops
 from .core import OWN_ENTRIES, check_model_and_damping, check_param_group
 from .geometry import CONV_TYPES, batch_size, layer_patches_input, patch_input
+from .kfac import predictive_probabilities
 from .layers import Layer, find_layers
 from .observe import Hooks, LayerHook, in_backward, in_transform
 from .reference import KEPT_PREVIOUS, RETRIED, patch_rows_, sgd_step_, stat_dtype
@@ -183,9 +184,7 @@ class NaturalGradient(Optimizer):
         self._fisher_batch = batch
         dtype = torch.promote_types(logits.dtype, torch.float32)
         with torch.no_grad():
-            probs = logits.detach().to(dtype).softmax(-1)
-            finite = probs.isfinite().all(-1, keepdim=True)
-            probs = torch.where(finite, probs, torch.full_like(probs, 1 / classes))
+            probs = predictive_probabilities(logits.detach().to(dtype))
             if self.fisher == "mc":
                 labels = torch.multinomial(probs, 1, generator=self._generator(logits.device)).squeeze(-1)
             else:
