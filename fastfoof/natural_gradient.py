@@ -133,6 +133,7 @@ class NaturalGradient(Optimizer):
         self._seed = torch.initial_seed()
         self._generators: dict[torch.device, torch.Generator] = {}
         self._counters = dict.fromkeys(DIAGNOSTICS, 0)
+        self._warned: set[str] = set()  # the counters already warned about (once each)
 
     def add_param_group(self, param_group: dict) -> None:
         check_param_group({**self.defaults, **param_group})
@@ -279,11 +280,13 @@ class NaturalGradient(Optimizer):
         """c = (λI + M)⁻¹ v for each Gram M and products v, through the damped Cholesky inverse."""
         inverses, status = ops.damped_inverse_with_status([m[None] for m in grams], self.damping)
         codes = torch.cat(status).tolist()
-        self._counters["cholesky_retries"] += sum(code == RETRIED for code in codes)
-        self._counters["cholesky_failures"] += sum(code == KEPT_PREVIOUS for code in codes)
-        if any(codes):
-            warnings.warn(f"{self.KIND}: diagnostics {self.diagnostics} (a K×K system was not positive definite "
-                          "in the parameters' precision, or not finite)", RuntimeWarning, stacklevel=3)
+        for name, code in zip(DIAGNOSTICS, (RETRIED, KEPT_PREVIOUS)):
+            self._counters[name] += codes.count(code)
+            if self._counters[name] and name not in self._warned:
+                self._warned.add(name)
+                warnings.warn(f"{self.KIND}: {name} = {self._counters[name]} (a K×K system was not positive definite "
+                              f"in the parameters' precision, or not finite; see {self.KIND}.diagnostics)",
+                              RuntimeWarning, stacklevel=5)  # past no_grad and torch.optim's step wrapper
         return [p[0] @ v for p, v in zip(inverses, products)]
 
     def _step_layer(self, layer: Layer, update: torch.Tensor) -> None:
@@ -334,6 +337,7 @@ class NaturalGradient(Optimizer):
             raise ValueError(f"state_dict: saved by {saved}, not {self.KIND}")
         super().load_state_dict({**state_dict, "param_groups": groups})
         self._counters = {name: own["diagnostics"].get(name, 0) for name in DIAGNOSTICS}
+        self._warned = {name for name, value in self._counters.items() if value}
         self._generators = {}
         for device, state in own["generators"].items():
             self._generator(torch.device(device)).set_state(state)
