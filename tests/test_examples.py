@@ -196,3 +196,53 @@ def test_train_resnet_smoke_resumes(tmp_path, device):
 def test_train_resnet_argument_errors(tmp_path, args, message):
     result = run_example("train_resnet_cifar.py", *args, cwd=tmp_path, expect_ok=False)
     assert result.returncode != 0 and message in result.stderr
+
+
+def claims_rows(stdout: str) -> list[list[str]]:
+    """The rows of paper.py's claims table: [claim, paper, measured here, holds?]."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("claims:")) + 1
+    return [line.split(" | ") for line in lines[start:] if " | " in line]
+
+
+def check_paper_output(stdout: str, out: Path, dataset: str) -> None:
+    import paper
+
+    rows = table_rows(stdout, f"1A/2B/3A/4B {dataset}, mini-batch")
+    assert sorted(row[0].rstrip("*") for row in rows) == sorted(paper.EXPERIMENTS["mini-batch"])
+    for row in rows:  # the smoke run's grids: two points each
+        lr_axis, damping_axis = paper.first_grid("mini-batch", row[0].rstrip("*"), paper.SMOKE)
+        assert float(row[1]) in [pytest.approx(lr) for lr in lr_axis], row
+        assert (None if row[2] == "-" else float(row[2])) in damping_axis, row
+        assert float(row[4]) == float(row[3])  # one seed: the mean is seed 0's loss
+    claims = [row for row in claims_rows(stdout) if row[0].startswith(dataset + " ")]
+    assert len(claims) == 11 and all(row[3] in ("holds", "does not hold") for row in claims), claims
+    for figure in ("fig1.png", "fig2.png", "fig3.png", "fig4.png"):
+        assert (out / figure).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_paper_smoke_on_mnist1d(tmp_path):
+    result = run_example("paper.py", "--smoke", "--out", "figures", cwd=tmp_path)
+    assert result.stdout.startswith("paper.py: MNIST-1D (300 training examples of 40); MLP width 12")
+    check_paper_output(result.stdout, tmp_path / "figures", "MNIST-1D")
+    assert [p.name for p in tmp_path.iterdir()] == ["figures"], "MNIST-1D is neither cached nor downloaded"
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_paper_reads_mnist_and_fashion_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for folder in ("data/MNIST/raw", "data/fashion"):
+        write_idx(tmp_path / folder / "train-images-idx3-ubyte", rng.integers(0, 256, (310, 28, 28)))
+        write_idx(tmp_path / folder / "train-labels-idx1-ubyte", rng.integers(0, 10, 310))
+    result = run_example("paper.py", "--smoke", "--data-dir", "data", cwd=tmp_path)
+    assert result.stdout.startswith("paper.py: MNIST (300 training examples of 784), Fashion-MNIST (300 training "
+                                    "examples of 784)")
+    for dataset in ("MNIST", "Fashion-MNIST"):
+        check_paper_output(result.stdout, tmp_path / "paper", dataset)
+    missing = run_example("paper.py", "--smoke", "--data-dir", "nowhere", cwd=tmp_path, expect_ok=False)
+    assert missing.returncode != 0 and "no MNIST or Fashion-MNIST under nowhere" in missing.stderr
