@@ -145,12 +145,15 @@ class NaturalGradient(Optimizer):
                              f"per-example gradients come from the layers' inputs and output gradients); not "
                              f"{', '.join(foreign)}")
         super().add_param_group({**param_group, "params": params})
+        # the layers whose forwards count: those with a parameter here
+        self._handed = {id(self._roles[p][0]) for group in self.param_groups for p in group["params"]}
 
     # ---- the Fisher's datapoints --------------------------------------------------------------
 
     def _record(self, layer: Layer, module: nn.Module, args, kwargs, output):
         """Forward hook: keep a training forward's input and the edge its output's gradient arrives at."""
-        if not (module.training and torch.is_grad_enabled()) or in_transform() or in_backward():
+        if not (module.training and torch.is_grad_enabled()) or in_transform() or in_backward() or \
+                id(layer) not in self._handed:
             return None
         if not (isinstance(output, torch.Tensor) and output.requires_grad):
             return None

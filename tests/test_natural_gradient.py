@@ -306,3 +306,21 @@ def test_hooks_do_not_keep_the_optimizer_alive_nor_travel_with_copies():
     del opt
     gc.collect()
     assert alive() is None and not model[0]._forward_hooks
+
+
+def test_params_of_some_layers_make_the_fisher_of_those():
+    model, x, y = make("mlp")
+    oracle = copy.deepcopy(model)
+    for p in oracle[:4].parameters():  # the oracle's F and g: the last layer's parameters only
+        p.requires_grad_(False)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = fastfoof.NaturalGradient(model, model[4].parameters(), lr=1.0, damping=0.05, fisher="full")
+    logits = model(x)
+    opt.backward_fisher(logits)
+    F.cross_entropy(logits, y).backward()
+    opt.step()
+    expected = explicit_update(oracle, x, y, 0.05, "full", False, None)
+    for b, p in zip(before[:-2], list(model.parameters())[:-2]):
+        assert torch.equal(b, p)
+    for b, p, e in zip(before[-2:], list(model.parameters())[-2:], expected):
+        assert rel_error(b - p.detach(), e.reshape(p.shape)) <= 1e-10
