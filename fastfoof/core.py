@@ -41,6 +41,24 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def check_model_and_damping(model, damping) -> None:
+    """ValueError for a model that is no nn.Module, or a damping that is no number > 0."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not (_is_number(damping) and damping > 0):
+        raise ValueError(f"damping: must be a number > 0, got {damping!r}")
+
+
+def check_param_group(group: dict) -> None:
+    """ValueError naming the first invalid SGD setting of a param group (DESIGN §1.4's epilogue)."""
+    for name in ("lr", "momentum", "dampening", "weight_decay"):
+        value = group[name]
+        if not (_is_number(value) or (isinstance(value, torch.Tensor) and value.numel() == 1)) or not value >= 0:
+            raise ValueError(f"{name}: must be a number ≥ 0, got {value!r}")
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError("nesterov: requires momentum > 0 and dampening = 0")
+
+
 def on_itself(method):
     """Run `method` on the optimizer itself when it is called through a wrapper that forwards attribute
     access: Lightning's LightningOptimizer takes the optimizer's class as a base and forwards what it lacks,
@@ -89,10 +107,7 @@ class KroneckerOptimizer(Optimizer):
                  rank: int | None = None, graft: str | None = "sgd", process_group=None):
         if lr is required:
             raise TypeError(f"{self.KIND}(): missing the keyword argument 'lr' (the SGD learning rate you use)")
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
-        if not (_is_number(damping) and damping > 0):
-            raise ValueError(f"damping: must be a number > 0, got {damping!r}")
+        check_model_and_damping(model, damping)
         if not (_is_number(ema_decay) and 0 <= ema_decay < 1):
             raise ValueError(f"ema_decay: must be a number in [0, 1), got {ema_decay!r}")
         if not (_is_int(inv_period) and inv_period >= 1):
@@ -152,18 +167,9 @@ class KroneckerOptimizer(Optimizer):
             warnings.warn(f"{self.KIND} does not precondition these layers, which step with {self._plain_update}: "
                           f"{listed}", RuntimeWarning, stacklevel=3)
 
-    @staticmethod
-    def _check_group(group: dict) -> None:
-        for name in ("lr", "momentum", "dampening", "weight_decay"):
-            value = group[name]
-            if not (_is_number(value) or (isinstance(value, torch.Tensor) and value.numel() == 1)) or not value >= 0:
-                raise ValueError(f"{name}: must be a number ≥ 0, got {value!r}")
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError("nesterov: requires momentum > 0 and dampening = 0")
-
     @on_itself
     def add_param_group(self, param_group: dict) -> None:
-        self._check_group({**self.defaults, **param_group})  # before it joins param_groups
+        check_param_group({**self.defaults, **param_group})  # before it joins param_groups
         super().add_param_group(param_group)
         if hasattr(self, "layers"):
             self._assign_params()

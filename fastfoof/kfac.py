@@ -62,6 +62,13 @@ def _edge_gradient(index: int, hook: _OutputGradient, grad_outputs: tuple) -> No
         hook(grad_outputs[index])
 
 
+def predictive_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """softmax(scores) per row, to draw Monte Carlo labels from; a row with a non-finite score (a diverging
+    run) is uniform instead, so that drawing never raises: its gradients are not finite whatever the label."""
+    probs = scores.softmax(-1)
+    return torch.where(probs.isfinite().all(-1, keepdim=True), probs, torch.full_like(probs, 1 / probs.shape[-1]))
+
+
 def _has_reentrant_checkpoint(node) -> bool:
     """Whether the autograd graph behind `node` holds a reentrant checkpoint (use_reentrant=True)."""
     seen, todo = set(), [node]
@@ -216,11 +223,7 @@ class KFAC(KroneckerOptimizer):
         with torch.no_grad():
             scores = logits.detach().to(dtype)
             if loss == "cross_entropy":
-                probs = scores.softmax(-1)
-                # rows of non-finite logits (a diverging run, an fp16 overflow GradScaler will skip) draw from
-                # the uniform instead of stopping multinomial; their G is non-finite and dropped at the fold
-                probs = torch.where(torch.isfinite(probs).all(-1, keepdim=True), probs, torch.ones_like(probs))
-                targets = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                targets = torch.multinomial(predictive_probabilities(scores), 1, generator=generator).squeeze(-1)
             else:
                 noise = torch.randn(scores.shape, generator=generator, dtype=dtype, device=scores.device)
                 targets = scores + math.sqrt(scores.shape[-1] / 2) * noise

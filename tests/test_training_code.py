@@ -471,8 +471,9 @@ def test_kfac_mc_on_non_finite_logits_raises_nothing():
     assert opt.diagnostics["dropped_stats"] > 0
 
 
-@pytest.mark.parametrize("damping_mode", ["heuristic", "factor", "exact"])
-def test_a_diverging_kfac_run_falls_back_instead_of_crashing(damping_mode):
+@pytest.mark.parametrize("damping_mode,fisher", [("heuristic", "empirical"), ("factor", "empirical"),
+                                                  ("exact", "empirical"), ("heuristic", "mc")])
+def test_a_diverging_kfac_run_falls_back_instead_of_crashing(damping_mode, fisher):
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -481,13 +482,19 @@ def test_a_diverging_kfac_run_falls_back_instead_of_crashing(damping_mode):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1),
                           nn.ReLU(), nn.Flatten(), nn.Linear(32 * 16, 10))
-    opt = fastfoof.KFAC(model, lr=3.0, damping=0.1, damping_mode=damping_mode, momentum=0.9, inv_period=10,
-                        stats_steps=10)
+    opt = fastfoof.KFAC(model, lr=3.0, damping=0.1, damping_mode=damping_mode, fisher=fisher, momentum=0.9,
+                        inv_period=10, stats_steps=10)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for step in range(40):
-            train_step(model, opt, x[step % 4 * 64:][:64], y[step % 4 * 64:][:64])
+            opt.zero_grad()
+            logits = model(x[step % 4 * 64:][:64])
+            if fisher == "mc":  # labels drawn from NaN logits too, once it diverged
+                opt.backward_fisher(logits)
+            F.cross_entropy(logits, y[step % 4 * 64:][:64]).backward()
+            opt.step()
     assert sum(opt.diagnostics.values()) > 0  # it diverged, and the fallbacks caught it
+    assert not all(p.isfinite().all() for p in model.parameters())
 
 
 # ---- layers FOOF cannot precondition as it believes ---------------------------------------------------
