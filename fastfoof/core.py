@@ -24,7 +24,8 @@ from . import distributed, ops, sharded
 from .geometry import batch_size
 from .layers import Block, Layer, Skip, find_layers
 from .observe import Hooks, LayerHook, in_checkpoint_recompute, in_transform, layer_input
-from .reference import GRAFTS, KEPT_PREVIOUS, OK, aligned, stat_dtype
+from .linalg import KEPT_PREVIOUS, OK, aligned, stat_dtype
+from .reference import GRAFTS
 
 DIAGNOSTICS = ("dropped_stats", "cholesky_retries", "cholesky_failures")
 # state_dict(): the optimizer's own entries in each param group, and, in a parameter's state, the keys whose

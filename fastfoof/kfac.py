@@ -25,7 +25,8 @@ from .core import INPUTS, KroneckerOptimizer, Statistic, on_itself
 from .geometry import batch_size, output_module, positions_per_sample
 from .layers import Block, Layer, Skip
 from .observe import first_samples, in_backward
-from .reference import aligned, joint_gradient, padded_zeros
+from .linalg import aligned, padded_zeros
+from .reference import joint_gradient
 
 DAMPING_MODES = ("heuristic", "exact", "factor")
 FISHERS = ("empirical", "mc")

@@ -13,7 +13,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from . import reference
+from . import linalg, reference
 from .geometry import check_input, layer_patches_input, patch_dim
 
 BACKENDS = ("auto", "reference", "triton")
@@ -21,7 +21,7 @@ BACKENDS = ("auto", "reference", "triton")
 # op name -> module of fastfoof.kernels that defines a function of the same name and signature
 TRITON_KERNELS: dict[str, str] = {
     "patch_gram_": "fastfoof.kernels.patch_gram",
-    "damped_inverse": "fastfoof.kernels.damped_inverse",
+    "damped_inverse_with_status": "fastfoof.kernels.damped_inverse",
     "preconditioned_update_": "fastfoof.kernels.update",
     "fold_statistics_": "fastfoof.kernels.fold_statistics",
 }
@@ -63,7 +63,7 @@ def implementation(op: str, backend: str | None, device: torch.device):
     """The function that runs `op` for tensors on `device`: the Triton kernel or the reference."""
     if resolve_backend(backend, device) == "triton" and op in TRITON_KERNELS:
         return getattr(importlib.import_module(TRITON_KERNELS[op]), op)
-    return getattr(reference, op)  # also for ops that have no kernel (small elementwise work)
+    return getattr(reference, op)
 
 
 @torch.no_grad()
@@ -94,7 +94,7 @@ def patch_gram(x: torch.Tensor, module: nn.Module, *, bias: bool | None = None,
     if bias is None:
         bias = getattr(module, "bias", None) is not None
     groups, dim = patch_dim(module)
-    out = torch.empty(groups, dim + bias, dim + bias, dtype=reference.stat_dtype(x.dtype), device=x.device)
+    out = torch.empty(groups, dim + bias, dim + bias, dtype=linalg.stat_dtype(x.dtype), device=x.device)
     return patch_gram_(out, x, module, bias=bias, backend=backend)
 
 
@@ -109,12 +109,12 @@ def fold_statistics_(emas, counts, stats, scales, decay, *, found_inf=None, back
 
 @torch.no_grad()
 def damped_inverse_with_status(mats, damping, *, scales=None, previous=None, backend=None, method=None):
-    """(inverses, status per matrix): `reference.damped_inverse` through the dispatch. `method`: one of
-    `reference.INVERSE_METHODS`; None takes FASTFOOF_INVERSE, else the default."""
+    """(inverses, status per matrix): `reference.damped_inverse_with_status` through the dispatch. `method`:
+    one of `linalg.INVERSE_METHODS`; None takes FASTFOOF_INVERSE, else the default."""
     if not mats:
         return [], []
-    return implementation("damped_inverse", backend, mats[0].device)([m.detach() for m in mats], damping,
-                                                                      scales=scales, previous=previous, method=method)
+    fn = implementation("damped_inverse_with_status", backend, mats[0].device)
+    return fn([m.detach() for m in mats], damping, scales=scales, previous=previous, method=method)
 
 
 def damped_inverse(mats: list[torch.Tensor], damping: float, *, backend: str | None = None) -> list[torch.Tensor]:
@@ -141,18 +141,16 @@ def preconditioned_update_(blocks, momentum_buffers, *, damping, graft=None, gra
 @torch.no_grad()
 def eigh_with_status(mats, *, scales=None, previous=None, backend=None):
     """(w, Q) with s·M = Q diag(w) Qᵀ for each [groups, D, D] symmetric M, batched by size, with the
-    fallbacks of DESIGN §1.3 (KFAC's exact damping): `reference.eigh_with_status` on every backend
+    fallbacks of DESIGN §1.3 (KFAC's exact damping): `linalg.eigh_with_status` on every backend
     (torch.linalg.eigh calls cuSOLVER)."""
-    if not mats:
-        return [], []
-    return implementation("eigh_with_status", backend, mats[0].device)(mats, scales=scales, previous=previous)
+    resolve_backend(backend, mats[0].device if mats else torch.device("cpu"))
+    return linalg.eigh_with_status([m.detach() for m in mats], scales=scales, previous=previous)
 
 
 def top_eigenpairs_with_status(mats, rank, damping, *, scales=None, previous=None, backend=None):
     """(s, Q): the top `rank` eigenvalues and eigenvectors of s·M for each [groups, D, D] symmetric M,
-    with the fallbacks of DESIGN §1.3 (the low-rank preconditioner): `reference.top_eigenpairs` on every
-    backend (matmuls, QR and a small eigh, which torch runs on any device)."""
-    if not mats:
-        return [], []
-    return implementation("top_eigenpairs", backend, mats[0].device)(mats, rank, damping, scales=scales,
-                                                                     previous=previous)
+    with the fallbacks of DESIGN §1.3 (the low-rank preconditioner): `linalg.top_eigenpairs_with_status` on
+    every backend (matmuls, QR and a small eigh, which torch runs on any device)."""
+    resolve_backend(backend, mats[0].device if mats else torch.device("cpu"))
+    return linalg.top_eigenpairs_with_status([m.detach() for m in mats], rank, damping, scales=scales,
+                                             previous=previous)

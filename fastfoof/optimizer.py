@@ -14,7 +14,7 @@ import torch
 from . import ops
 from .core import KroneckerOptimizer
 from .layers import Block, Layer
-from .reference import padded_zeros
+from .linalg import padded_zeros
 
 
 class FOOF(KroneckerOptimizer):

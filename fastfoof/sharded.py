@@ -23,7 +23,8 @@ from torch.distributed.tensor import DTensor, Shard
 
 from . import ops, reference
 from .layers import Block
-from .reference import joint_gradient, stat_dtype
+from .linalg import stat_dtype
+from .reference import joint_gradient
 
 
 def is_sharded(p: torch.Tensor) -> bool:

@@ -1,4 +1,4 @@
-"""Triton twin of `fastfoof.reference.damped_inverse`: P = (s·M + λI)⁻¹ for many layers at once.
+"""Triton twin of `fastfoof.reference.damped_inverse_with_status`: P = (s·M + λI)⁻¹ for many layers at once.
 
 Small float32 matrices (D ≤ KERNEL_MAX_DIM) are factored by one Triton program each, the whole
 matrix in registers, one launch per power-of-two bucket: a table of (input offset, size, layer,
@@ -6,11 +6,11 @@ index, output offset, output row stride) addresses every matrix of the bucket in
 inputs, so mixed layers share a launch, and the padding to the bucket size is an identity block built
 in registers.
 Everything else (larger or float64 matrices, the "blocked" and "newton_schulz" methods, the
-fallbacks of DESIGN §1.3 with their one host synchronisation) is the reference's.
+fallbacks of DESIGN §1.3 with their one host synchronisation) is `fastfoof.linalg`'s.
 
 Layout of the returned P: [G, D, D] views whose row stride is D rounded up to a multiple of 4
 elements (16 bytes), base 16-byte aligned, padding zero (contiguous when D % 4 == 0); the kernel
-writes that layout directly. See the damped-inverse notes in `fastfoof.reference`.
+writes that layout directly. See the damped-inverse notes in `fastfoof.linalg`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from fastfoof.kernels.tables import to_device
-from fastfoof.reference import assign_results, factor_inverses, inverse_method, invert, padded_row
+from fastfoof.linalg import assign_results, factor_inverses, inverse_method, invert, padded_row
 
 KERNEL_MAX_DIM = 64
 # One warp per 16 rows keeps each register tile at BLOCK²/(32·warps) = BLOCK/2 values per thread.
@@ -124,7 +124,7 @@ def _kernel_inverses(mats: list[torch.Tensor], damping: float, scales: list[torc
 
 def _factor_inverses(mats: list[torch.Tensor], damping: float, scales: list[torch.Tensor | None], method: str
                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """`fastfoof.reference.factor_inverses` with the small float32 matrices in the kernel."""
+    """`fastfoof.linalg.factor_inverses` with the small float32 matrices in the kernel."""
     small = [i for i, m in enumerate(mats) if m.dtype == torch.float32 and m.shape[-1] <= KERNEL_MAX_DIM and m.numel()]
     rest = sorted(set(range(len(mats))) - set(small))
     inverses: list[torch.Tensor] = [None] * len(mats)  # type: ignore[list-item]
@@ -138,10 +138,11 @@ def _factor_inverses(mats: list[torch.Tensor], damping: float, scales: list[torc
     return inverses, failed
 
 
-def damped_inverse(mats: list[torch.Tensor], damping: float, *, scales: list[torch.Tensor] | None = None,
-                   previous: list[torch.Tensor | None] | None = None, method: str | None = None
-                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Same contract as `fastfoof.reference.damped_inverse`."""
+def damped_inverse_with_status(mats: list[torch.Tensor], damping: float, *,
+                               scales: list[torch.Tensor | None] | None = None,
+                               previous: list[torch.Tensor | None] | None = None, method: str | None = None
+                               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Same contract as `fastfoof.reference.damped_inverse_with_status`."""
     return invert(mats, damping, scales, previous, inverse_method(method), _factor_inverses)
 
 

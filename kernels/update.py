@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastfoof import reference
+from fastfoof import linalg, reference
 from fastfoof.kernels.tables import to_device
 
 # tl.dot input precision for fp32 operands: TF32 on tensor cores by default; tests set "ieee".
@@ -666,7 +666,7 @@ def _fused_problems(block, slot: int, buffers: list, scalar_rows: list, keep_ali
     w_row, g_row = weight_view.stride(0), grad_view.stride(0)
     strides = [w_row, g_row] + [t.stride(0) for t in (bias, grad_b) if t is not None]
     if grafting is not None:
-        strides.append(reference.padded_row(dim_p))  # U's rows in the update workspace
+        strides.append(linalg.padded_row(dim_p))  # U's rows in the update workspace
     if not offsets_fit_int32(rows, dim_p, max(strides), factor.stride(1), CONFIGS[launch_config(weight.device)]):
         return None
 
@@ -712,11 +712,11 @@ def _fused_problems(block, slot: int, buffers: list, scalar_rows: list, keep_ali
             buf_b=0 if buf_b is None else buf_b.data_ptr() + r0 * buf_b.stride(0) * 4, dim_p=dim_p)
         columns.update(update=0, update_row=0, graft_row=0, pad=0)
         if grafting is not None:
-            update_row = reference.padded_row(dim_p)
+            update_row = linalg.padded_row(dim_p)
             columns.update(update=grafting.elements, update_row=update_row, graft_row=graft_row)
             grafting.elements += rows * update_row
         if low_rank:
-            y_row = reference.padded_row(width)
+            y_row = linalg.padded_row(width)
             columns.update(eigvals=eigvals.data_ptr() + g * eigvals.stride(0) * 4, projection=workspace[0],
                            projection_row=y_row, unused=0)
             workspace[0] += rows * y_row
@@ -970,7 +970,7 @@ class _Grafting:
         """[‖Ĝ‖², ‖U‖²] per row (the reference's dtype: the rows' statistics dtypes promoted)."""
         first = self.first
         if not self.blocks:
-            return first.new_zeros(0, 2, dtype=reference.stat_dtype(first.dtype))
+            return first.new_zeros(0, 2, dtype=linalg.stat_dtype(first.dtype))
         u2 = self.partials.sum(1)
         g2 = torch.zeros_like(u2)
         if self.grads:
@@ -979,7 +979,7 @@ class _Grafting:
             index = _device_table((first.device, "graft_grad_rows"), tuple(self.grad_rows), lambda: torch.tensor(
                 [[none if i < 0 else i for i in row] for row in self.grad_rows], dtype=torch.int64))
             g2 = torch.cat([norms.square(), norms.new_zeros(1)])[index].sum(1)
-        dtype = functools.reduce(torch.promote_types, [reference.stat_dtype(b.params[0].dtype) for b in self.blocks])
+        dtype = functools.reduce(torch.promote_types, [linalg.stat_dtype(b.params[0].dtype) for b in self.blocks])
         squares = torch.stack([g2, u2], 1).to(dtype)
         if self.deferred:
             rows, blocks, _, block_us = zip(*self.deferred)
