@@ -373,7 +373,7 @@ def test_inversion_round(benchmark, kind):
         sync()
 
     benchmark.pedantic(round_, rounds=2 if SMOKE else 5, warmup_rounds=1)
-    dims = [layer.dim_out for layer in opt._active]
+    dims = [layer.dim_p for layer in opt._active]
     benchmark.extra_info.update(kind=kind, layers=len(dims), max_dim=max(dims), smoke=SMOKE,
                                 low_rank_layers=sum(opt._low_rank(layer) for layer in opt._active),
                                 device=torch.cuda.get_device_name() if CUDA else "cpu",

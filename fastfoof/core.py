@@ -69,7 +69,7 @@ class Statistic:
 
 
 # FOOF's Σ and KFAC's A: the layer's input patches (with the bias row)
-INPUTS = Statistic("stat", "samples", "ema", "ema_count", lambda layer: (layer.groups, layer.dim_out, layer.dim_out))
+INPUTS = Statistic("stat", "samples", "ema", "ema_count", lambda layer: (layer.groups, layer.dim_p, layer.dim_p))
 
 
 class KroneckerOptimizer(Optimizer):
@@ -209,13 +209,13 @@ class KroneckerOptimizer(Optimizer):
 
     def _low_rank(self, layer: Layer) -> bool:
         """Whether the layer's input factor is kept as its top `rank` eigenpairs (DESIGN §1.3)."""
-        return self.rank is not None and layer.dim_out > 2 * self.rank
+        return self.rank is not None and layer.dim_p > 2 * self.rank
 
     def _has_input_factor(self, layer: Layer) -> bool:
         """Whether the layer's state holds its input factor's preconditioner for its current D': P
         (KFAC exact: Q_Aᵀ), or the top eigenvectors of a low-rank layer."""
         factor = self.state[layer.weight].get("top_eigvecs" if self._low_rank(layer) else "precond")
-        return factor is not None and factor.shape[1] == layer.dim_out
+        return factor is not None and factor.shape[1] == layer.dim_p
 
     def _top_eigenpairs_like(self, ema: torch.Tensor) -> dict:
         """Empty (s, Q) of a low-rank layer with the input statistic `ema`, for `_preconditioners_like`."""

@@ -400,6 +400,6 @@ class KFAC(KroneckerOptimizer):
             right = rotated / (state["grad_eigvals"][:, :, None] * state["eigvals"][:, None, :] + self.damping)
         else:
             left, right = state["grad_precond"], g
-        block.grad = sharded.left_product(block, left, right) if fsdp else left @ right
+        block.left_transformed_grad = sharded.left_product(block, left, right) if fsdp else left @ right
         block.precond = state.get("precond")
         block.eigvecs, block.eigvals = state.get("top_eigvecs"), state.get("top_eigvals")

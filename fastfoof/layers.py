@@ -26,11 +26,11 @@ class Block:
     options: list[dict]  # each parameter's param group: hyperparameters are read at step time
     groups: int = 1
     precond: torch.Tensor | None = None  # [groups, D', D']
-    # the gradient [Ĝ | g_b] already transformed from the left ([groups, rows, D']; KFAC), or None
-    # for the parameters' own gradients: U = grad·precond
-    grad: torch.Tensor | None = None
-    # a low-rank preconditioner in place of precond (DESIGN §1.3): the top eigenvectors Q [groups, D', r]
-    # and eigenvalues s [groups, r] of the statistic, U = (grad − (grad·Q)·diag(s/(s+λ))·Qᵀ)/λ
+    # KFAC's gradient [Ĝ | g_b] already multiplied from the left (G⁻¹Ĝ, or the exact damping's rotated
+    # and divided one; [groups, rows, D′]), or None for the parameters' own gradients: U = that·precond
+    left_transformed_grad: torch.Tensor | None = None
+    # a low-rank preconditioner in place of precond (DESIGN §1.3): the top eigenvectors Q [groups, D′, r]
+    # and eigenvalues s [groups, r] of the statistic, U = (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ
     eigvecs: torch.Tensor | None = None
     eigvals: torch.Tensor | None = None
 
@@ -76,7 +76,8 @@ class Layer:
         return self.handed and self.weight.requires_grad
 
     @property
-    def dim_out(self) -> int:
+    def dim_p(self) -> int:
+        """D′: D plus the bias row (`dim_p` wherever the code means D′)."""
         return self.dim + self.bias_row
 
     @property

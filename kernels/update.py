@@ -43,7 +43,7 @@ any of its tiles may step, and FSDP2's `reduce_norms` between the two. So it run
    buffer is zero-filled once per layout, so the slots no tile owns stay 0). No atomics: ‖U‖² =
    partials.sum(1) is a fixed-order sum, the same every run.
 2. On the host, without a synchronisation: ‖Ĝ‖² of the parameters' own gradients (not KFAC's
-   transformed `block.grad`) by one `torch._foreach_norm`; blocks the kernels cannot take compute
+   `block.left_transformed_grad`) by one `torch._foreach_norm`; blocks the kernels cannot take compute
    their U and both norms with the reference (`reference.graft_squares`) and join the same [n, 2]
    rows, in block order; then `reduce_norms` (called once, also with n = 0) and
    `reference.graft_scales`. `graft_step_kernel` then reads each tile of U back, multiplies it by its
@@ -629,7 +629,7 @@ def _fused_problems(block, slot: int, buffers: list, scalar_rows: list, keep_ali
     out_rows = weight.shape[0]
     if weight.dtype not in PARAM_KINDS or grad_w.dtype != weight.dtype or out_rows % groups:
         return None
-    transformed = block.grad  # KFAC's [groups, rows, D'] fp32 gradient, in DESIGN order
+    transformed = block.left_transformed_grad  # KFAC's [groups, rows, D'] fp32 gradient, in DESIGN order
     if transformed is not None and (weight.dtype != torch.float32 or (bias is not None and grad_b is None)
                                     or not transformed.is_contiguous()):
         return None  # the kernel reads Ĝ in the parameter's dtype; the bias column is read with the bias

@@ -215,7 +215,8 @@ def assert_skipped_step_writes_nothing(blocks, buffers, gen, damping, **options)
 
 
 def assert_transformed_gradient_tracks_reference(blocks, damping, **options):
-    """Blocks with a left-transformed gradient (Block.grad): the kernel and the reference op on copies."""
+    """Blocks with a left-transformed gradient (Block.left_transformed_grad): the kernel and the reference op
+    on copies."""
     twins = [dataclasses.replace(b, params=[p.detach().clone() for p in b.params]) for b in blocks]
     for twin, block in zip(twins, blocks):
         for q, p in zip(twin.params, block.params):
@@ -508,15 +509,15 @@ def test_found_inf_skips_every_write_on_the_device(dtype, fused_only, launches):
 
 
 def test_transformed_gradient_takes_the_fused_update(fused_only):
-    # KFAC's left-transformed gradient (Block.grad, [groups, rows, D'] in DESIGN order) replaces the
-    # parameters' own gradients in the grouped kernel
+    # KFAC's left-transformed gradient (Block.left_transformed_grad, [groups, rows, D'] in DESIGN order)
+    # replaces the parameters' own gradients in the grouped kernel
     gen = torch.Generator().manual_seed(10)
     blocks = [b for b in make_blocks(torch.float32, HYPER[:2], gen) if b.precond is not None]
     fresh_grads(blocks, gen)
     for block in blocks:
         w = block.params[0]
         rows, dim_p = w.shape[0] // block.groups, block.precond.shape[-1]
-        block.grad = torch.randn(block.groups, rows, dim_p, generator=gen).to(DEVICE)
+        block.left_transformed_grad = torch.randn(block.groups, rows, dim_p, generator=gen).to(DEVICE)
     assert_transformed_gradient_tracks_reference(blocks, damping=0.8)
 
 
@@ -591,13 +592,13 @@ def test_low_rank_update_with_grad_scale_and_a_skipped_step(fused_only):
 
 
 def test_low_rank_update_of_a_transformed_gradient(fused_only):
-    """KFAC's left-transformed gradient (Block.grad) with a low-rank A: the same two products."""
+    """KFAC's left-transformed gradient (Block.left_transformed_grad) with a low-rank A: the same two products."""
     gen = torch.Generator().manual_seed(17)
     blocks = [b for b in make_low_rank_blocks(torch.float32, HYPER[:2], gen) if b.eigvecs is not None]
     fresh_grads(blocks, gen)
     for block in blocks:
         rows, dim_p = block.params[0].shape[0] // block.groups, block.eigvecs.shape[1]
-        block.grad = torch.randn(block.groups, rows, dim_p, generator=gen).to(DEVICE)
+        block.left_transformed_grad = torch.randn(block.groups, rows, dim_p, generator=gen).to(DEVICE)
     assert_transformed_gradient_tracks_reference(blocks, damping=0.8)
 
 
@@ -665,13 +666,13 @@ def test_grafted_update_of_bf16_params(fused_only):
 
 
 def test_grafted_transformed_gradient_takes_the_norm_of_the_raw_gradient(fused_only):
-    # KFAC's Block.grad feeds U; ‖Ĝ‖ is still that of the parameters' own gradients
+    # KFAC's Block.left_transformed_grad feeds U; ‖Ĝ‖ is still that of the parameters' own gradients
     gen = torch.Generator().manual_seed(23)
     blocks = [b for b in make_blocks(torch.float32, HYPER[:2], gen, layers=LAYERS[:4]) if b.precond is not None]
     fresh_grads(blocks, gen)
     for block in blocks:
         rows, dim_p = block.params[0].shape[0] // block.groups, block.precond.shape[-1]
-        block.grad = torch.randn(block.groups, rows, dim_p, generator=gen).to(DEVICE)
+        block.left_transformed_grad = torch.randn(block.groups, rows, dim_p, generator=gen).to(DEVICE)
     assert_transformed_gradient_tracks_reference(blocks, damping=0.8, graft="sgd")
 
 

@@ -159,9 +159,9 @@ def test_foof_with_rank_covering_the_statistics_equals_dense_foof():
         assert rel_error(p, q) <= 1e-12
     for layer in low.layers:
         state = low.state[layer.weight]
-        if layer.dim_out > 8:  # D' > 2r: (Q, s) and no D'×D' P
+        if layer.dim_p > 8:  # D' > 2r: (Q, s) and no D'×D' P
             assert "precond" not in state
-            assert state["top_eigvecs"].shape == (1, layer.dim_out, 4) and state["top_eigvals"].shape == (1, 4)
+            assert state["top_eigvecs"].shape == (1, layer.dim_p, 4) and state["top_eigvals"].shape == (1, 4)
         else:
             assert "top_eigvecs" not in state and state["precond"].shape == (1, 5, 5)
     assert low.diagnostics == {"dropped_stats": 0, "cholesky_retries": 0, "cholesky_failures": 0}
