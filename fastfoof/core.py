@@ -107,6 +107,8 @@ class KroneckerOptimizer(Optimizer):
         if graft not in GRAFTS:
             raise ValueError(f"graft: expected one of {GRAFTS}, got {graft!r}")
         self.backend = ops.check_backend(backend)
+        # the Triton kernels' tables and workspaces for this optimizer's layers, kept between its steps
+        self.kernel_plans = ops.KernelPlans()
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         weight_decay=weight_decay)
         super().__init__(model.parameters() if params is None else params, defaults)
@@ -329,7 +331,8 @@ class KroneckerOptimizer(Optimizer):
                     scales.append(self._fold_scale(layer, statistic))
         if emas:
             self._count("dropped_stats", ops.fold_statistics_(emas, counts, stats, scales, self.ema_decay,
-                                                              found_inf=found_inf, backend=self.backend))
+                                                              found_inf=found_inf, backend=self.backend,
+                                                              plans=self.kernel_plans))
         self._clear_statistics()
         return len(emas)
 
@@ -548,7 +551,7 @@ class KroneckerOptimizer(Optimizer):
             else:  # no preconditioner yet (P = I/λ), or a weight without a gradient: one block per parameter
                 blocks += [Block([p], [group]) for p, group in zip(block.params, block.options)]
         options = dict(damping=self.damping, graft=self.graft, grad_scale=grad_scale, found_inf=found_inf,
-                       backend=self.backend)
+                       backend=self.backend, plans=self.kernel_plans)
         if self._sharded:  # FSDP2: each rank updates the rows it holds (DESIGN §7)
             group = distributed.active_group(self.process_group)  # grafting sums each layer's norms over it
             sharded.preconditioned_update_(blocks, self.state, group, **options)

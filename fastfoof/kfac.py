@@ -318,7 +318,8 @@ class KFAC(KroneckerOptimizer):
                     for i in dense] + \
                    [None if s.get("grad_precond") is None else s["grad_precond"] * d[:, None, None]
                     for s, d in zip(states, d_g)]
-        inverses, status = ops.damped_inverse_with_status(mats, 1.0, previous=previous, backend=self.backend)
+        inverses, status = ops.damped_inverse_with_status(mats, 1.0, previous=previous, backend=self.backend,
+                                                          plans=self.kernel_plans)
         a_inverses, a_status = iter(inverses[:len(dense)]), iter(status[:len(dense)])
         g_inverses, g_status = inverses[len(dense):], status[len(dense):]
         # A low rank: (Â_r + d_A I)⁻¹ = (λ/d_A)·((λ/d_A)·Â_r + λI)⁻¹, so the top eigenpairs of (λ/d_A)·Â

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import linalg, reference
 from .geometry import check_input, layer_patches_input, patch_dim
+from .kernels.tables import Plans as KernelPlans
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -66,6 +67,15 @@ def implementation(op: str, backend: str | None, device: torch.device):
     return getattr(reference, op)
 
 
+def _run(op: str, backend: str | None, device: torch.device, plans: KernelPlans | None, *args, **kwargs):
+    """`op` on `device`: a kernel gets the caller's `plans` (its tables, kept between calls; None: built
+    for this call alone), the reference needs none."""
+    fn = implementation(op, backend, device)
+    if fn is not getattr(reference, op):
+        kwargs["plans"] = plans
+    return fn(*args, **kwargs)
+
+
 @torch.no_grad()
 def patch_gram_(out: torch.Tensor, x: torch.Tensor, module: nn.Module, *, alpha: float = 1.0,
                 beta: float = 0.0, bias: bool | None = None, backend: str | None = None) -> torch.Tensor:
@@ -99,22 +109,23 @@ def patch_gram(x: torch.Tensor, module: nn.Module, *, bias: bool | None = None,
 
 
 @torch.no_grad()
-def fold_statistics_(emas, counts, stats, scales, decay, *, found_inf=None, backend=None) -> torch.Tensor:
+def fold_statistics_(emas, counts, stats, scales, decay, *, found_inf=None, backend=None, plans=None) -> torch.Tensor:
     """EMA fold of many layers' statistics with the non-finite drop of DESIGN §1.3; nothing is folded
-    where `found_inf` ≠ 0 (GradScaler's skipped step, decided on the device)."""
+    where `found_inf` ≠ 0 (GradScaler's skipped step, decided on the device). `plans`: the caller's
+    `KernelPlans` (an optimizer's), which the kernels keep their tables in."""
     if not emas:
         return torch.zeros((), dtype=torch.int64)
-    return implementation("fold_statistics_", backend, emas[0].device)(emas, counts, stats, scales, decay, found_inf)
+    return _run("fold_statistics_", backend, emas[0].device, plans, emas, counts, stats, scales, decay, found_inf)
 
 
 @torch.no_grad()
-def damped_inverse_with_status(mats, damping, *, scales=None, previous=None, backend=None, method=None):
+def damped_inverse_with_status(mats, damping, *, scales=None, previous=None, backend=None, method=None, plans=None):
     """(inverses, status per matrix): `reference.damped_inverse_with_status` through the dispatch. `method`:
     one of `linalg.INVERSE_METHODS`; None takes FASTFOOF_INVERSE, else the default."""
     if not mats:
         return [], []
-    fn = implementation("damped_inverse_with_status", backend, mats[0].device)
-    return fn([m.detach() for m in mats], damping, scales=scales, previous=previous, method=method)
+    return _run("damped_inverse_with_status", backend, mats[0].device, plans, [m.detach() for m in mats], damping,
+                scales=scales, previous=previous, method=method)
 
 
 def damped_inverse(mats: list[torch.Tensor], damping: float, *, backend: str | None = None) -> list[torch.Tensor]:
@@ -126,16 +137,15 @@ def damped_inverse(mats: list[torch.Tensor], damping: float, *, backend: str | N
 
 @torch.no_grad()
 def preconditioned_update_(blocks, momentum_buffers, *, damping, graft=None, grad_scale=None, found_inf=None,
-                           reduce_norms=None, backend=None) -> None:
+                           reduce_norms=None, backend=None, plans=None) -> None:
     """DESIGN §1.4 for all blocks: U = Ĝ·P (low rank: (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ, §1.3; G/λ without
     either), grafted to the gradient's norm per preconditioned block where `graft="sgd"` (U = G for the
     others), then each parameter's SGD epilogue; nothing changes where `found_inf` ≠ 0 (decided on the
     device). `reduce_norms`: see `reference.grafted_updates` (FSDP2 sums the norms over ranks)."""
     if not blocks:
         return
-    fn = implementation("preconditioned_update_", backend, blocks[0].params[0].device)
-    fn(blocks, momentum_buffers, damping=damping, graft=graft, grad_scale=grad_scale, found_inf=found_inf,
-       reduce_norms=reduce_norms)
+    _run("preconditioned_update_", backend, blocks[0].params[0].device, plans, blocks, momentum_buffers,
+         damping=damping, graft=graft, grad_scale=grad_scale, found_inf=found_inf, reduce_norms=reduce_norms)
 
 
 @torch.no_grad()

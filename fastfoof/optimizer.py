@@ -64,7 +64,7 @@ class FOOF(KroneckerOptimizer):
         results, status = [None] * len(layers), [None] * len(layers)
         inverses, codes = ops.damped_inverse_with_status(
             [states[i]["ema"] for i in dense], self.damping, scales=[scales[i] for i in dense],
-            previous=[states[i].get("precond") for i in dense], backend=self.backend)
+            previous=[states[i].get("precond") for i in dense], backend=self.backend, plans=self.kernel_plans)
         for i, p, code in zip(dense, inverses, codes):
             results[i], status[i] = {"precond": p}, code
         pairs, codes = ops.top_eigenpairs_with_status(
