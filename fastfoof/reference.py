@@ -221,8 +221,9 @@ def grafted_updates(blocks: list, damping: float, reduce_norms=None) -> list[lis
 def graft_squares(blocks: list, updates: list[list[torch.Tensor | None]], first: torch.Tensor) -> torch.Tensor:
     """[‖Ĝ‖², ‖U‖²] per grafted block ([n, 2], in the blocks' statistics dtype; `first`: a parameter for the
     device and dtype where n = 0): Ĝ its parameters' own gradients (also where KFAC's
-    `block.left_transformed_grad` holds a transformed one), U its `block_updates` (weight and bias; None: not counted). One norm call for all:
-    each block contributes (weight, bias) of each, an empty tensor standing in for a missing one."""
+    `block.left_transformed_grad` holds a transformed one), U its `block_updates` (weight and bias; None: not
+    counted). One norm call for all: each block contributes (weight, bias) of each, an empty tensor standing
+    in for a missing one."""
     dtype = functools.reduce(torch.promote_types, [stat_dtype(b.params[0].dtype) for b in blocks],
                              stat_dtype(first.dtype))
     if not blocks:

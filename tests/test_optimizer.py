@@ -156,7 +156,7 @@ def test_matches_minimal_float64_implementation(kw, graft):
     model, twin = make_model(), make_model()
     opt = run_foof(model, batches, graft=graft, **kw)
     mini = run_mini(twin, batches, graft=graft, **kw)
-    assert opt._steps == 9
+    assert opt.schedule.steps == 9
     assert_same_params(model, twin, 1e-10)
     assert opt.diagnostics == {"dropped_stats": 0, "cholesky_retries": 0, "cholesky_failures": 0}
 
@@ -168,7 +168,7 @@ def test_schedule_observes_only_the_stats_window():
     for x, y in make_batches(12):
         opt.zero_grad()
         loss_fn(model, x, y).backward()
-        observed.append(bool(opt.layers[0].samples))
+        observed.append(bool(opt.statistics.of(opt.layers[0]).samples))
         opt.step()
     # step 1 (no P yet), then steps t with t mod 5 ∈ {4, 0}
     assert [t for t, seen in enumerate(observed, 1) if seen] == [1, 4, 5, 9, 10]
@@ -370,9 +370,9 @@ def test_warm_up_computes_p_before_training():
     assert torch.allclose(opt.state[layer.weight]["precond"], expected, rtol=1e-9, atol=1e-12)
     x, y = make_batches(1, seed=9)[0]
     loss_fn(model, x, y).backward()
-    assert opt.layers[0].samples == 0  # step 1 is outside the stats window once P exists
+    assert opt.statistics.of(opt.layers[0]).samples == 0  # step 1 is outside the stats window once P exists
     opt.step()
-    assert opt._steps == 1
+    assert opt.schedule.steps == 1
 
 
 def test_remove_hooks_stops_observation():
@@ -381,7 +381,7 @@ def test_remove_hooks_stops_observation():
     opt.remove_hooks()
     x, y = make_batches(1)[0]
     loss_fn(model, x, y).backward()
-    assert all(layer.samples == 0 and not layer.inputs for layer in opt.layers)
+    assert all(opt.statistics.of(layer).samples == 0 and not opt.statistics.recorded(layer) for layer in opt.layers)
     before = model[0].weight.detach().clone()
     opt.step()  # without statistics there is no P: U = G/λ
     assert "precond" not in opt.state[model[0].weight]
@@ -457,7 +457,7 @@ def test_grad_scaler_skipped_step_touches_nothing():
     scaler.scale(torch.zeros((), requires_grad=True)).backward()
     scaler.step(opt)
     scaler.update()
-    assert opt._steps == 1  # t counts the skipped step; nothing else moved
+    assert opt.schedule.steps == 1  # t counts the skipped step; nothing else moved
     state = opt.state[model[0].weight]
     assert state["ema_count"].item() == 0 and "precond" not in state and "momentum_buffer" not in state
     assert all("momentum_buffer" not in opt.state[p] for p in model.parameters())
@@ -498,7 +498,7 @@ def test_closure_is_evaluated_with_grad():
         return loss
 
     loss = opt.step(closure)
-    assert loss.requires_grad and opt._steps == 1 and "precond" in opt.state[model[0].weight]
+    assert loss.requires_grad and opt.schedule.steps == 1 and "precond" in opt.state[model[0].weight]
 
 
 def test_statistics_under_autocast_stay_float32():
@@ -511,9 +511,10 @@ def test_statistics_under_autocast_stay_float32():
         out = model[2](input=h)
     out.float().sum().backward()
     for layer, inp in zip(opt.layers, (x, h)):
-        assert layer.stat.dtype == torch.float32
+        stat = opt.statistics.of(layer).pending
+        assert stat.dtype == torch.float32
         ref = gram64(inp.bfloat16(), layer.module, True)  # of what the layer saw: its autocast input
-        assert ((layer.stat - ref).norm() / ref.norm()).item() <= 1e-5
+        assert ((stat - ref).norm() / ref.norm()).item() <= 1e-5
 
 
 def test_bias_handed_later_joins_its_layer():

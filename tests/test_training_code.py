@@ -45,8 +45,8 @@ def train_step(model, opt, x, y):
 
 
 def observed_stat(opt, index):
-    layer = opt.layers[index]
-    return layer.stat / layer.samples
+    statistic = opt.statistics.of(opt.layers[index])
+    return statistic.pending / statistic.samples
 
 
 # ---- 1. the public ops on inputs that require grad ------------------------------------------------
@@ -100,7 +100,7 @@ def test_a_copy_of_the_model_trains_as_a_plain_model_and_carries_no_optimizer(ma
     opt = fastfoof.FOOF(model, lr=0.1, inv_period=3, stats_steps=1)
     x, y = batch()
     train_step(model, opt, x, y)
-    stats = [(layer.samples, layer.stat) for layer in opt.layers]
+    stats = [(opt.statistics.of(layer).samples, opt.statistics.of(layer).pending) for layer in opt.layers]
     if make_copy == "deepcopy":
         twin = copy.deepcopy(model)
     elif make_copy == "averaged_model":
@@ -116,9 +116,9 @@ def test_a_copy_of_the_model_trains_as_a_plain_model_and_carries_no_optimizer(ma
         twin = pickle.loads(data)
     _trains_as_a_plain_model(twin)
     for layer, (samples, stat) in zip(opt.layers, stats):  # the copy's forwards did not reach the optimizer
-        assert layer.samples == samples and layer.stat is stat
+        assert opt.statistics.of(layer).samples == samples and opt.statistics.of(layer).pending is stat
     train_step(model, opt, x, y)  # and the original still trains with it
-    assert all(layer.samples == 0 for layer in opt.layers)  # folded at the step
+    assert all(opt.statistics.of(layer).samples == 0 for layer in opt.layers)  # folded at the step
     if make_copy == "averaged_model":
         twin.update_parameters(model)
 
@@ -151,7 +151,7 @@ def test_remove_hooks_still_detaches_a_live_optimizer():
     x, y = batch()
     train_step(model, opt, x, y)
     assert all(not m._forward_hooks for m in model.modules())
-    assert all(layer.samples == 0 for layer in opt.layers)
+    assert all(opt.statistics.of(layer).samples == 0 for layer in opt.layers)
 
 
 # ---- 4. torch.func -------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def test_forwards_inside_torch_func_transforms_are_not_observed(float64):
 
     per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)  # per-sample gradients, train mode
     assert per_sample["0.weight"].shape == (5, 6, 4)
-    assert all(layer.samples == 0 for layer in opt.layers)
+    assert all(opt.statistics.of(layer).samples == 0 for layer in opt.layers)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()  # the next normal step works and sees only its own batch
     assert rel_error(observed_stat(opt, 0), gram64(x, model[0], True) / 5) <= 1e-12
@@ -214,9 +214,9 @@ def test_checkpointed_statistics_equal_the_plain_ones(float64):
         x = torch.randn(8, 16, requires_grad=True)
         plain.inner(x).square().sum().backward()
         ckpt(x).square().sum().backward()
-        for a, b in zip(*(opt.layers for opt in opts)):
+        for a, b in zip(*([opt.statistics.of(layer) for layer in opt.layers] for opt in opts)):
             assert a.samples == b.samples == 8
-            assert rel_error(b.stat, a.stat) <= 1e-12
+            assert rel_error(b.pending, a.pending) <= 1e-12
 
 
 # ---- 6. inputs changed in place after the forward ------------------------------------------------
@@ -258,7 +258,7 @@ def test_reentrant_recompute_and_an_ordinary_call_each_count_once(float64):
     x = torch.randn(4, 5)
     h1 = lin(x)
     checkpoint(lin, h1, use_reentrant=True).sum().backward()
-    assert opt.layers[0].samples == 8
+    assert opt.statistics.of(opt.layers[0]).samples == 8
     expected = (gram64(x, lin, True) + gram64(h1.detach(), lin, True)) / 8
     assert rel_error(observed_stat(opt, 0), expected) <= 1e-12
 
