@@ -222,6 +222,16 @@ def _problem(row, PARAM_KIND: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
+def _tile(problems_ptr, tiles_ptr, FIELDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile of the schedule: its problem's row of the table (FIELDS columns a row), the tile's
+    slot among grafting's partial sums, its first column n0, and its rows and columns."""
+    problem, tile_row, tile_col, slot = _load_quad(tiles_ptr + tl.program_id(0) * TILE_FIELDS)
+    n0 = tile_col * BLOCK_N
+    rows = tile_row * BLOCK_M + tl.arange(0, BLOCK_M)
+    return problems_ptr + problem.to(tl.int64) * FIELDS, slot, n0, rows, n0 + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def grouped_update_kernel(problems_ptr, tiles_ptr, scalars_ptr, scale_ptr, found_inf_ptr, updates_ptr, partials_ptr,
                           PARAM_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, VEC: tl.constexpr,
                           GRAFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -229,14 +239,9 @@ def grouped_update_kernel(problems_ptr, tiles_ptr, scalars_ptr, scale_ptr, found
     GradScaler found non-finite gradients (found_inf ≠ 0: nothing is written). GRAFT: grafting's first
     pass instead of the epilogue (`_store_update`; scale_ptr, scalars_ptr and found_inf_ptr unread).
     VEC > 1: the host guarantees the 16-byte alignment of the vector variant (module docstring)."""
-    problem, tile_row, tile_col, slot = _load_quad(tiles_ptr + tl.program_id(0) * TILE_FIELDS)
-    m0 = tile_row * BLOCK_M
-    n0 = tile_col * BLOCK_N
-    row = problems_ptr + problem.to(tl.int64) * PROBLEM_FIELDS
+    row, slot, n0, rows, cols = _tile(problems_ptr, tiles_ptr, PROBLEM_FIELDS, BLOCK_M, BLOCK_N)
     (grad_w, precond, weight, buf_w, rows_total, dim, g_row, w_row, p_row, p_cols, slot_w,
      grad_b_address) = _problem(row, PARAM_KIND, VEC)
-    rows = m0 + tl.arange(0, BLOCK_M)
-    cols = n0 + tl.arange(0, BLOCK_N)
     row_ok = rows < rows_total
     grad_b_stride, dim_p = _load_pair(row + GRAD_B_STRIDE)  # D' only sizes the host's tile schedule
     acc = _gradient_product(grad_w, precond, rows, cols, row_ok, cols < p_cols, dim, g_row, p_row, grad_b_address,
@@ -249,20 +254,31 @@ def grouped_update_kernel(problems_ptr, tiles_ptr, scalars_ptr, scale_ptr, found
 
 
 @triton.jit
+def _tile_product(a, a_row, b, b_k, b_n, rows, cols, row_ok, col_ok, depth, INPUT_PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Σ_k A[rows, k]·B[k, cols] over k < depth, fp32 accumulation (tl.dot in INPUT_PRECISION): A's rows
+    `a_row` apart with unit column stride, B's entry (k, n) at b + k·b_k + n·b_n (a literal 1 for either
+    stride is folded, keeping that dimension contiguous to the compiler)."""
+    a_offsets = rows[:, None] * a_row
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, depth, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < depth
+        x = tl.load(a + (a_offsets + ks[None, :]), mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        y = tl.load(b + (ks[:, None] * b_k + cols[None, :] * b_n), mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(x.to(tl.float32), y, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _gradient_product(grad_w, factor, rows, cols, row_ok, col_ok, dim, g_row, f_row, grad_b_address, grad_b_stride,
                       PARAM_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """A [BLOCK_M, BLOCK_N] tile of [Ĝ | g_b]·F (F: P, or a low-rank Q; row stride f_row): the K loop
     over D reads Ĝ from the weight's gradient, and the bias gradient, column D of [Ĝ | g_b], enters as
     a rank-1 update with row D of F (no concatenated copy)."""
-    a_offsets = rows[:, None] * g_row
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, dim, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < dim
-        a = tl.load(grad_w + (a_offsets + ks[None, :]), mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(factor + (ks[:, None] * f_row + cols[None, :]), mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a.to(tl.float32), b, acc, input_precision=INPUT_PRECISION)
+    acc = _tile_product(grad_w, g_row, factor, f_row, 1, rows, cols, row_ok, col_ok, dim, INPUT_PRECISION,
+                        BLOCK_M, BLOCK_N, BLOCK_K)
     if grad_b_address != 0:
         grad_b = _param_pointer(grad_b_address, PARAM_KIND)
         gb = tl.load(grad_b + rows * grad_b_stride, mask=row_ok, other=0.0).to(tl.float32)
@@ -322,14 +338,10 @@ def graft_step_kernel(problems_ptr, tiles_ptr, updates_ptr, factors_ptr, scalars
     """Grafting's second pass over the first pass's tiles (dense or low-rank problems: FIELDS columns a
     row): the tile of U from the workspace times its block's factor (graft scale / grad_scale), then the
     SGD epilogue of `_step_tile`, unless found_inf ≠ 0."""
-    problem, tile_row, tile_col, slot = _load_quad(tiles_ptr + tl.program_id(0) * TILE_FIELDS)
-    n0 = tile_col * BLOCK_N
-    row = problems_ptr + problem.to(tl.int64) * FIELDS
+    row, slot, n0, rows, cols = _tile(problems_ptr, tiles_ptr, FIELDS, BLOCK_M, BLOCK_N)
     (grad_w, factor, weight, buf_w, rows_total, dim, g_row, w_row, f_row, f_cols, slot_w,
      grad_b_address) = _problem(row, PARAM_KIND, VEC)
     update, update_row, graft_row = _update_columns(row, updates_ptr)
-    rows = tile_row * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = n0 + tl.arange(0, BLOCK_N)
     row_ok = rows < rows_total
     u = tl.load(update + (rows[:, None] * update_row + cols[None, :]),
                 mask=row_ok[:, None] & (cols < update_row)[None, :], other=0.0)
@@ -355,20 +367,28 @@ def _low_rank_columns(row, workspace_ptr, VEC: tl.constexpr):
 
 
 @triton.jit
+def _low_rank_tile(problems_ptr, tiles_ptr, workspace_ptr, PARAM_KIND: tl.constexpr, VEC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_tile` of a low-rank problem, which of its rows are the problem's, and the problem's columns
+    (`_problem` but the row count, then `_low_rank_columns`)."""
+    row, slot, n0, rows, cols = _tile(problems_ptr, tiles_ptr, LOW_RANK_FIELDS, BLOCK_M, BLOCK_N)
+    (grad_w, basis, weight, buf_w, rows_total, dim, g_row, w_row, q_row, rank, slot_w,
+     grad_b_address) = _problem(row, PARAM_KIND, VEC)
+    grad_b_stride, dim_p, eigvals, projection, y_row = _low_rank_columns(row, workspace_ptr, VEC)
+    return (row, slot, n0, rows, cols, rows < rows_total, grad_w, basis, weight, buf_w, dim, g_row, w_row, q_row,
+            rank, slot_w, grad_b_address, grad_b_stride, dim_p, eigvals, projection, y_row)
+
+
+@triton.jit
 def low_rank_project_kernel(problems_ptr, tiles_ptr, workspace_ptr, damping, PARAM_KIND: tl.constexpr,
                             INPUT_PRECISION: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The first skinny product of a low-rank update (DESIGN §1.3): one [BLOCK_M, BLOCK_N] tile of
     Y = (Ĝ·Q)·diag(s/(s+λ)) ([rows, r]) of one problem, into its slice of the workspace. VEC > 1: the
     host guarantees the vector variant's alignment (module docstring)."""
-    problem, tile_row, tile_col, unused = _load_quad(tiles_ptr + tl.program_id(0) * TILE_FIELDS)
-    row = problems_ptr + problem.to(tl.int64) * LOW_RANK_FIELDS
-    (grad_w, basis, weight, buf_w, rows_total, dim, g_row, w_row, q_row, rank, slot_w,
-     grad_b_address) = _problem(row, PARAM_KIND, VEC)
-    grad_b_stride, dim_p, eigvals, projection, y_row = _low_rank_columns(row, workspace_ptr, VEC)
-    rows = tile_row * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tile_col * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < rows_total
+    (row, slot, n0, rows, cols, row_ok, grad_w, basis, weight, buf_w, dim, g_row, w_row, q_row, rank, slot_w,
+     grad_b_address, grad_b_stride, dim_p, eigvals, projection, y_row) = _low_rank_tile(
+        problems_ptr, tiles_ptr, workspace_ptr, PARAM_KIND, VEC, BLOCK_M, BLOCK_N)
     col_ok = cols < rank
     acc = _gradient_product(grad_w, basis, rows, cols, row_ok, col_ok, dim, g_row, q_row, grad_b_address,
                             grad_b_stride, PARAM_KIND, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -386,25 +406,12 @@ def low_rank_update_kernel(problems_ptr, tiles_ptr, workspace_ptr, scalars_ptr, 
     one problem ([rows, D']), with Y from `low_rank_project_kernel`, then the SGD step of §1.4, unless
     found_inf ≠ 0. GRAFT: grafting's first pass instead of the epilogue (`_store_update`). VEC > 1: the
     host guarantees the vector variant's alignment."""
-    problem, tile_row, tile_col, slot = _load_quad(tiles_ptr + tl.program_id(0) * TILE_FIELDS)
-    m0 = tile_row * BLOCK_M
-    n0 = tile_col * BLOCK_N
-    row = problems_ptr + problem.to(tl.int64) * LOW_RANK_FIELDS
-    (grad_w, basis, weight, buf_w, rows_total, dim, g_row, w_row, q_row, rank, slot_w,
-     grad_b_address) = _problem(row, PARAM_KIND, VEC)
-    grad_b_stride, dim_p, eigvals, projection, y_row = _low_rank_columns(row, workspace_ptr, VEC)
-    rows = m0 + tl.arange(0, BLOCK_M)
-    cols = n0 + tl.arange(0, BLOCK_N)
-    row_ok = rows < rows_total
+    (row, slot, n0, rows, cols, row_ok, grad_w, basis, weight, buf_w, dim, g_row, w_row, q_row, rank, slot_w,
+     grad_b_address, grad_b_stride, dim_p, eigvals, projection, y_row) = _low_rank_tile(
+        problems_ptr, tiles_ptr, workspace_ptr, PARAM_KIND, VEC, BLOCK_M, BLOCK_N)
     col_ok = cols < dim_p
-    y_offsets = rows[:, None] * y_row
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for j0 in range(0, rank, BLOCK_K):
-        js = j0 + tl.arange(0, BLOCK_K)
-        j_ok = js < rank
-        y = tl.load(projection + (y_offsets + js[None, :]), mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        q = tl.load(basis + (cols[None, :] * q_row + js[:, None]), mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(y, q, acc, input_precision=INPUT_PRECISION)
+    acc = _tile_product(projection, y_row, basis, 1, q_row, rows, cols, row_ok, col_ok, rank, INPUT_PRECISION,
+                        BLOCK_M, BLOCK_N, BLOCK_K)  # Y·Qᵀ, K loop over r
     g = tl.load(grad_w + (rows[:, None] * g_row + cols[None, :]), mask=row_ok[:, None] & (cols < dim)[None, :],
                 other=0.0).to(tl.float32)
     if grad_b_address != 0:
@@ -487,43 +494,58 @@ def compile_specs() -> list[dict]:
     specs = []
     for dtype, kind in PARAM_KINDS.items():
         kind_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-        for name, config in CONFIGS.items():
-            precision = "ieee" if name == "ieee" else "tf32"
-            tiles = {k: v for k, v in config.items() if k.startswith("BLOCK")}
-            for vec in (vector_width(dtype), 1):
-                variant = "vector" if vec > 1 else "scalar"
-                for kernel, (fn, fn_args, grafts) in tiled.items():
-                    for graft in grafts:
-                        constexprs = dict(PARAM_KIND=kind, INPUT_PRECISION=precision, VEC=vec, **tiles)
-                        spec_args = fn_args
-                        if graft is not None:
-                            constexprs["GRAFT"] = graft
-                            spec_args = dict(fn_args, **outputs[graft])
-                        specs.append(dict(kernel=kernel,
-                                          config=f"{kind_name},{'graft,' if graft else ''}{name},{variant},"
-                                                 + ",".join(f"{k}={v}" for k, v in tiles.items())
-                                                 + f",w{config['num_warps']},s{config['num_stages']}",
-                                          fn=fn, args=spec_args, constexprs=constexprs,
-                                          num_warps=config["num_warps"], num_stages=config["num_stages"],
-                                          mma=precision == "tf32"))
+        specs += _gemm_specs(dtype, kind, kind_name, tiled, outputs)
+        specs += _elementwise_specs(dtype, kind, kind_name, plain_args, second_pass)
+    return specs
+
+
+def _gemm_specs(dtype: torch.dtype, kind: int, kind_name: str, tiled: dict, outputs: dict) -> list[dict]:
+    """The GEMM kernels' builds for one parameter dtype: every config, variant and GRAFT value."""
+    specs = []
+    for name, config in CONFIGS.items():
+        precision = "ieee" if name == "ieee" else "tf32"
+        tiles = {k: v for k, v in config.items() if k.startswith("BLOCK")}
         for vec in (vector_width(dtype), 1):
             variant = "vector" if vec > 1 else "scalar"
-            specs.append(dict(kernel="plain_update_kernel",
-                              config=f"{kind_name},{variant},BLOCK={PLAIN_BLOCK},w{PLAIN_WARPS}",
-                              fn=plain_update_kernel, args=plain_args,
-                              constexprs=dict(PARAM_KIND=kind, VEC=vec, BLOCK=PLAIN_BLOCK),
-                              num_warps=PLAIN_WARPS, num_stages=1, mma=False))
-            # grafting's second pass: one build per tile shape of the GEMM configs, dense and low-rank tables
-            for block_m, block_n in sorted({(c["BLOCK_M"], c["BLOCK_N"]) for c in CONFIGS.values()}):
-                for table, fields in (("dense", PROBLEM_FIELDS.value), ("low_rank", LOW_RANK_FIELDS.value)):
-                    specs.append(dict(kernel="graft_step_kernel",
-                                      config=f"{kind_name},{table},{variant},BLOCK_M={block_m},BLOCK_N={block_n},"
-                                             f"w{GRAFT_STEP_WARPS}",
-                                      fn=graft_step_kernel,
-                                      args=dict(second_pass, problems_ptr=torch.empty(fields, dtype=torch.int64)),
-                                      constexprs=dict(FIELDS=fields, PARAM_KIND=kind, VEC=vec, BLOCK_M=block_m,
-                                                      BLOCK_N=block_n),
-                                      num_warps=GRAFT_STEP_WARPS, num_stages=1, mma=False))
+            for kernel, (fn, fn_args, grafts) in tiled.items():
+                for graft in grafts:
+                    constexprs = dict(PARAM_KIND=kind, INPUT_PRECISION=precision, VEC=vec, **tiles)
+                    spec_args = fn_args
+                    if graft is not None:
+                        constexprs["GRAFT"] = graft
+                        spec_args = dict(fn_args, **outputs[graft])
+                    specs.append(dict(kernel=kernel,
+                                      config=f"{kind_name},{'graft,' if graft else ''}{name},{variant},"
+                                             + ",".join(f"{k}={v}" for k, v in tiles.items())
+                                             + f",w{config['num_warps']},s{config['num_stages']}",
+                                      fn=fn, args=spec_args, constexprs=constexprs,
+                                      num_warps=config["num_warps"], num_stages=config["num_stages"],
+                                      mma=precision == "tf32"))
+    return specs
+
+
+def _elementwise_specs(dtype: torch.dtype, kind: int, kind_name: str, plain_args: dict, second_pass: dict
+                       ) -> list[dict]:
+    """The elementwise kernels' builds for one parameter dtype: the plain update, grafting's second pass."""
+    specs = []
+    for vec in (vector_width(dtype), 1):
+        variant = "vector" if vec > 1 else "scalar"
+        specs.append(dict(kernel="plain_update_kernel",
+                          config=f"{kind_name},{variant},BLOCK={PLAIN_BLOCK},w{PLAIN_WARPS}",
+                          fn=plain_update_kernel, args=plain_args,
+                          constexprs=dict(PARAM_KIND=kind, VEC=vec, BLOCK=PLAIN_BLOCK),
+                          num_warps=PLAIN_WARPS, num_stages=1, mma=False))
+        # grafting's second pass: one build per tile shape of the GEMM configs, dense and low-rank tables
+        for block_m, block_n in sorted({(c["BLOCK_M"], c["BLOCK_N"]) for c in CONFIGS.values()}):
+            for table, fields in (("dense", PROBLEM_FIELDS.value), ("low_rank", LOW_RANK_FIELDS.value)):
+                specs.append(dict(kernel="graft_step_kernel",
+                                  config=f"{kind_name},{table},{variant},BLOCK_M={block_m},BLOCK_N={block_n},"
+                                         f"w{GRAFT_STEP_WARPS}",
+                                  fn=graft_step_kernel,
+                                  args=dict(second_pass, problems_ptr=torch.empty(fields, dtype=torch.int64)),
+                                  constexprs=dict(FIELDS=fields, PARAM_KIND=kind, VEC=vec, BLOCK_M=block_m,
+                                                  BLOCK_N=block_n),
+                                  num_warps=GRAFT_STEP_WARPS, num_stages=1, mma=False))
     return specs
 
 
