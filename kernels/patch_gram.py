@@ -477,7 +477,7 @@ def _identity_index(dim_p: int, dim: int) -> tuple[int, int, int, int, int]:
     return (dim_p, dim_p, 1, -1, dim)
 
 
-def _launch_positions(out, x, geom, *, alpha, beta, dim_p, path, input_precision, splits, config):
+def launch_positions(out, x, geom, *, alpha, beta, dim_p, path, input_precision, splits, config):
     """The implicit and channels_last paths: partial pass over samples × output positions, reduce."""
     groups = geom.groups
     shape, (sb, sc, sh, sw) = as_2d_conv(x, geom)
@@ -517,7 +517,7 @@ def _launch_positions(out, x, geom, *, alpha, beta, dim_p, path, input_precision
     _reduce(workspace, out, alpha, beta, config, num_pairs, splits, groups, out_index)
 
 
-def _launch_dense(out, x, geom, rows, *, alpha, beta, dim_p, input_precision, splits, config):
+def launch_dense(out, x, geom, rows, *, alpha, beta, dim_p, input_precision, splits, config):
     config = config or choose_config(dim_p, PIPELINED_CONFIGS)
     tiles = triton.cdiv(dim_p, config.block_d)
     num_pairs = tiles * (tiles + 1) // 2
@@ -561,9 +561,9 @@ def run_patch_gram(out: torch.Tensor, x: torch.Tensor, geom: PatchGeometry, *, a
     for start in range(0, x.shape[0], per_launch):  # later chunks accumulate onto the first
         chunk = x[start:start + per_launch]
         if path == "dense":
-            _launch_dense(out, chunk, geom, dense_rows(chunk, geom), alpha=alpha, beta=beta, **knobs)
+            launch_dense(out, chunk, geom, dense_rows(chunk, geom), alpha=alpha, beta=beta, **knobs)
         else:
-            _launch_positions(out, chunk, geom, alpha=alpha, beta=beta, path=path, **knobs)
+            launch_positions(out, chunk, geom, alpha=alpha, beta=beta, path=path, **knobs)
         beta = 1.0
     return out
 

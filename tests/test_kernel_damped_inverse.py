@@ -40,6 +40,7 @@ def test_mixed_sizes_scales_and_damping_in_one_call():
             assert code.dtype == torch.int8 and code.tolist() == [OK] * m.shape[0]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("cond", [1.0, 1e2, 1e4, 1e6])
 @pytest.mark.parametrize("dim", [7, 33, 64])
 def test_conditioning(dim, cond):

@@ -66,6 +66,7 @@ def test_fold_matches_reference_bitwise_and_float64():
         assert rel_error(out, exact) <= 1e-6
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_nonfinite_statistics_are_dropped(dtype):
     gen = torch.Generator().manual_seed(2)

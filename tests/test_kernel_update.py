@@ -258,6 +258,7 @@ def assert_tracks_reference(blocks, gen, damping, steps=2, tol=1e-6, **options):
             assert (b is None) == (c is None) and (b is None or rel_error(b, c) <= 1e-5)
 
 
+@pytest.mark.smoke
 def test_grouped_update_agrees_with_reference(fused_only):
     gen = torch.Generator().manual_seed(1)
     assert_tracks_reference(make_blocks(torch.float32, HYPER[:2], gen), gen, damping=0.5)

@@ -31,6 +31,7 @@ GEOMETRIES = [
 ]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("name,make,shape", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_patch_gram_matches_float64_unfold(name, make, shape, dtype):
@@ -205,6 +206,7 @@ def _close(out, ref):
     return torch.equal(out, ref) or rel_error(out, ref) <= 1e-13
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("graft", [None, "sgd"])
 @pytest.mark.parametrize("momentum,dampening,nesterov", [(0, 0, False), (0.9, 0.1, False), (0.8, 0, True)])
 def test_preconditioned_update_matches_float64(momentum, dampening, nesterov, graft):

@@ -28,6 +28,7 @@ def layer_inputs(model, x):
         return [x, torch.tanh(model[0](x)).flatten(1)]
 
 
+@pytest.mark.smoke
 def test_foof_statistic_is_the_mean_over_the_first_samples():
     model = make_model()
     opt = fastfoof.FOOF(model, lr=0.1, stats_batch=3)
