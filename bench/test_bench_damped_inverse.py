@@ -6,7 +6,7 @@ channel). On CPU the sets drop the layers with D > CPU_MAX_DIM so the suite fini
 (recorded in extra_info["reduced"]); FASTFOOF_BENCH_SMOKE=1 keeps the first 6 layers, at most 4
 groups and D ≤ 32 each.
 
-Rows "cholesky", "blocked", "blocked_tf32x3" and "newton_schulz" are `fastfoof.reference`'s inverse
+Rows "cholesky", "blocked", "blocked_tf32x3" and "newton_schulz" are `fastfoof.linalg`'s inverse
 methods through the dispatch (the Triton backend on CUDA, the reference on CPU); "batched_reference"
 forces the reference backend. Newton–Schulz starts from 0.7·P (residual 0.3·I, about the steady state
 of FOOF's rounds measured on digits); extra_info["newton_schulz_served"] counts the matrices its
@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from fastfoof import ops, reference
+from fastfoof import linalg, ops
 
 SMOKE = os.environ.get("FASTFOOF_BENCH_SMOKE") == "1"
 CPU_MAX_DIM = 2304  # the 4608-sized 3×3 convs take seconds each on a 2-core CPU
@@ -85,7 +85,7 @@ def pipeline(method, backend=None):
 METHODS = {
     "batched_triton": pipeline("cholesky", "triton"),
     "batched_reference": pipeline("cholesky", "reference"),
-    **{method: pipeline(method) for method in reference.INVERSE_METHODS if method != "cholesky"},
+    **{method: pipeline(method) for method in linalg.INVERSE_METHODS if method != "cholesky"},
     "inv_loop": lambda mats, previous: inv_loop(mats),
     "cholesky_inverse_loop": lambda mats, previous: cholesky_inverse_loop(mats),
 }
@@ -147,7 +147,7 @@ def test_damped_inverse(benchmark, device, size_set, method):
         pytest.skip("CPUs have no TF32: the same arithmetic as blocked")
     mats, previous = run_benchmark(benchmark, device, size_set, METHODS[method], warm=method == "newton_schulz")
     if method == "newton_schulz":
-        _, missed = reference.newton_schulz_inverses(mats, DAMPING, [None] * len(mats), previous)
+        _, missed = linalg.newton_schulz_inverses(mats, DAMPING, [None] * len(mats), previous)
         benchmark.extra_info["newton_schulz_served"] = int(sum((~m).sum() for m in missed))
 
 
@@ -155,9 +155,9 @@ def test_damped_inverse(benchmark, device, size_set, method):
 @pytest.mark.parametrize("size_set", ["resnet18", "resnet50"])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_blocked_leaf(benchmark, monkeypatch, device, size_set, leaf):
-    """blocked_tf32x3 with other leaf sizes than reference.BLOCKED_LEAF_MAX (its row above)."""
+    """blocked_tf32x3 with other leaf sizes than linalg.BLOCKED_LEAF_MAX (its row above)."""
     skip_unless(device)
     if device != "cuda" and not SMOKE:
         pytest.skip("CUDA only (a choice for GPUs)")
-    monkeypatch.setattr(reference, "BLOCKED_LEAF_MAX", leaf)
+    monkeypatch.setattr(linalg, "BLOCKED_LEAF_MAX", leaf)
     run_benchmark(benchmark, device, size_set, pipeline("blocked_tf32x3"), leaf=leaf)

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 import fastfoof
 from fastfoof import ops
 from fastfoof.core import KroneckerOptimizer
+from fastfoof.preconditioners import LowRank, input_inverse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from models import SmallConvNet, resnet18  # noqa: E402
@@ -77,6 +78,11 @@ MODELS = {
 }
 # precision -> (autocast dtype or None, channels_last); bf16 rows need CUDA
 PRECISIONS = {"fp32": (None, False), "bf16_channels_last": (torch.bfloat16, True)}
+
+
+def low_rank(opt: KroneckerOptimizer, layer) -> bool:
+    """Whether the layer's input factor is kept low rank (DESIGN §1.3)."""
+    return isinstance(input_inverse(layer, opt.rank), LowRank)
 
 
 def foof(backend="auto", stats_steps=10, stats_quarter=False, inv_period=INV_PERIOD, **options):
@@ -150,7 +156,7 @@ class Trainer:
         opt = self.optimizer
         if not isinstance(opt, KroneckerOptimizer):
             return "plain"
-        r = (opt._steps + 1) % opt.inv_period
+        r = (opt.schedule.steps + 1) % opt.inv_period
         return "inverting" if r == 0 else "observed" if r > opt.inv_period - opt.stats_steps else "plain"
 
     def step(self) -> torch.Tensor:
@@ -261,7 +267,7 @@ def test_e2e_step(benchmark, model, precision, optimizer):
     assert torch.isfinite(loss), f"{optimizer} diverged on {model}"
     if not (CUDA or SMOKE):  # one step inside the stats window, after the timed rounds (they end at an inversion)
         if isinstance(subject.optimizer, KroneckerOptimizer):
-            subject.optimizer._steps = subject.optimizer.inv_period - 1  # the coming step observes and inverts
+            subject.optimizer.schedule.steps = subject.optimizer.inv_period - 1  # the coming step observes and inverts
         peak_memory = cpu_peak_bytes(subject.step)
 
     info = benchmark.extra_info
@@ -373,9 +379,9 @@ def test_inversion_round(benchmark, kind):
         sync()
 
     benchmark.pedantic(round_, rounds=2 if SMOKE else 5, warmup_rounds=1)
-    dims = [layer.dim_out for layer in opt._active]
+    dims = [layer.dim_p for layer in opt._active]
     benchmark.extra_info.update(kind=kind, layers=len(dims), max_dim=max(dims), smoke=SMOKE,
-                                low_rank_layers=sum(opt._low_rank(layer) for layer in opt._active),
+                                low_rank_layers=sum(low_rank(opt, layer) for layer in opt._active),
                                 device=torch.cuda.get_device_name() if CUDA else "cpu",
                                 backend=ops.resolve_backend(opt.backend, DEVICE))
 
@@ -430,5 +436,5 @@ def test_final_loss(benchmark, run, variant, seed):
     assert all(math.isfinite(loss) for loss in losses)
     benchmark.extra_info.update(dataset=dataset, net=net, variant=variant, seed=seed, options=options, lr=lr, damping=damping,
                                 epochs=epochs, batch_size=batch, final_train_loss=losses[-1], epoch_losses=losses,
-                                smoke=SMOKE, low_rank_layers=[layer.name for layer in opt.layers if opt._low_rank(layer)],
+                                smoke=SMOKE, low_rank_layers=[layer.name for layer in opt.layers if low_rank(opt, layer)],
                                 diagnostics=opt.diagnostics)

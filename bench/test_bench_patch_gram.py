@@ -97,8 +97,8 @@ def test_patch_gram(benchmark, layer, layout, path, dtype):
     x = with_layout(torch.randn(shape, device=device).to(dtype), layout)
     bias = getattr(module, "bias", None) is not None
     groups, dim = patch_dim(module)
-    dim_out = dim + bias
-    out = torch.empty(groups, dim_out, dim_out, device=device)
+    dim_p = dim + bias
+    out = torch.empty(groups, dim_p, dim_p, device=device)
     _, geom = patch_input(x, module)
     positions = shape[0] * geom.positions
 
@@ -119,9 +119,9 @@ def test_patch_gram(benchmark, layer, layout, path, dtype):
         benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated() - baseline
     benchmark.pedantic(run, rounds=10 if CUDA else 3, iterations=1, warmup_rounds=1)
 
-    macs = groups * dim_out ** 2 * positions
+    macs = groups * dim_p ** 2 * positions
     benchmark.extra_info.update(
-        input_shape=list(shape), samples=shape[0], reduced=reduced, groups=groups, dim_out=dim_out, layout=layout,
+        input_shape=list(shape), samples=shape[0], reduced=reduced, groups=groups, dim_p=dim_p, layout=layout,
         chosen=path == pg.choose_path(*patch_input(x, module)),
         positions=positions, syrk_macs=macs, im2col_bytes=positions * groups * dim * x.element_size(),
         device=torch.cuda.get_device_name() if CUDA else "cpu")
@@ -155,7 +155,7 @@ def test_reference_at_batch(benchmark, layer, batch):
     run()
     benchmark.pedantic(run, rounds=1 if SMOKE else 3, iterations=1, warmup_rounds=0)
     _, geom = patch_input(x, module)
-    benchmark.extra_info.update(input_shape=list(shape), samples=shape[0], groups=groups, dim_out=dim + bias,
+    benchmark.extra_info.update(input_shape=list(shape), samples=shape[0], groups=groups, dim_p=dim + bias,
                                 positions=shape[0] * geom.positions, device="cpu",
                                 im2col_bytes=shape[0] * geom.positions * groups * dim * x.element_size(),
                                 peak_memory_bytes=None if SMOKE else cpu_peak_bytes(run))

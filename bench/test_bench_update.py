@@ -131,14 +131,14 @@ def test_update(benchmark, monkeypatch, model_name, backend, dtype, layout, plac
     fill_grads(model)
     blocks = blocks_of(model, placement)
     buffers = [None] * sum(len(b.params) for b in blocks)
+    plans = ops.KernelPlans()  # this row's tables, kept between its runs as an optimizer keeps its own
     if backend == "triton":
         from fastfoof.kernels import update
 
         monkeypatch.setattr(update, "HOPPER_CONFIG", hopper_config)
-        update._TABLES.clear()  # so that the tables listed below are this row's
 
     def run():
-        ops.preconditioned_update_(blocks, buffers, damping=DAMPING, graft=graft, backend=backend)
+        ops.preconditioned_update_(blocks, buffers, damping=DAMPING, graft=graft, backend=backend, plans=plans)
         synchronize()
 
     run()  # creates the momentum buffers and the device tables
@@ -153,12 +153,12 @@ def test_update(benchmark, monkeypatch, model_name, backend, dtype, layout, plac
         device=torch.cuda.get_device_name() if CUDA else "cpu")
     if backend == "triton":
         benchmark.extra_info["config"] = update.launch_config(torch.device(DEVICE))
-        for name, (key, _) in update._TABLES.items():
+        for name in plans.names():
             if name[2:3] == ("problems",):  # (device, dtype, "problems", VEC)
-                benchmark.extra_info[f"problems_vec{name[3]}"] = len(key)
+                benchmark.extra_info[f"problems_vec{name[3]}"] = len(plans.key(name))
         if graft is not None:
             benchmark.extra_info["update_workspace_mbytes"] = \
-                update._WORKSPACES[(blocks[0].params[0].device, "updates")].numel() * 4 / 2 ** 20
+                plans.held((blocks[0].params[0].device, "updates")).numel() * 4 / 2 ** 20
     if benchmark.stats is not None:
         benchmark.extra_info["tflops"] = flops / benchmark.stats.stats.mean / 1e12
     if CUDA:

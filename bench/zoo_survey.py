@@ -103,25 +103,35 @@ def functional(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
 
 
 class Recorder:
-    """Forward hooks on every Linear/Conv module: each call's input, output and output gradient."""
+    """Forward hooks on every Linear/Conv module: each call's input, output and output gradient (also what
+    tests/test_zoo.py checks layers with). The gradient is taken by a tensor hook on the output as the module
+    returned it, as KFAC took it: a hook that never fires (a view changed in place later) is reported. With
+    `clone_outputs` the model gets a clone of each output instead, whose hook fires. `on`: whether to record."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, clone_outputs: bool = False):
         self.calls = defaultdict(list)
         self.handles = []
+        self.on = True
+        self.clone_outputs = clone_outputs
         for name, m in model.named_modules():
             if isinstance(m, LAYER_TYPES):
                 self.handles.append(m.register_forward_hook(self._hook(name), with_kwargs=True))
 
     def _hook(self, name):
         def hook(module, args, kwargs, output):
+            if not self.on:
+                return None
             x = args[0] if args else kwargs.get("input")
             rec = {"x": x.detach().clone(), "alias": x, "version": x._version, "out": None, "grad": None}
             if isinstance(output, torch.Tensor):
                 rec["out"] = output.detach().clone()
                 rec["out_alias"], rec["out_version"] = output, output._version
                 if output.requires_grad:
+                    if self.clone_outputs:
+                        output = output.clone()
                     output.register_hook(lambda g: rec.__setitem__("grad", g.detach().clone()))
             self.calls[name].append(rec)
+            return output if self.clone_outputs else None
         return hook
 
     def remove(self):

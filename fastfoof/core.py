@@ -1,18 +1,18 @@
-"""What FOOF and KFAC share: layers observed through hooks, running statistics on DESIGN §1.5's
-schedule, batched inversions with their fallbacks, the grouped SGD-style update, state, GradScaler,
-DDP and warm-up. A subclass says which statistics it keeps and what preconditioner it makes of them.
+"""The optimizer that FOOF and KFAC are: a torch.optim.Optimizer whose `step()` runs DESIGN §1.5's schedule by
+calling its parts, which a subclass configures with its statistics (`FACTORS`) and preconditioner types.
+
+The parts: `observe` (the hooks), `statistics` (what was observed, and the running averages), `schedule`
+(when), `distributed` (who, across ranks), `preconditioners` (what is inverted and how it applies), `ops`
+(the update and every other operation, on the Triton kernels or the reference), `state` (the state dict's
+layout) and `diagnostics`.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import numbers
 import sys
 import warnings
 import weakref
-from dataclasses import dataclass
-from itertools import chain
-from typing import Callable
 
 import torch
 import torch._dynamo
@@ -20,43 +20,19 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
-from . import distributed, ops, sharded
+from . import ops, state
+from .arguments import (check_model_and_damping, check_param_group, check_preconditioning, check_statistics,
+                        inverse_method)
+from .diagnostics import Diagnostics
+from .distributed import Distributor
 from .geometry import batch_size
 from .layers import Block, Layer, Skip, find_layers
+from .linalg import KEPT_PREVIOUS, OK, aligned, stat_dtype
 from .observe import Hooks, LayerHook, in_checkpoint_recompute, in_transform, layer_input
-from .reference import GRAFTS, KEPT_PREVIOUS, OK, aligned, stat_dtype
-
-DIAGNOSTICS = ("dropped_stats", "cholesky_retries", "cholesky_failures")
-# state_dict(): the optimizer's own entries in each param group, and, in a parameter's state, the keys whose
-# values only stand in for entries it has not made yet
-OWN_ENTRIES = "fastfoof"
-PLACEHOLDERS = "fastfoof_placeholders"
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def check_model_and_damping(model, damping) -> None:
-    """ValueError for a model that is no nn.Module, or a damping that is no number > 0."""
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model: expected an nn.Module, got {type(model).__name__}")
-    if not (_is_number(damping) and damping > 0):
-        raise ValueError(f"damping: must be a number > 0, got {damping!r}")
-
-
-def check_param_group(group: dict) -> None:
-    """ValueError naming the first invalid SGD setting of a param group (DESIGN §1.4's epilogue)."""
-    for name in ("lr", "momentum", "dampening", "weight_decay"):
-        value = group[name]
-        if not (_is_number(value) or (isinstance(value, torch.Tensor) and value.numel() == 1)) or not value >= 0:
-            raise ValueError(f"{name}: must be a number ≥ 0, got {value!r}")
-    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-        raise ValueError("nesterov: requires momentum > 0 and dampening = 0")
+from .preconditioners import Preconditioner, Round
+from .schedule import Schedule
+from .state import OWN_ENTRIES
+from .statistics import INPUTS, Factor, Statistic, Statistics
 
 
 def on_itself(method):
@@ -73,89 +49,48 @@ def on_itself(method):
     return run
 
 
-@dataclass(frozen=True)
-class Statistic:
-    """A running second moment of a layer: its pending sum lives on the Layer (`stat`, `samples`
-    attributes), its EMA and weight n in the optimizer state (`ema`, `count` keys)."""
-
-    stat: str
-    samples: str
-    ema: str
-    count: str
-    shape: Callable[[Layer], tuple]  # [groups, d, d]
-
-
-# FOOF's Σ and KFAC's A: the layer's input patches (with the bias row)
-INPUTS = Statistic("stat", "samples", "ema", "ema_count", lambda layer: (layer.groups, layer.dim_out, layer.dim_out))
-
-
 class KroneckerOptimizer(Optimizer):
     """The optimizer core shared by `fastfoof.FOOF` and `fastfoof.KFAC` (see those for the arguments).
 
-    A subclass sets `STATISTICS` and `KIND`, and implements `_preconditioners` (the inversion round's
-    math), `_ready` and `_prepare_block` (how a layer's block is preconditioned at the update).
+    A subclass sets `KIND` and `FACTORS` (its statistics) and implements `_preconditioner` (a layer's
+    preconditioner type); KFAC also observes its layers' outputs (`_observe`).
     """
 
-    STATISTICS: tuple[Statistic, ...] = (INPUTS,)
+    FACTORS: tuple[Factor, ...] = (INPUTS,)
     KIND = ""  # written into state_dict: a state dict loads only into the kind that saved it
 
     def __init__(self, model: nn.Module, params=None, *, lr: float = required, damping: float = 1.0,
                  momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, ema_decay: float = 0.95, inv_period: int = 100,
                  stats_steps: int = 10, precondition_bias: bool = True, skip: Skip = None,
-                 backend: str = "auto", stats_batch: int | None = None,
-                 rank: int | None = None, graft: str | None = "sgd", process_group=None):
+                 backend: str = "auto", stats_batch: int | None = None, rank: int | None = None,
+                 graft: str | None = "sgd", inverse: str = "cholesky", process_group=None):
         if lr is required:
             raise TypeError(f"{self.KIND}(): missing the keyword argument 'lr' (the SGD learning rate you use)")
         check_model_and_damping(model, damping)
-        if not (_is_number(ema_decay) and 0 <= ema_decay < 1):
-            raise ValueError(f"ema_decay: must be a number in [0, 1), got {ema_decay!r}")
-        if not (_is_int(inv_period) and inv_period >= 1):
-            raise ValueError(f"inv_period: must be an integer ≥ 1, got {inv_period!r}")
-        if not (_is_int(stats_steps) and 1 <= stats_steps <= inv_period):
-            raise ValueError(f"stats_steps: must be an integer in [1, inv_period={inv_period}], got {stats_steps!r}")
-        if stats_batch is not None and not (_is_int(stats_batch) and stats_batch >= 1):
-            raise ValueError(f"stats_batch: must be None or an integer ≥ 1, got {stats_batch!r}")
-        if rank is not None and not (_is_int(rank) and rank >= 1):
-            raise ValueError(f"rank: must be None or an integer ≥ 1, got {rank!r}")
-        if graft not in GRAFTS:
-            raise ValueError(f"graft: expected one of {GRAFTS}, got {graft!r}")
+        check_statistics(ema_decay, inv_period, stats_steps, stats_batch)
+        check_preconditioning(rank, graft, inverse)
         self.backend = ops.check_backend(backend)
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                        weight_decay=weight_decay)
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay)
         super().__init__(model.parameters() if params is None else params, defaults)
         devices = {p.device for group in self.param_groups for p in group["params"]}
         if len(devices) > 1:
-            raise ValueError(f"params: {self.KIND} needs all parameters on one device, found {sorted(map(str, devices))}")
+            raise ValueError(f"params: {self.KIND} needs all parameters on one device, "
+                             f"found {sorted(map(str, devices))}")
         for device in devices:
             ops.resolve_backend(self.backend, device)  # a forced backend that cannot run here fails now
-        self.damping = damping
-        self.ema_decay = ema_decay
-        self.inv_period = inv_period
-        self.stats_steps = stats_steps
-        self.stats_batch = stats_batch
-        self.precondition_bias = precondition_bias
-        self.rank = rank
-        self.graft = graft
-        # under FSDP2 the ranks of the parameters' mesh share statistics and inversions
-        mesh_group = sharded.mesh_group(p for group in self.param_groups for p in group["params"])
-        self.process_group = process_group if process_group is not None else mesh_group
+        self.damping, self.ema_decay, self.stats_batch, self.rank = damping, ema_decay, stats_batch, rank
+        self.precondition_bias, self.graft, self.inverse = precondition_bias, graft, inverse
+        self.schedule = Schedule(inv_period, stats_steps)
+        self.distributor = Distributor(process_group, (p for group in self.param_groups for p in group["params"]))
+        self._diagnostics = Diagnostics(self.KIND)
+        # the Triton kernels' tables and workspaces for this optimizer's layers, kept between its steps
+        self.kernel_plans = ops.KernelPlans()
         self.layers, excluded = find_layers(model, skip)
-        # Hooks hold this optimizer weakly: it is collected when unreferenced, and its hooks with it.
-        self._hooks = Hooks(self)
-        for layer in self.layers:
-            for module in layer.modules:
-                self._hooks.add(module.register_forward_hook(LayerHook(self, "_record", layer), with_kwargs=True))
-        self._grad_hooked: set[int] = set()  # id(layer) of layers whose weight has the grad hook
-        if torch._dynamo.config.skip_nnmodule_hook_guards and torch._dynamo.utils.counters["stats"]["unique_graphs"]:
-            # torch.compile does not guard on module hooks: code compiled before these hooks existed would
-            # run without them. Drop compiled code so that it is traced again, with the hooks.
-            torch.compiler.reset()
+        self.statistics = Statistics(self.layers, self.FACTORS)
+        self.statistics.bind(self.state)
+        self._hook(model)
         self._itself = weakref.ref(self)  # what a forwarding wrapper finds (`on_itself`)
-        self._steps = 0  # t of DESIGN §1.5: step() calls so far
-        self._warming_up = False
-        self._counters = torch.zeros(len(DIAGNOSTICS), dtype=torch.int64)  # on the device: read once per round
-        self._warned: set[str] = set()
         self._blocks_key = None
         self._assign_params()
         self._refresh_blocks()
@@ -167,6 +102,27 @@ class KroneckerOptimizer(Optimizer):
             warnings.warn(f"{self.KIND} does not precondition these layers, which step with {self._plain_update}: "
                           f"{listed}", RuntimeWarning, stacklevel=3)
 
+    def _hook(self, model: nn.Module) -> None:
+        """Forward hooks on the layers' modules, holding this optimizer weakly: it is collected when
+        unreferenced, and its hooks with it (the weights' gradient hooks come with `_refresh_blocks`)."""
+        self._hooks = Hooks(self)
+        for layer in self.layers:
+            for module in layer.modules:
+                self._hooks.add(module.register_forward_hook(LayerHook(self, "_record", layer), with_kwargs=True))
+        self._grad_hooked: set[int] = set()  # id(layer) of layers whose weight has the grad hook
+        if torch._dynamo.config.skip_nnmodule_hook_guards and torch._dynamo.utils.counters["stats"]["unique_graphs"]:
+            # torch.compile does not guard on module hooks: code compiled before these hooks existed would
+            # run without them. Drop compiled code so that it is traced again, with the hooks.
+            torch.compiler.reset()
+
+    @property
+    def inv_period(self) -> int:
+        return self.schedule.inv_period
+
+    @property
+    def stats_steps(self) -> int:
+        return self.schedule.stats_steps
+
     @on_itself
     def add_param_group(self, param_group: dict) -> None:
         check_param_group({**self.defaults, **param_group})  # before it joins param_groups
@@ -177,7 +133,7 @@ class KroneckerOptimizer(Optimizer):
     def _assign_params(self) -> None:
         """Which layers' weights (and biases, as the row of [Ŵ | b]) are handed to the optimizer."""
         self._group_of = {p: group for group in self.param_groups for p in group["params"]}
-        self._sharded = any(map(sharded.is_sharded, self._group_of))
+        self.distributor.follow(self._group_of)
         for layer in self.layers:
             bias = layer.module.bias  # a bias row only where every module of a shared weight adds this bias
             layer.handed = layer.weight in self._group_of
@@ -197,7 +153,7 @@ class KroneckerOptimizer(Optimizer):
             if id(layer) not in self._grad_hooked and self._hooks:
                 self._grad_hooked.add(id(layer))
                 self._hooks.add(layer.weight.register_post_accumulate_grad_hook(
-                    LayerHook(self, "_take_statistics", layer)))
+                    LayerHook(self, "_take_recorded", layer)))
         self._blocks: list[Block] = []
         in_layer = set()
         for layer in self._active:
@@ -212,40 +168,15 @@ class KroneckerOptimizer(Optimizer):
         """How a parameter without a preconditioner steps (DESIGN §1.4), for warnings."""
         return "their plain gradient (U = G, as SGD)" if self.graft else "U = G/λ"
 
-    def _low_rank(self, layer: Layer) -> bool:
-        """Whether the layer's input factor is kept as its top `rank` eigenpairs (DESIGN §1.3)."""
-        return self.rank is not None and layer.dim_out > 2 * self.rank
-
-    def _has_input_factor(self, layer: Layer) -> bool:
-        """Whether the layer's state holds its input factor's preconditioner for its current D': P
-        (KFAC exact: Q_Aᵀ), or the top eigenvectors of a low-rank layer."""
-        factor = self.state[layer.weight].get("top_eigvecs" if self._low_rank(layer) else "precond")
-        return factor is not None and factor.shape[1] == layer.dim_out
-
-    def _top_eigenpairs_like(self, ema: torch.Tensor) -> dict:
-        """Empty (s, Q) of a low-rank layer with the input statistic `ema`, for `_preconditioners_like`."""
-        return {"top_eigvals": ema.new_empty(ema.shape[0], self.rank),
-                "top_eigvecs": ema.new_empty(ema.shape[0], ema.shape[-1], self.rank)}
-
     # ---- what a subclass defines ------------------------------------------------------------
 
-    def _ready(self, layer: Layer) -> bool:
-        """Whether the layer has a preconditioner computed from observed statistics of its shape."""
+    def _preconditioner(self, layer: Layer) -> Preconditioner:
+        """The layer's preconditioner type (it may depend on the layer's current D′)."""
         raise NotImplementedError
 
-    def _preconditioners(self, layers: list[Layer], states: list[dict]) -> tuple[list[dict], list[torch.Tensor]]:
-        """The inversion round's math for the given layers: their new preconditioner tensors (a dict
-        of state entries per layer) and a status code tensor per layer (OK, RETRIED, KEPT_PREVIOUS)."""
+    def _preconditioner_types(self) -> list[Preconditioner]:
+        """Every preconditioner type a layer of this optimizer can have."""
         raise NotImplementedError
-
-    def _prepare_block(self, block: Block, layer: Layer, state: dict) -> None:
-        """Set what the update applies to a layer's block: `precond` (U = Ĝ·precond), and `grad`
-        when the gradient is transformed first."""
-        raise NotImplementedError
-
-    def _input_scale(self, x: torch.Tensor, module: nn.Module) -> float:
-        """Weight of one forward's Σ a aᵀ in the input statistic (FOOF: 1)."""
-        return 1.0
 
     def _observe(self, layer: Layer, module: nn.Module, x: torch.Tensor, output, batch: int) -> torch.Tensor | None:
         """An observed eager training forward of `layer` by `module` (one of its modules): `x` its input
@@ -256,14 +187,23 @@ class KroneckerOptimizer(Optimizer):
         self._take_input(layer, module, x)
         return None
 
-    # ---- statistics -------------------------------------------------------------------------
+    def _input_scale(self, x: torch.Tensor, module: nn.Module) -> float:
+        """Weight of one forward's Σ a aᵀ in the input statistic (FOOF: 1)."""
+        return 1.0
+
+    def _fold_scale(self, statistic: Statistic) -> float:
+        """s in C = s·(pending sum): the mean over the samples taken."""
+        return 1.0 / statistic.samples
+
+    # ---- observation (DESIGN §1.2) ------------------------------------------------------------
+
+    def _ready(self, layer: Layer) -> bool:
+        """Whether the layer has a preconditioner computed from observed statistics of its shape."""
+        return self._preconditioner(layer).ready(layer, self.state[layer.weight])
 
     def _observing(self, layer: Layer) -> bool:
         """Whether the layer's forwards now feed the statistic of the coming step (DESIGN §1.5)."""
-        if self._warming_up or not self._ready(layer):
-            return True
-        r = (self._steps + 1) % self.inv_period
-        return r == 0 or r > self.inv_period - self.stats_steps
+        return self.schedule.observes(self._ready(layer))
 
     def _record(self, layer: Layer, module: nn.Module, args, kwargs, output) -> torch.Tensor | None:
         """Forward hook of a layer (DESIGN §1.2). Eager: an observed forward's statistic is computed
@@ -271,185 +211,124 @@ class KroneckerOptimizer(Optimizer):
         the input is recorded every step and its statistic computed when the weight's gradient is
         ready, so that the graph holds no statistics op and no branch on t; it is recorded as the
         layer computes with it (`layer_input`), which autograd keeps for the weight's gradient anyway."""
-        layer.called = True
+        self.statistics.called.add(layer)
         if not (module.training and torch.is_grad_enabled() and layer.active):
             return None
         x = args[0] if args else kwargs["input"]
         if torch.compiler.is_compiling():
-            layer.inputs.append((module, layer_input(x, module, self.stats_batch)))
+            self.statistics.record(layer, module, layer_input(x, module, self.stats_batch))
         elif not in_transform() and not in_checkpoint_recompute() and self._observing(layer):
             return self._observe(layer, module, layer_input(x, module, self.stats_batch), output,
                                  batch_size(x, module))
         return None
 
     def _take_input(self, layer: Layer, module: nn.Module, x: torch.Tensor) -> None:
-        self._accumulate(layer, INPUTS, x, module, layer.bias_row, self._input_scale(x, module),
-                         batch_size(x, module))
+        self.statistics.of(layer, INPUTS).add(x, module, bias=layer.bias_row, alpha=self._input_scale(x, module),
+                                              samples=batch_size(x, module), backend=self.backend)
 
-    def _take_statistics(self, layer: Layer, weight: torch.Tensor | None = None) -> None:
+    @torch.compiler.disable  # eager work, also where autograd calls it inside a compiled training step
+    def _take_recorded(self, layer: Layer, weight: torch.Tensor | None = None) -> None:
         """Turn the inputs a compiled forward recorded into the layer's pending statistic if the
         coming step observes them, else drop them. Runs as the weight's post-accumulate-grad hook
         (`weight` is the hook's argument), so that the inputs are released during backward, and at
         step() for forwards that had no backward."""
-        inputs = layer.take_inputs()
+        inputs = self.statistics.take_recorded(layer)
         if inputs and layer.active and self._observing(layer):
             for module, x in inputs:
                 self._take_input(layer, module, x)
-
-    def _accumulate(self, layer: Layer, statistic: Statistic, x: torch.Tensor, module: nn.Module, bias: bool,
-                    alpha: float, samples: int) -> None:
-        """Add α·Σ a aᵀ over the patch vectors of `x` (an input of `module`) to a pending statistic."""
-        dtype, device = stat_dtype(layer.weight.dtype), layer.weight.device
-        shape = statistic.shape(layer)
-        stat = getattr(layer, statistic.stat)
-        count = getattr(layer, statistic.samples)
-        if stat is None or tuple(stat.shape) != shape:
-            count = 0  # a bias row came or went since these samples: they are dropped
-        if not count:
-            if stat is None or tuple(stat.shape) != shape or stat.dtype != dtype or stat.device != device:
-                stat = torch.empty(shape, dtype=dtype, device=device)
-        elif stat.dtype != dtype or stat.device != device:
-            stat = stat.to(device, dtype)  # the model moved between two forwards
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # statistics stay in float32
-            ops.patch_gram_(stat, x.to(device), module, alpha=alpha, beta=1.0 if count else 0.0, bias=bias,
-                            backend=self.backend)
-        setattr(layer, statistic.stat, stat)
-        setattr(layer, statistic.samples, count + samples)
 
     def _fold_statistics(self, found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None) -> int:
         """Σ ← mΣ + (1−m)C for every statistic observed since the last step; C = Σ aaᵀ / Σ B (none
         where found_inf ≠ 0; `grad_scale`: GradScaler's scale of this step's gradients). Returns the
         number of statistics offered to the fold."""
         for layer in self._active:
-            self._take_statistics(layer)  # forwards without a backward
-        emas, counts, stats, scales = [], [], [], []
-        for layer in self._active:
-            for statistic in self.STATISTICS:
-                samples, stat = getattr(layer, statistic.samples), getattr(layer, statistic.stat)
-                if samples and tuple(stat.shape) == statistic.shape(layer):
-                    state = self._layer_state(layer)
-                    emas.append(state[statistic.ema])
-                    counts.append(state[statistic.count])
-                    stats.append(stat)
-                    scales.append(self._fold_scale(layer, statistic))
-        if emas:
-            self._count("dropped_stats", ops.fold_statistics_(emas, counts, stats, scales, self.ema_decay,
-                                                              found_inf=found_inf, backend=self.backend))
+            self._take_recorded(layer)  # forwards without a backward
+        offered, dropped, restarted = self.statistics.fold(
+            self._active, self.ema_decay, self._fold_scale, found_inf=found_inf, backend=self.backend,
+            plans=self.kernel_plans)
+        for layer in restarted:  # a new shape (a bias row came or went): the old preconditioner goes
+            self._forget_preconditioner(layer)
+        if dropped is not None:
+            self._diagnostics.count("dropped_stats", dropped)
         self._clear_statistics()
-        return len(emas)
-
-    def _fold_scale(self, layer: Layer, statistic: Statistic) -> float:
-        """s in C = s·(pending sum): the mean over the samples taken."""
-        return 1.0 / getattr(layer, statistic.samples)
+        return offered
 
     def _clear_statistics(self) -> None:
-        for layer in self.layers:
-            layer.clear()
+        self.statistics.clear()
 
-    def _layer_state(self, layer: Layer) -> dict:
-        """The layer's optimizer state, with a zero EMA (weight n = 0) for each statistic it has none
-        of the layer's shape for (which also drops its preconditioner)."""
-        state = self.state[layer.weight]
-        dtype, device = stat_dtype(layer.weight.dtype), layer.weight.device
-        for statistic in self.STATISTICS:
-            shape = statistic.shape(layer)
-            if statistic.ema not in state or tuple(state[statistic.ema].shape) != shape:
-                state[statistic.ema] = torch.zeros(shape, dtype=dtype, device=device)
-                state[statistic.count] = torch.zeros((), dtype=dtype, device=device)
-                self._forget_preconditioner(layer)
-        return state
+    def _running_averages(self, layer: Layer) -> dict:
+        """The layer's optimizer state, with a zero running average (weight n = 0) for each statistic it has
+        none of the layer's shape for (which also drops its preconditioner)."""
+        if self.statistics.start_averages(layer):
+            self._forget_preconditioner(layer)
+        return self.state[layer.weight]
 
     def _forget_preconditioner(self, layer: Layer) -> None:
-        state = self.state[layer.weight]
-        for key in [k for k in state if k not in self._statistic_keys() and k != "momentum_buffer"]:
-            del state[key]
-
-    def _statistic_keys(self) -> set[str]:
-        return {key for s in self.STATISTICS for key in (s.ema, s.count)}
+        entries = self.state[layer.weight]
+        for key in [k for k in entries if k not in self.statistics.keys and k != "momentum_buffer"]:
+            del entries[key]
 
     def _follow_params(self) -> None:
         """State tensors follow their parameter's device and dtype (DESIGN §1.2: float64 statistics for
         float64 parameters) after `model.to(...)`, `model.double()` and the like: converted in place."""
-        for p, state in self.state.items():
+        for p, entries in self.state.items():
             dtype = stat_dtype(p.dtype)
-            for key, value in state.items():
+            for key, value in entries.items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point() and \
                         (value.dtype != dtype or value.device != p.device):
-                    state[key] = value.to(p.device, dtype)
+                    entries[key] = value.to(p.device, dtype)
 
-    # ---- inversion --------------------------------------------------------------------------
+    # ---- inversion (DESIGN §1.3, §7) ----------------------------------------------------------
 
     def _invert(self, layers: list[Layer]) -> None:
-        """Preconditioners of the given layers from their EMAs, all at once (DESIGN §1.3).
-
-        Across ranks, the EMAs are averaged first and each rank inverts its share of the layers,
-        then shares the results.
-        """
-        states = [self._layer_state(layer) for layer in layers]
-        group = distributed.active_group(self.process_group)
-        if group is not None:
-            distributed.average_(chain.from_iterable((s[st.ema], s[st.count]) for s in states
-                                                     for st in self.STATISTICS), group)
-        costs = [sum(s[st.ema].shape[0] * s[st.ema].shape[-1] ** 3 for st in self.STATISTICS) for s in states]
-        owner = distributed.owners(costs, group)
-        mine = [i for i, r in enumerate(owner) if r == distributed.rank(group)]
-        results, status = self._preconditioners([layers[i] for i in mine], [states[i] for i in mine])
+        """Preconditioners of the given layers from their running averages, all at once, one batched
+        computation per preconditioner type. Across ranks, the averages are averaged first and each rank
+        computes its share of the layers, then shares the results."""
+        states = [self._running_averages(layer) for layer in layers]
+        self.distributor.average_([s[key] for s in states for f in self.FACTORS for key in (f.average, f.count)])
+        owner, mine = self.distributor.assign([sum(s[f.average].shape[0] * s[f.average].shape[-1] ** 3
+                                                   for f in self.FACTORS) for s in states])
+        kinds = [self._preconditioner(layer) for layer in layers]
+        by_kind: dict[type, list[int]] = {}
+        for i in mine:
+            by_kind.setdefault(type(kinds[i]), []).append(i)
+        results: list[dict] = [{} for _ in layers]
         codes: list[torch.Tensor | None] = [None] * len(layers)
-        for i, result, code in zip(mine, results, status):
-            states[i].update(result)
-            codes[i] = code
-        if group is not None:
-            # every rank holds buffers of the same shapes for what the others computed
-            template = self._preconditioners_like(layers, states)
-            for i in range(len(layers)):
-                if codes[i] is None:
-                    states[i].update(template[i][0])
-                    codes[i] = template[i][1]
-            keys = [sorted(template[i][0]) for i in range(len(layers))]
-            tensors = [states[i][k] for i in range(len(layers)) for k in keys[i]] + codes
-            owners = [owner[i] for i in range(len(layers)) for _ in keys[i]] + owner
-            distributed.share_(tensors, owners, group)
+        round = Round(self.damping, self.backend, inverse_method(self.inverse), self.kernel_plans)
+        for members in by_kind.values():
+            computed, status = kinds[members[0]].compute([layers[i] for i in members], [states[i] for i in members],
+                                                         round)
+            for i, result, code in zip(members, computed, status):
+                results[i], codes[i] = result, code
+        self.distributor.share_(results, codes, owner, lambda i: kinds[i].like(layers[i]))
+        for entries, result in zip(states, results):
+            entries.update(result)
         if codes:
             codes = torch.cat(codes)
-            self._count("cholesky_retries", (codes != OK).sum())
-            self._count("cholesky_failures", (codes == KEPT_PREVIOUS).sum())
-        self._warn_new_diagnostics()
-
-    def _preconditioners_like(self, layers: list[Layer], states: list[dict]) -> list[tuple[dict, torch.Tensor]]:
-        """Empty tensors shaped as `_preconditioners`' results, for the layers another rank inverts."""
-        raise NotImplementedError
+            self._diagnostics.count("cholesky_retries", (codes != OK).sum())
+            self._diagnostics.count("cholesky_failures", (codes == KEPT_PREVIOUS).sum())
+        self._diagnostics.warn_new(2)
 
     def _invert_observed(self, layers: list[Layer]) -> None:
-        """Preconditioners for layers that may have none yet; a layer with an empty EMA (nothing
-        observed, every statistic dropped, or a skipped step) stays without one and is observed
+        """Preconditioners for layers that may have none yet; a layer with an empty running average
+        (nothing observed, every statistic dropped, or a skipped step) stays without one and is observed
         again (DESIGN §1.5)."""
         self._invert(layers)
-        counts = torch.stack([self.state[layer.weight][st.count].to(self._counters.device)
-                              for layer in layers for st in self.STATISTICS]).reshape(len(layers), -1)
+        counts = torch.stack([self.state[layer.weight][f.count].to(self._diagnostics.counters.device)
+                              for layer in layers for f in self.FACTORS]).reshape(len(layers), -1)
         for layer, observed in zip(layers, (counts > 0).all(1).tolist()):
             if not observed:
                 self._forget_preconditioner(layer)
 
     # ---- diagnostics ------------------------------------------------------------------------
 
-    def _count(self, name: str, value: torch.Tensor) -> None:
-        self._counters = self._counters.to(value.device)
-        self._counters[DIAGNOSTICS.index(name)] += value
-
     def _warn_once(self, name: str, message: str) -> None:
-        if name not in self._warned:
-            self._warned.add(name)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-    def _warn_new_diagnostics(self) -> None:
-        for name, value in self.diagnostics.items():
-            if value:
-                self._warn_once(name, f"{self.KIND}: {name} = {value} (see {self.KIND}.diagnostics and DESIGN §1.3)")
+        self._diagnostics.warn_once(name, message, 4)
 
     @property
     def diagnostics(self) -> dict[str, int]:
         """Counters of DESIGN §5: dropped_stats, cholesky_retries, cholesky_failures."""
-        return dict(zip(DIAGNOSTICS, self._counters.tolist()))
+        return self._diagnostics.as_dict()
 
     # ---- the step ---------------------------------------------------------------------------
 
@@ -479,7 +358,7 @@ class KroneckerOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._steps += 1  # t counts every call, steps that GradScaler skips included (DESIGN §1.5)
+        self.schedule.advance()  # t counts every call, steps that GradScaler skips included (DESIGN §1.5)
         self._refresh_blocks()
         self._follow_params()
         self._warn_bypassed()
@@ -493,7 +372,7 @@ class KroneckerOptimizer(Optimizer):
             self._invert_observed(first)
         if update:
             self._update(grad_scale, found_inf)
-        if self._steps % self.inv_period == 0:
+        if self.schedule.inverts:
             self._invert([layer for layer in self._active if layer not in first and self._ready(layer)])
             self._warn_unobserved()
         return loss
@@ -511,7 +390,7 @@ class KroneckerOptimizer(Optimizer):
         model uses the weight some other way (F.linear on `layer.weight`), so FOOF never sees its
         inputs, and it steps without a preconditioner."""
         names = [layer.name or type(layer.module).__name__ for layer in self._active
-                 if not layer.called and layer.weight.grad is not None and not self._ready(layer)]
+                 if layer not in self.statistics.called and layer.weight.grad is not None and not self._ready(layer)]
         if names and self._hooks:  # (after remove_hooks() no forward is seen at all)
             self._warn_once("bypassed", f"{self.KIND}: the weights of {', '.join(names)} have gradients but their "
                             "forward did not run (the model uses the weight directly, e.g. F.linear(x, "
@@ -520,10 +399,10 @@ class KroneckerOptimizer(Optimizer):
     def _warn_unobserved(self) -> None:
         """Name, once, the layers that a whole period of training did not give one observed sample."""
         names = [layer.name or type(layer.module).__name__ for layer in self._active if not self._ready(layer)]
-        if names and self._steps >= self.inv_period:
+        if names and self.schedule.period_passed:
             self._warn_once("unobserved", f"{self.KIND}: no training forward of {', '.join(names)} was observed in "
-                            f"{self._steps} steps, so they step with {self._plain_update} (a branch that never runs, "
-                            "or runs only in eval mode or under no_grad)")
+                            f"{self.schedule.steps} steps, so they step with {self._plain_update} (a branch that never "
+                            "runs, or runs only in eval mode or under no_grad)")
 
     def _creates_buffers(self) -> bool:
         """Whether this step's update creates a momentum buffer (a parameter's first step with momentum)."""
@@ -535,35 +414,28 @@ class KroneckerOptimizer(Optimizer):
         Across ranks the set must agree before the statistics are averaged: every layer without one
         whose weight has a gradient (the same on every rank under DDP)."""
         waiting = [layer for layer in self._active if not self._ready(layer)]
-        if distributed.active_group(self.process_group) is None:
+        if self.distributor.group is None:
             for layer in waiting:
-                self._take_statistics(layer)
-            return [layer for layer in waiting if all(getattr(layer, st.samples) for st in self.STATISTICS)]
+                self._take_recorded(layer)
+            return [layer for layer in waiting if self.statistics.observed(layer)]
         return [layer for layer in waiting if layer.weight.grad is not None]
 
     def _update(self, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
+        """DESIGN §1.4 for every block: a layer with a preconditioner as its type applies it, every other
+        parameter alone (P = I/λ); under FSDP2 on this rank's rows."""
         blocks = []
         for block in self._blocks:
             layer = self._layer_of_block.get(id(block))
             if layer is None:
                 blocks.append(block)
             elif self._ready(layer) and block.params[0].grad is not None:
-                self._prepare_block(block, layer, self.state[layer.weight])
+                block.precond = block.eigvecs = block.eigvals = block.left_transformed_grad = None
+                self._preconditioner(layer).apply(block, self.state[layer.weight], self.damping, self.distributor)
                 blocks.append(block)
             else:  # no preconditioner yet (P = I/λ), or a weight without a gradient: one block per parameter
                 blocks += [Block([p], [group]) for p, group in zip(block.params, block.options)]
-        options = dict(damping=self.damping, graft=self.graft, grad_scale=grad_scale, found_inf=found_inf,
-                       backend=self.backend)
-        if self._sharded:  # FSDP2: each rank updates the rows it holds (DESIGN §7)
-            group = distributed.active_group(self.process_group)  # grafting sums each layer's norms over it
-            sharded.preconditioned_update_(blocks, self.state, group, **options)
-            return
-        params = [p for block in blocks for p in block.params]
-        buffers = [self.state[p].get("momentum_buffer") for p in params]
-        ops.preconditioned_update_(blocks, buffers, **options)
-        for p, buf in zip(params, buffers):
-            if buf is not None:
-                self.state[p]["momentum_buffer"] = buf
+        self.distributor.update_(blocks, self.state, damping=self.damping, graft=self.graft, grad_scale=grad_scale,
+                                 found_inf=found_inf, backend=self.backend, plans=self.kernel_plans)
 
     # ---- the rest of the API ----------------------------------------------------------------
 
@@ -576,11 +448,11 @@ class KroneckerOptimizer(Optimizer):
         self._refresh_blocks()
         self._follow_params()
         self._clear_statistics()
-        self._warming_up = True
+        self.schedule.warming_up = True
         try:
             yield self
         finally:
-            self._warming_up = False
+            self.schedule.warming_up = False
         if not self._fold_statistics():
             self._warn_once("warm_up", f"{self.KIND}.warm_up(): no training-mode forward with grad enabled was "
                                        "observed, so no preconditioner was computed")
@@ -593,40 +465,27 @@ class KroneckerOptimizer(Optimizer):
         self._clear_statistics()
 
     def state_dict(self) -> dict:
-        """torch's optimizer state dict, in a form that torch.distributed.checkpoint keeps whole: every
-        parameter's entry holds every key it can ever hold (its momentum buffer where its group has
-        momentum; a layer's statistics and preconditioner), zeros standing in for those it has not made
-        yet and named under PLACEHOLDERS (comma-separated), so that the state dict of a fresh optimizer, into which DCP
-        loads, has the keys and shapes of a trained one; and the optimizer's own entries (kind, step
-        count, diagnostics) in each param group, the only other part DCP keeps. Under FSDP2 the statistics,
-        each rank's own between inversion rounds, are `sharded.rank_stacked`."""
+        """torch's optimizer state dict in the layout of `fastfoof.state` (DESIGN §9): every key a parameter's
+        entry can hold, placeholders where it has not made them yet, the optimizer's own entries in each param
+        group; under FSDP2 the statistics one row per rank."""
         state_dict = super().state_dict()
-        index = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
-        templates = self._state_templates()
-        for p in self._group_of:
-            i = index[id(p)]
-            entry = state_dict["state"][i] = dict(state_dict["state"].get(i, {}))  # (torch's is self.state's)
-            missing = [key for key in templates.get(p, {}) if key not in entry]
-            entry.update({key: templates[p][key] for key in missing})
-            entry[PLACEHOLDERS] = ",".join(missing)  # one string, present in every entry: DCP wants fixed keys
-        if self._sharded:  # FSDP2: what each rank observed since the last inversion round is its own
-            mesh = next(p.device_mesh for p in self._group_of if sharded.is_sharded(p))
-            for layer in self.layers:
-                if layer.handed:
-                    entry = state_dict["state"][index[id(layer.weight)]]
-                    entry.update({key: sharded.rank_stacked(entry[key], mesh) for key in self._statistic_keys()})
-        for group in state_dict["param_groups"]:
-            group[OWN_ENTRIES] = self._own_entries()
+        params = [p for group in self.param_groups for p in group["params"]]
+        state.add_placeholders(state_dict, params, self._state_templates())
+        index = {id(p): i for i, p in enumerate(params)}
+        for layer in self.layers:
+            if layer.handed:  # under FSDP2 what each rank observed since the last round is its own
+                entry = state_dict["state"][index[id(layer.weight)]]
+                entry.update({key: self.distributor.saved(entry[key]) for key in self.statistics.keys})
+        state.add_own_entries(state_dict, self._own_entries())
         return state_dict
 
     def _own_entries(self) -> dict:
         """What the optimizer keeps beyond torch's state and param groups (a param group's OWN_ENTRIES)."""
-        return {"kind": self.KIND, "steps": self._steps, "diagnostics": self.diagnostics}
+        return {"kind": self.KIND, "steps": self.schedule.steps, "diagnostics": self.diagnostics}
 
     def _load_own_entries(self, entries: dict) -> None:
-        self._steps = entries["steps"]
-        self._counters = torch.tensor([entries["diagnostics"].get(name, 0) for name in DIAGNOSTICS])
-        self._warned = {name for name, value in entries["diagnostics"].items() if value}
+        self.schedule.steps = entries["steps"]
+        self._diagnostics.load(entries["diagnostics"])
 
     def _state_templates(self) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
         """Zeros shaped as every state entry each parameter can hold, from the optimizer's settings now."""
@@ -634,46 +493,33 @@ class KroneckerOptimizer(Optimizer):
         for p, group in self._group_of.items():
             if group["momentum"] != 0:
                 templates[p] = {"momentum_buffer": torch.zeros_like(p, dtype=stat_dtype(p.dtype))}
-        layers = [layer for layer in self.layers if layer.handed]
-        states = []
-        for layer in layers:
-            dtype, device = stat_dtype(layer.weight.dtype), layer.weight.device
-            states.append({key: torch.zeros(shape, dtype=dtype, device=device) for statistic in self.STATISTICS
-                           for key, shape in ((statistic.ema, statistic.shape(layer)), (statistic.count, ()))})
-        for layer, state, (preconditioner, _) in zip(layers, states, self._preconditioners_like(layers, states)):
-            templates.setdefault(layer.weight, {}).update(state, **preconditioner)
+        for layer in self.layers:
+            if layer.handed:
+                entries = templates.setdefault(layer.weight, {})
+                for statistic in self.statistics.of_layer(layer):
+                    entries.update(statistic.templates())
+                entries.update(self._preconditioner(layer).like(layer)[0])
         return templates
 
     @on_itself
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict saved by `state_dict()` of the same optimizer kind; any other (e.g. one
         from torch.optim.SGD, whose momentum holds gradients rather than U) raises ValueError."""
-        groups = [dict(group) for group in state_dict["param_groups"]]
-        own = [group.pop(OWN_ENTRIES, None) for group in groups][0] if groups else None
-        own = state_dict.get("foof", own)  # where state dicts saved before 2026-12-06 kept them
-        if own is None:
-            raise ValueError(f"state_dict: no '{OWN_ENTRIES}' entry in its param groups; {self.KIND} loads only "
-                             f"state dicts saved by {self.KIND}.state_dict()")
-        if own.get("kind", "FOOF") != self.KIND:
-            raise ValueError(f"state_dict: saved by {own['kind']}, not {self.KIND}")
-        state = {}
-        for i, entry in state_dict["state"].items():
-            entry = dict(entry)
-            for key in filter(None, entry.pop(PLACEHOLDERS, "").split(",")):
-                del entry[key]
-            state[i] = entry
-        super().load_state_dict({"state": state, "param_groups": groups})
+        loaded, own = state.split(state_dict, self.KIND)
+        super().load_state_dict(loaded)
+        self.statistics.bind(self.state)  # torch made a new state
         # torch casts floating state to each parameter's dtype; the statistics keep their own.
-        ids = chain.from_iterable(group["params"] for group in groups)
-        params = chain.from_iterable(group["params"] for group in self.param_groups)
+        ids = (i for group in loaded["param_groups"] for i in group["params"])
+        params = (p for group in self.param_groups for p in group["params"])
+        aligned_keys = {key for kind in self._preconditioner_types() for key in kind.aligned_keys}
         for idx, p in zip(ids, params):
-            for key, value in state.get(idx, {}).items():
-                if sharded.is_sharded(value) and key in self._statistic_keys():
-                    value = sharded.own_row(value)
+            for key, value in loaded["state"].get(idx, {}).items():
+                if key in self.statistics.keys:
+                    value = self.distributor.loaded(value)
                 if isinstance(value, torch.Tensor):
                     self.state[p][key] = value.to(p.device, copy=True)
-            if "precond" in self.state.get(p, {}):  # the update reads P in its padded, aligned layout
-                self.state[p]["precond"] = aligned(self.state[p]["precond"])
+            for key in aligned_keys & set(self.state.get(p, {})):  # the update reads P in its padded layout
+                self.state[p][key] = aligned(self.state[p][key])
         self._load_own_entries(own)
         self._assign_params()  # torch replaced the param group dicts the blocks read
         self._clear_statistics()

@@ -3,8 +3,10 @@ core and operations (DESIGN §6).
 
 Per preconditioned layer and group, with A its input patches (and bias row) and ĝ = B·∂L/∂s the
 scaled gradients of its output s at every output position:
-    every observed step      A ← EMA of A·Aᵀ/(B·R),   G ← EMA of Σ ĝĝᵀ/B          (core, `_record_output`)
-    every T steps            (G + d_G I)⁻¹ and (A + d_A I)⁻¹, or eigendecompositions ("exact")
+    every observed step      A ← EMA of A·Aᵀ/(B·R),   G ← EMA of Σ ĝĝᵀ/B      (`_observe`,
+                                                                                `_take_output_grad`)
+    every T steps            (G + d_G I)⁻¹ and (A + d_A I)⁻¹ (`preconditioners.KroneckerFactors`),
+                             or both factors' eigendecompositions ("exact": `preconditioners.Eigenbases`)
     every step               U = (G + d_G I)⁻¹ Ĝ (A + d_A I)⁻¹, then SGD with momentum on U
 Grouped convolutions are block-diagonal over their groups: each group has its own A and G.
 """
@@ -20,17 +22,15 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.optim.optimizer import required
 
-from . import ops, sharded
-from .core import INPUTS, KroneckerOptimizer, Statistic, on_itself
+from .core import KroneckerOptimizer, on_itself
 from .geometry import batch_size, output_module, positions_per_sample
-from .layers import Block, Layer, Skip
+from .layers import Layer, Skip
 from .observe import first_samples, in_backward
-from .reference import aligned, joint_gradient, padded_zeros
+from .preconditioners import DAMPING_MODES, MIN_DAMPING, Eigenbases, KroneckerFactors, Preconditioner  # noqa: F401
+from .statistics import INPUTS, OUTPUT_GRADS, Statistic
 
-DAMPING_MODES = ("heuristic", "exact", "factor")
 FISHERS = ("empirical", "mc")
 FISHER_LOSSES = ("cross_entropy", "mse")
-MIN_DAMPING = 1e-8  # Martens & Grosse's heuristic damping is clamped from below (as curvlinops does)
 
 
 class _OutputGradient:
@@ -51,7 +51,7 @@ class _OutputGradient:
                                   "forward; G then sums the second moments of each backward's output gradients, "
                                   "not that of their sum")
         else:
-            self.layer.grad_batch += self.batch
+            self.owner.statistics.of(self.layer, OUTPUT_GRADS).batch += self.batch
         self.taken = True
         self.owner._take_output_grad(self.layer, grad, 1.0)
 
@@ -82,10 +82,6 @@ def _has_reentrant_checkpoint(node) -> bool:
         todo.extend(next_node for next_node, _ in node.next_functions)
     return False
 
-# G: second moment of the scaled output gradients, [groups, O/groups, O/groups]
-OUTPUT_GRADS = Statistic("grad_stat", "grad_samples", "grad_ema", "grad_ema_count",
-                         lambda layer: (layer.groups, layer.rows, layer.rows))
-
 
 class KFAC(KroneckerOptimizer):
     """KFAC with FOOF's schedule, statistics, fallbacks and update (DESIGN §6): U = (G + d_G I)⁻¹ Ĝ
@@ -112,7 +108,7 @@ class KFAC(KroneckerOptimizer):
     """
 
     KIND = "KFAC"
-    STATISTICS = (INPUTS, OUTPUT_GRADS)
+    FACTORS = (INPUTS, OUTPUT_GRADS)  # A, of the layer's input patches, and G, of its output gradients
 
     def __init__(self, model: nn.Module, params=None, *, lr: float = required, damping: float = 1.0,
                  damping_mode: str = "heuristic", fisher: str = "empirical", momentum: float = 0.0,
@@ -120,7 +116,7 @@ class KFAC(KroneckerOptimizer):
                  ema_decay: float = 0.95, inv_period: int = 100, stats_steps: int = 10,
                  precondition_bias: bool = True, skip: Skip = None, backend: str = "auto",
                  stats_batch: int | None = None, rank: int | None = None, graft: str | None = "sgd",
-                 grad_scaler: torch.amp.GradScaler | None = None, process_group=None):
+                 inverse: str = "cholesky", grad_scaler: torch.amp.GradScaler | None = None, process_group=None):
         if damping_mode not in DAMPING_MODES:
             raise ValueError(f"damping_mode: expected one of {DAMPING_MODES}, got {damping_mode!r}")
         if rank is not None and damping_mode == "exact":
@@ -128,13 +124,18 @@ class KFAC(KroneckerOptimizer):
         if fisher not in FISHERS:
             raise ValueError(f"fisher: expected one of {FISHERS}, got {fisher!r}")
         self.damping_mode = damping_mode
+        self._kronecker = Eigenbases() if damping_mode == "exact" else KroneckerFactors(damping_mode, rank)
         self.fisher = fisher
         self.grad_scaler = grad_scaler
         super().__init__(model, params, lr=lr, damping=damping, momentum=momentum, dampening=dampening,
                          nesterov=nesterov, weight_decay=weight_decay, ema_decay=ema_decay, inv_period=inv_period,
                          stats_steps=stats_steps, precondition_bias=precondition_bias, skip=skip, backend=backend,
-                         stats_batch=stats_batch, rank=rank, graft=graft, process_group=process_group)
+                         stats_batch=stats_batch, rank=rank, graft=graft, inverse=inverse,
+                         process_group=process_group)
         self._output_modules = {id(layer): output_module(layer.module) for layer in self.layers}
+        # fisher="mc": the gradient edges of the observed forwards' outputs and their batch sizes, for
+        # `backward_fisher`, per layer
+        self._outputs: dict[Layer, list] = {layer: [] for layer in self.layers}
         # backward_fisher samples from generators of the optimizer's own (one per device), whose
         # states the state_dict carries: a resumed run draws the same labels
         self._seed = torch.initial_seed()
@@ -157,14 +158,14 @@ class KFAC(KroneckerOptimizer):
             self._watch_output(layer, output, batch)
             return output
         super()._observe(layer, module, x, output, batch)
-        if self._warming_up or output is None:
+        if self.schedule.warming_up or output is None:
             return output  # warm-up observes A only: no backward follows
         if self.fisher == "empirical":
             self._watch_output(layer, output, batch)
         elif not in_backward():  # a reentrant checkpoint's re-run in the user's backward: G came already
             # the edge into the layer's own node: its gradient is that of the output as the layer
             # returned it, even after an in-place change of the output
-            layer.outputs.append((get_gradient_edge(output), batch))
+            self._outputs[layer].append((get_gradient_edge(output), batch))
         return output
 
     def _watch_output(self, layer: Layer, output: torch.Tensor | None, batch: int) -> None:
@@ -178,14 +179,20 @@ class KFAC(KroneckerOptimizer):
         if layer.active:
             module = self._output_modules[id(layer)]
             g = first_samples(grad.detach(), module, self.stats_batch)
-            self._accumulate(layer, OUTPUT_GRADS, g, module, False, alpha, batch_size(g, module))
+            self.statistics.of(layer, OUTPUT_GRADS).add(g, module, bias=False, alpha=alpha,
+                                                        samples=batch_size(g, module), backend=self.backend)
 
-    def _fold_scale(self, layer: Layer, statistic: Statistic) -> float:
-        if statistic is OUTPUT_GRADS and self.fisher == "empirical":
+    def _fold_scale(self, statistic: Statistic) -> float:
+        if statistic.factor is OUTPUT_GRADS and self.fisher == "empirical":
             # ĝ = B·∂L/∂s with B the whole batch behind the loss: every forward of the step (gradient
             # accumulation), so known only now; G = B²/k·Σ ggᵀ over the k samples taken
-            return layer.grad_batch ** 2 / layer.grad_samples
-        return super()._fold_scale(layer, statistic)
+            return statistic.batch ** 2 / statistic.samples
+        return super()._fold_scale(statistic)
+
+    def _clear_statistics(self) -> None:
+        super()._clear_statistics()
+        for outputs in self._outputs.values():
+            outputs.clear()
 
     @on_itself
     def backward_fisher(self, logits: torch.Tensor, loss: str = "cross_entropy",
@@ -210,9 +217,9 @@ class KFAC(KroneckerOptimizer):
             raise ValueError(f"backward_fisher: needs fisher='mc', this KFAC has fisher={self.fisher!r}")
         if loss not in FISHER_LOSSES:
             raise ValueError(f"loss: expected one of {FISHER_LOSSES}, got {loss!r}")
-        recorded = [(layer, output, batch) for layer in self._active for output, batch in layer.outputs]
-        for layer in self.layers:
-            layer.outputs.clear()
+        recorded = [(layer, output, batch) for layer in self._active for output, batch in self._outputs[layer]]
+        for outputs in self._outputs.values():
+            outputs.clear()
         if not recorded and not any(self._observing(layer) for layer in self._active):
             return None
         reentrant = logits.grad_fn is not None and _has_reentrant_checkpoint(logits.grad_fn)
@@ -267,10 +274,12 @@ class KFAC(KroneckerOptimizer):
         return self._generators[device]
 
     def _fold_statistics(self, found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None) -> int:
-        if self.fisher == "mc" and any(layer.samples and not layer.grad_samples for layer in self._active):
+        inputs = [self.statistics.of(layer, INPUTS) for layer in self._active]
+        grads = [self.statistics.of(layer, OUTPUT_GRADS) for layer in self._active]
+        if self.fisher == "mc" and any(a.samples and not g.samples for a, g in zip(inputs, grads)):
             self._warn_once("backward_fisher", "KFAC(fisher='mc'): a step observed layer inputs but no Fisher "
                                                "gradients; call opt.backward_fisher(logits) before loss.backward()")
-        if self.fisher == "empirical" and any(layer.grad_samples for layer in self._active):
+        if self.fisher == "empirical" and any(g.samples for g in grads):
             # GradScaler scaled the output gradients: G by scale² (exact for 2^k). Gradients unscaled before
             # step() come with no grad_scale, but found_inf: their scale is the grad_scaler's.
             if grad_scale is None and found_inf is not None:
@@ -279,9 +288,9 @@ class KFAC(KroneckerOptimizer):
                     self._warn_once("unscaled_fisher", "KFAC(fisher='empirical'): the gradients were unscaled "
                                     "before step() (scaler.unscale_), and G, recorded in the scaled backward, "
                                     "cannot be: pass KFAC(..., grad_scaler=scaler)")
-            for layer in self._active:
-                if grad_scale is not None and layer.grad_samples:
-                    layer.grad_stat.mul_(grad_scale.to(layer.grad_stat).reciprocal().square())
+            for g in grads:
+                if grad_scale is not None and g.samples:
+                    g.pending.mul_(grad_scale.to(g.pending).reciprocal().square())
         return super()._fold_statistics(found_inf, grad_scale)
 
     def _own_entries(self) -> dict:
@@ -299,109 +308,9 @@ class KFAC(KroneckerOptimizer):
 
     # ---- preconditioners --------------------------------------------------------------------
 
-    def _ready(self, layer: Layer) -> bool:
-        return self._has_input_factor(layer) and \
-            ("grad_eigvecs" if self.damping_mode == "exact" else "grad_precond") in self.state[layer.weight]
+    def _preconditioner(self, layer: Layer) -> Preconditioner:
+        """(G + d_G I)⁻¹ with A's inverse, or, damping_mode="exact", both factors' eigenbases."""
+        return self._kronecker
 
-    def _preconditioners(self, layers: list[Layer], states: list[dict]) -> tuple[list[dict], list[torch.Tensor]]:
-        # bias correction 1/n; an empty EMA (n = 0) gives a zero factor, whose preconditioner the
-        # core then drops
-        a_scale = [torch.where(n > 0, 1 / n, torch.zeros_like(n)) for n in (s["ema_count"] for s in states)]
-        g_scale = [torch.where(n > 0, 1 / n, torch.zeros_like(n)) for n in (s["grad_ema_count"] for s in states)]
-        if self.damping_mode == "exact":
-            return self._eigendecompositions(states, a_scale, g_scale)
-        d_a, d_g = self._factor_damping(states, a_scale, g_scale)
-        low = [self._low_rank(layer) for layer in layers]
-        dense = [i for i in range(len(states)) if not low[i]]
-        # (M/n + dI)⁻¹ = (M/(n·d) + I)⁻¹ / d: one batched inversion with damping 1 serves every d
-        mats = [states[i]["ema"] * (a_scale[i] / d_a[i])[:, None, None] for i in dense] + \
-               [s["grad_ema"] * (g / d)[:, None, None] for s, g, d in zip(states, g_scale, d_g)]
-        previous = [None if states[i].get("precond") is None else states[i]["precond"] * d_a[i][:, None, None]
-                    for i in dense] + \
-                   [None if s.get("grad_precond") is None else s["grad_precond"] * d[:, None, None]
-                    for s, d in zip(states, d_g)]
-        inverses, status = ops.damped_inverse_with_status(mats, 1.0, previous=previous, backend=self.backend)
-        a_inverses, a_status = iter(inverses[:len(dense)]), iter(status[:len(dense)])
-        g_inverses, g_status = inverses[len(dense):], status[len(dense):]
-        # A low rank: (Â_r + d_A I)⁻¹ = (λ/d_A)·((λ/d_A)·Â_r + λI)⁻¹, so the top eigenpairs of (λ/d_A)·Â
-        # let the update's λ serve every d_A, and λ/d_A joins (G + d_G I)⁻¹
-        ratios = [self.damping / d for d in d_a]
-        pairs, pair_status = ops.top_eigenpairs_with_status(
-            [s["ema"] * (a * r)[:, None, None] for s, a, r, is_low in zip(states, a_scale, ratios, low) if is_low],
-            self.rank, self.damping, backend=self.backend,
-            previous=[(s["top_eigvals"], s["top_eigvecs"]) if "top_eigvecs" in s else None
-                      for s, is_low in zip(states, low) if is_low])
-        pairs, pair_status = iter(pairs), iter(pair_status)
-        results, codes = [], []
-        for i in range(len(states)):
-            p_g = g_inverses[i].div_(d_g[i][:, None, None])  # in place: P's layout stays
-            if low[i]:
-                s, q = next(pairs)
-                results.append({"top_eigvals": s, "top_eigvecs": q,
-                                "grad_precond": p_g.mul_(ratios[i][:, None, None])})
-                codes.append(torch.cat([next(pair_status), g_status[i]]))
-            else:
-                results.append({"precond": next(a_inverses).div_(d_a[i][:, None, None]), "grad_precond": p_g})
-                codes.append(torch.cat([next(a_status), g_status[i]]))
-        return results, codes
-
-    def _factor_damping(self, states: list[dict], a_scale: list, g_scale: list):
-        """(d_A, d_G) per layer, [groups] each, on the device (DESIGN §6)."""
-        d_a, d_g = [], []
-        for s, a, g in zip(states, a_scale, g_scale):
-            groups = s["ema"].shape[0]
-            damping = torch.full((groups,), self.damping, dtype=s["ema"].dtype, device=s["ema"].device)
-            if self.damping_mode == "factor":
-                d_a.append(damping)
-                d_g.append(damping)
-                continue
-            mean_a = s["ema"].diagonal(dim1=-2, dim2=-1).mean(-1) * a
-            mean_g = s["grad_ema"].diagonal(dim1=-2, dim2=-1).mean(-1) * g
-            usable = (mean_a >= 0) & (mean_g > 0)  # else factor damping, as curvlinops
-            pi = torch.where(usable, mean_a / torch.where(usable, mean_g, 1.0), 1.0).sqrt()
-            root = math.sqrt(self.damping)
-            d_a.append(torch.where(usable, (pi * root).clamp_min(MIN_DAMPING), damping))
-            d_g.append(torch.where(usable, (root / pi).clamp_min(MIN_DAMPING), damping))
-        return d_a, d_g
-
-    def _eigendecompositions(self, states: list[dict], a_scale: list, g_scale: list):
-        """Â = Q_A diag(α) Q_Aᵀ and Ĝ = Q_G diag(γ) Q_Gᵀ; "precond" holds Q_Aᵀ, so that the update's
-        last product is U = (Q_G [(Q_Gᵀ Ĝ Q_A) ⊘ (γαᵀ + λ)])·Q_Aᵀ."""
-        previous = [None if s.get("precond") is None else (s["eigvals"], s["precond"].mT) for s in states] + \
-                   [None if s.get("grad_eigvecs") is None else (s["grad_eigvals"], s["grad_eigvecs"]) for s in states]
-        decompositions, status = ops.eigh_with_status([s["ema"] for s in states] + [s["grad_ema"] for s in states],
-                                                      scales=a_scale + g_scale, previous=previous,
-                                                      backend=self.backend)
-        n = len(states)
-        results = [{"precond": aligned(q_a.mT), "eigvals": w_a, "grad_eigvecs": q_g, "grad_eigvals": w_g}
-                   for (w_a, q_a), (w_g, q_g) in zip(decompositions[:n], decompositions[n:])]
-        return results, [torch.cat([a, g]) for a, g in zip(status[:n], status[n:])]
-
-    def _preconditioners_like(self, layers: list[Layer], states: list[dict]) -> list[tuple[dict, torch.Tensor]]:
-        templates = []
-        for layer, s in zip(layers, states):
-            a, g = s["ema"], s["grad_ema"]
-            tensors = self._top_eigenpairs_like(a) if self._low_rank(layer) else \
-                {"precond": padded_zeros(a.shape[0], a.shape[-1], a.dtype, a.device)}  # P's layout
-            if self.damping_mode == "exact":
-                tensors.update(eigvals=a.new_empty(a.shape[:-1]), grad_eigvecs=torch.empty_like(g),
-                               grad_eigvals=g.new_empty(g.shape[:-1]))
-            else:
-                tensors["grad_precond"] = torch.empty_like(g)
-            templates.append((tensors, torch.empty(2 * a.shape[0], dtype=torch.int8, device=a.device)))
-        return templates
-
-    def _prepare_block(self, block: Block, layer: Layer, state: dict) -> None:
-        # The left factor mixes a layer's rows: under FSDP2 it takes the gradient's rows from every
-        # rank (one all-gather) and computes the rows this rank holds (DESIGN §7).
-        fsdp = sharded.is_sharded(block.params[0])
-        g = sharded.full_joint_gradient(block) if fsdp else joint_gradient(block)
-        if self.damping_mode == "exact":
-            left = state["grad_eigvecs"]
-            rotated = left.mT @ g @ state["precond"].mT  # Q_Gᵀ Ĝ Q_A
-            right = rotated / (state["grad_eigvals"][:, :, None] * state["eigvals"][:, None, :] + self.damping)
-        else:
-            left, right = state["grad_precond"], g
-        block.grad = sharded.left_product(block, left, right) if fsdp else left @ right
-        block.precond = state.get("precond")
-        block.eigvecs, block.eigvals = state.get("top_eigvecs"), state.get("top_eigvals")
+    def _preconditioner_types(self) -> list[Preconditioner]:
+        return [self._kronecker]

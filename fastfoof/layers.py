@@ -1,7 +1,7 @@
 """The layers FOOF preconditions, how they are found, and the blocks the update works on."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Union
 
 import torch
@@ -26,11 +26,11 @@ class Block:
     options: list[dict]  # each parameter's param group: hyperparameters are read at step time
     groups: int = 1
     precond: torch.Tensor | None = None  # [groups, D', D']
-    # the gradient [Ĝ | g_b] already transformed from the left ([groups, rows, D']; KFAC), or None
-    # for the parameters' own gradients: U = grad·precond
-    grad: torch.Tensor | None = None
-    # a low-rank preconditioner in place of precond (DESIGN §1.3): the top eigenvectors Q [groups, D', r]
-    # and eigenvalues s [groups, r] of the statistic, U = (grad − (grad·Q)·diag(s/(s+λ))·Qᵀ)/λ
+    # KFAC's gradient [Ĝ | g_b] already multiplied from the left (G⁻¹Ĝ, or the exact damping's rotated
+    # and divided one; [groups, rows, D′]), or None for the parameters' own gradients: U = that·precond
+    left_transformed_grad: torch.Tensor | None = None
+    # a low-rank preconditioner in place of precond (DESIGN §1.3): the top eigenvectors Q [groups, D′, r]
+    # and eigenvalues s [groups, r] of the statistic, U = (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ
     eigvecs: torch.Tensor | None = None
     eigvals: torch.Tensor | None = None
 
@@ -38,8 +38,8 @@ class Block:
 @dataclass(eq=False)
 class Layer:
     """A Linear/Conv weight FOOF may precondition, with the modules that multiply their inputs by it (one;
-    several where modules share the weight Parameter, DESIGN §1.2), and what it observed since the last
-    step: the inputs their forward hooks recorded, and the statistic made of them."""
+    several where modules share the weight Parameter, DESIGN §1.2). What it observed lives in the
+    optimizer's statistics store (`fastfoof.statistics`)."""
 
     name: str  # the first module's (`modules[0]`, whose geometry the weight matrix Ŵ takes)
     modules: list[nn.Module]
@@ -49,21 +49,8 @@ class Layer:
     weight: torch.Tensor
     groups: int
     dim: int  # D, without the bias row
-    # (module, input) recorded by a compiled forward, not yet turned into statistics (an eager
-    # forward's statistic is computed in its hook)
-    inputs: list = field(default_factory=list)
-    stat: torch.Tensor | None = None  # Σ a aᵀ over the inputs taken since the last step
-    samples: int = 0  # Σ B over those inputs
-    # KFAC: the output gradients' statistic since the last step, the samples it holds, the batch
-    # sizes of the forwards they came from, and (Monte Carlo Fisher) the outputs' gradient edges with
-    # their batch sizes, kept for `KFAC.backward_fisher`
-    grad_stat: torch.Tensor | None = None
-    grad_samples: int = 0
-    grad_batch: int = 0
-    outputs: list = field(default_factory=list)
     handed: bool = False  # these two are set from the optimizer's parameters
     bias_row: bool = False
-    called: bool = False  # a forward ran since the last step (in any mode)
 
     @property
     def module(self) -> nn.Module:
@@ -76,25 +63,14 @@ class Layer:
         return self.handed and self.weight.requires_grad
 
     @property
-    def dim_out(self) -> int:
+    def dim_p(self) -> int:
+        """D′: D plus the bias row (`dim_p` wherever the code means D′)."""
         return self.dim + self.bias_row
 
     @property
     def rows(self) -> int:
         """Rows of Ŵ per group (output features or channels per group)."""
         return self.weight.shape[0] // self.groups
-
-    def take_inputs(self) -> list[torch.Tensor]:
-        """The recorded inputs, now forgotten."""
-        records = list(self.inputs)
-        self.inputs.clear()  # in place: a compiled forward's side effects append to this very list
-        return records
-
-    def clear(self) -> None:
-        self.inputs.clear()
-        self.outputs.clear()
-        self.samples = self.grad_samples = self.grad_batch = 0
-        self.called = False
 
 
 def _skip_predicate(skip: Skip, names_in_model: set[str]) -> Callable[[str, nn.Module], bool]:

@@ -44,12 +44,14 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
 from . import ops
-from .core import OWN_ENTRIES, check_model_and_damping, check_param_group
+from .arguments import check_model_and_damping, check_param_group
 from .geometry import CONV_TYPES, batch_size, layer_patches_input, patch_input
 from .kfac import predictive_probabilities
 from .layers import Layer, find_layers
 from .observe import Hooks, LayerHook, in_backward, in_transform
-from .reference import KEPT_PREVIOUS, RETRIED, patch_rows_, sgd_step_, stat_dtype
+from .linalg import KEPT_PREVIOUS, RETRIED, stat_dtype
+from .reference import patch_rows_, sgd_step_
+from .state import OWN_ENTRIES
 
 FISHERS = ("mc", "full", "empirical")
 DIAGNOSTICS = ("cholesky_retries", "cholesky_failures")

@@ -13,15 +13,16 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from . import reference
+from . import linalg, reference
 from .geometry import check_input, layer_patches_input, patch_dim
+from .kernels.tables import Plans as KernelPlans
 
 BACKENDS = ("auto", "reference", "triton")
 
 # op name -> module of fastfoof.kernels that defines a function of the same name and signature
 TRITON_KERNELS: dict[str, str] = {
     "patch_gram_": "fastfoof.kernels.patch_gram",
-    "damped_inverse": "fastfoof.kernels.damped_inverse",
+    "damped_inverse_with_status": "fastfoof.kernels.damped_inverse",
     "preconditioned_update_": "fastfoof.kernels.update",
     "fold_statistics_": "fastfoof.kernels.fold_statistics",
 }
@@ -63,7 +64,16 @@ def implementation(op: str, backend: str | None, device: torch.device):
     """The function that runs `op` for tensors on `device`: the Triton kernel or the reference."""
     if resolve_backend(backend, device) == "triton" and op in TRITON_KERNELS:
         return getattr(importlib.import_module(TRITON_KERNELS[op]), op)
-    return getattr(reference, op)  # also for ops that have no kernel (small elementwise work)
+    return getattr(reference, op)
+
+
+def _run(op: str, backend: str | None, device: torch.device, plans: KernelPlans | None, *args, **kwargs):
+    """`op` on `device`: a kernel gets the caller's `plans` (its tables, kept between calls; None: built
+    for this call alone), the reference needs none."""
+    fn = implementation(op, backend, device)
+    if fn is not getattr(reference, op):
+        kwargs["plans"] = plans
+    return fn(*args, **kwargs)
 
 
 @torch.no_grad()
@@ -94,27 +104,28 @@ def patch_gram(x: torch.Tensor, module: nn.Module, *, bias: bool | None = None,
     if bias is None:
         bias = getattr(module, "bias", None) is not None
     groups, dim = patch_dim(module)
-    out = torch.empty(groups, dim + bias, dim + bias, dtype=reference.stat_dtype(x.dtype), device=x.device)
+    out = torch.empty(groups, dim + bias, dim + bias, dtype=linalg.stat_dtype(x.dtype), device=x.device)
     return patch_gram_(out, x, module, bias=bias, backend=backend)
 
 
 @torch.no_grad()
-def fold_statistics_(emas, counts, stats, scales, decay, *, found_inf=None, backend=None) -> torch.Tensor:
+def fold_statistics_(emas, counts, stats, scales, decay, *, found_inf=None, backend=None, plans=None) -> torch.Tensor:
     """EMA fold of many layers' statistics with the non-finite drop of DESIGN §1.3; nothing is folded
-    where `found_inf` ≠ 0 (GradScaler's skipped step, decided on the device)."""
+    where `found_inf` ≠ 0 (GradScaler's skipped step, decided on the device). `plans`: the caller's
+    `KernelPlans` (an optimizer's), which the kernels keep their tables in."""
     if not emas:
         return torch.zeros((), dtype=torch.int64)
-    return implementation("fold_statistics_", backend, emas[0].device)(emas, counts, stats, scales, decay, found_inf)
+    return _run("fold_statistics_", backend, emas[0].device, plans, emas, counts, stats, scales, decay, found_inf)
 
 
 @torch.no_grad()
-def damped_inverse_with_status(mats, damping, *, scales=None, previous=None, backend=None, method=None):
-    """(inverses, status per matrix): `reference.damped_inverse` through the dispatch. `method`: one of
-    `reference.INVERSE_METHODS`; None takes FASTFOOF_INVERSE, else the default."""
+def damped_inverse_with_status(mats, damping, *, scales=None, previous=None, backend=None, method=None, plans=None):
+    """(inverses, status per matrix): `reference.damped_inverse_with_status` through the dispatch. `method`:
+    one of `linalg.INVERSE_METHODS`; None takes FASTFOOF_INVERSE, else the default."""
     if not mats:
         return [], []
-    return implementation("damped_inverse", backend, mats[0].device)([m.detach() for m in mats], damping,
-                                                                      scales=scales, previous=previous, method=method)
+    return _run("damped_inverse_with_status", backend, mats[0].device, plans, [m.detach() for m in mats], damping,
+                scales=scales, previous=previous, method=method)
 
 
 def damped_inverse(mats: list[torch.Tensor], damping: float, *, backend: str | None = None) -> list[torch.Tensor]:
@@ -126,33 +137,30 @@ def damped_inverse(mats: list[torch.Tensor], damping: float, *, backend: str | N
 
 @torch.no_grad()
 def preconditioned_update_(blocks, momentum_buffers, *, damping, graft=None, grad_scale=None, found_inf=None,
-                           reduce_norms=None, backend=None) -> None:
+                           reduce_norms=None, backend=None, plans=None) -> None:
     """DESIGN §1.4 for all blocks: U = Ĝ·P (low rank: (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ, §1.3; G/λ without
     either), grafted to the gradient's norm per preconditioned block where `graft="sgd"` (U = G for the
     others), then each parameter's SGD epilogue; nothing changes where `found_inf` ≠ 0 (decided on the
     device). `reduce_norms`: see `reference.grafted_updates` (FSDP2 sums the norms over ranks)."""
     if not blocks:
         return
-    fn = implementation("preconditioned_update_", backend, blocks[0].params[0].device)
-    fn(blocks, momentum_buffers, damping=damping, graft=graft, grad_scale=grad_scale, found_inf=found_inf,
-       reduce_norms=reduce_norms)
+    _run("preconditioned_update_", backend, blocks[0].params[0].device, plans, blocks, momentum_buffers,
+         damping=damping, graft=graft, grad_scale=grad_scale, found_inf=found_inf, reduce_norms=reduce_norms)
 
 
 @torch.no_grad()
 def eigh_with_status(mats, *, scales=None, previous=None, backend=None):
     """(w, Q) with s·M = Q diag(w) Qᵀ for each [groups, D, D] symmetric M, batched by size, with the
-    fallbacks of DESIGN §1.3 (KFAC's exact damping): `reference.eigh_with_status` on every backend
+    fallbacks of DESIGN §1.3 (KFAC's exact damping): `linalg.eigh_with_status` on every backend
     (torch.linalg.eigh calls cuSOLVER)."""
-    if not mats:
-        return [], []
-    return implementation("eigh_with_status", backend, mats[0].device)(mats, scales=scales, previous=previous)
+    resolve_backend(backend, mats[0].device if mats else torch.device("cpu"))
+    return linalg.eigh_with_status([m.detach() for m in mats], scales=scales, previous=previous)
 
 
 def top_eigenpairs_with_status(mats, rank, damping, *, scales=None, previous=None, backend=None):
     """(s, Q): the top `rank` eigenvalues and eigenvectors of s·M for each [groups, D, D] symmetric M,
-    with the fallbacks of DESIGN §1.3 (the low-rank preconditioner): `reference.top_eigenpairs` on every
-    backend (matmuls, QR and a small eigh, which torch runs on any device)."""
-    if not mats:
-        return [], []
-    return implementation("top_eigenpairs", backend, mats[0].device)(mats, rank, damping, scales=scales,
-                                                                     previous=previous)
+    with the fallbacks of DESIGN §1.3 (the low-rank preconditioner): `linalg.top_eigenpairs_with_status` on
+    every backend (matmuls, QR and a small eigh, which torch runs on any device)."""
+    resolve_backend(backend, mats[0].device if mats else torch.device("cpu"))
+    return linalg.top_eigenpairs_with_status([m.detach() for m in mats], rank, damping, scales=scales,
+                                             previous=previous)

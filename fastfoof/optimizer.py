@@ -1,20 +1,19 @@
 """FOOF as a torch.optim.Optimizer: the paper's Algorithm 1 with DESIGN §1's schedule.
 
 Per preconditioned layer, with A the layer's input patches (and a bias row of ones):
-    every observed step      Σ ← mΣ + (1−m)·A·Aᵀ/B,  n ← m·n + (1−m)        (`KroneckerOptimizer`)
-    every T steps            P ← (Σ/n + λI)⁻¹                                  (`_preconditioners`)
+    every observed step      Σ ← mΣ + (1−m)·A·Aᵀ/B,  n ← m·n + (1−m)        (`statistics.INPUTS`)
+    every T steps            P ← (Σ/n + λI)⁻¹                                  (`preconditioners.DenseInverse`)
     every step               U = Ĝ·P,  U ← U·min(‖Ĝ‖/‖U‖, 10λ) (graft="sgd"),  then SGD with momentum on U
 With `rank` = r, a layer with D' > 2r keeps the top r eigenpairs (Q, s) of Σ/n instead of P, and
-steps with U = (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ = Ĝ·(Q diag(s) Qᵀ + λI)⁻¹ (DESIGN §1.3).
+steps with U = (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ = Ĝ·(Q diag(s) Qᵀ + λI)⁻¹ (`preconditioners.LowRank`,
+DESIGN §1.3). `KroneckerOptimizer` runs the schedule; FOOF says what it observes and inverts.
 """
 from __future__ import annotations
 
-import torch
-
-from . import ops
 from .core import KroneckerOptimizer
-from .layers import Block, Layer
-from .reference import padded_zeros
+from .layers import Layer
+from .preconditioners import DenseInverse, LowRank, Preconditioner, input_inverse
+from .statistics import INPUTS
 
 
 class FOOF(KroneckerOptimizer):
@@ -46,44 +45,21 @@ class FOOF(KroneckerOptimizer):
             norm (weight and bias together), U ← U·min(‖Ĝ‖/‖U‖, 10λ), and the other parameters step with
             U = G, so the step has SGD's size per layer and FOOF's direction (DESIGN §1.4). None: the
             paper's eq. 6, U = Ĝ·P and U = G/λ, for which lr = λ × your SGD lr.
+        inverse: how the inversion round factors (Σ̂ + λI): "cholesky" (default: batched LAPACK/cuSOLVER),
+            "blocked" (recursive blocked Cholesky, matmuls past 512×512 leaves), "blocked_tf32x3" (those
+            matmuls as three TF32 products on CUDA) or "newton_schulz" (refines the previous P, kept only
+            where its residual is ≤ 1e-3, else Cholesky). The environment variable FASTFOOF_INVERSE, where
+            set, overrides it.
         process_group: the torch.distributed group whose ranks share statistics and inversions
             (default: the default group, when one is initialised).
     """
 
     KIND = "FOOF"
+    FACTORS = (INPUTS,)  # Σ, of the layer's input patches
 
-    def _ready(self, layer: Layer) -> bool:
-        return self._has_input_factor(layer)
+    def _preconditioner(self, layer: Layer) -> Preconditioner:
+        """P, or (Q, s) for a layer with D' > 2r."""
+        return input_inverse(layer, self.rank)
 
-    def _preconditioners(self, layers: list[Layer], states: list[dict]) -> tuple[list[dict], list[torch.Tensor]]:
-        """P = (Σ/n + λI)⁻¹ (DESIGN §1.3), one batched call for all dense layers; the top `rank`
-        eigenpairs of Σ/n for the low-rank ones."""
-        scales = [torch.where(n > 0, 1 / n, torch.zeros_like(n)) for n in (s["ema_count"] for s in states)]
-        low = [i for i, layer in enumerate(layers) if self._low_rank(layer)]
-        dense = [i for i in range(len(layers)) if i not in low]
-        results, status = [None] * len(layers), [None] * len(layers)
-        inverses, codes = ops.damped_inverse_with_status(
-            [states[i]["ema"] for i in dense], self.damping, scales=[scales[i] for i in dense],
-            previous=[states[i].get("precond") for i in dense], backend=self.backend)
-        for i, p, code in zip(dense, inverses, codes):
-            results[i], status[i] = {"precond": p}, code
-        pairs, codes = ops.top_eigenpairs_with_status(
-            [states[i]["ema"] for i in low], self.rank, self.damping, scales=[scales[i] for i in low],
-            previous=[(states[i]["top_eigvals"], states[i]["top_eigvecs"]) if "top_eigvecs" in states[i] else None
-                      for i in low], backend=self.backend)
-        for i, (s, q), code in zip(low, pairs, codes):
-            results[i], status[i] = {"top_eigvals": s, "top_eigvecs": q}, code
-        return results, status
-
-    def _preconditioners_like(self, layers: list[Layer], states: list[dict]) -> list[tuple[dict, torch.Tensor]]:
-        templates = []
-        for layer, s in zip(layers, states):
-            ema = s["ema"]
-            tensors = self._top_eigenpairs_like(ema) if self._low_rank(layer) else \
-                {"precond": padded_zeros(ema.shape[0], ema.shape[-1], ema.dtype, ema.device)}
-            templates.append((tensors, torch.empty(ema.shape[0], dtype=torch.int8, device=ema.device)))
-        return templates
-
-    def _prepare_block(self, block: Block, layer: Layer, state: dict) -> None:
-        block.precond = state.get("precond")
-        block.eigvecs, block.eigvals = state.get("top_eigvecs"), state.get("top_eigvals")
+    def _preconditioner_types(self) -> list[Preconditioner]:
+        return [DenseInverse()] + ([LowRank(self.rank)] if self.rank is not None else [])

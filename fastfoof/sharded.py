@@ -23,7 +23,8 @@ from torch.distributed.tensor import DTensor, Shard
 
 from . import ops, reference
 from .layers import Block
-from .reference import joint_gradient, stat_dtype
+from .linalg import stat_dtype
+from .reference import joint_gradient
 
 
 def is_sharded(p: torch.Tensor) -> bool:
@@ -99,7 +100,8 @@ def _pieces(block: Block) -> list[tuple[Block, list[tuple[torch.Tensor, slice]]]
     for span in _spans(start, stop, rows):
         here = slice(span[0] - start, span[1] - start)
         first, last = _groups_of(span, rows)
-        grad = None if block.grad is None else block.grad[here].view(last - first, -1, block.grad.shape[-1])
+        transformed = block.left_transformed_grad
+        grad = None if transformed is None else transformed[here].view(last - first, -1, transformed.shape[-1])
         piece = Block([_local(p, here) for p in block.params], block.options, last - first,
                       None if block.precond is None else block.precond[first:last], grad,
                       None if block.eigvecs is None else block.eigvecs[first:last],

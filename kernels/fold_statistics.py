@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from fastfoof import reference
-from fastfoof.kernels.tables import to_device
+from fastfoof.kernels.tables import Plans, column, to_device
 
 # Elements per tile by dtype: 16 KiB of each operand (the fp64 fold stays well within its registers).
 BLOCK = {torch.float32: 4096, torch.float64: 2048}
@@ -46,8 +46,12 @@ KERNEL_DTYPES = {torch.float32: False, torch.float64: True}  # dtype -> FP64 con
 # Layer table: one int64 row per layer. Column indices are shared with the kernels.
 LAYER_COLUMNS = ("ema", "stat", "count", "numel")
 LAYER_FIELDS = tl.constexpr(len(LAYER_COLUMNS))
+EMA = tl.constexpr(column(LAYER_COLUMNS, "ema", "stat"))
+COUNT = tl.constexpr(column(LAYER_COLUMNS, "count", "numel"))
 # Scalar table (statistics' dtype): decay, 1 − decay, then s·(1 − decay) per layer.
-SCALAR_HEADER = tl.constexpr(2)
+SCALAR_COLUMNS = ("decay", "undecayed")
+SCALAR_HEADER = tl.constexpr(len(SCALAR_COLUMNS))
+UNDECAYED = tl.constexpr(SCALAR_COLUMNS.index("undecayed"))
 
 
 @triton.jit
@@ -65,8 +69,8 @@ def _tile(layers_ptr, tiles_ptr, FP64: tl.constexpr, VEC: tl.constexpr):
     host guarantees 16-byte-aligned EMA and statistic."""
     layer, block = tl.split(tl.load(tiles_ptr + 2 * tl.program_id(0) + tl.arange(0, 2)))
     row = layers_ptr + layer * LAYER_FIELDS
-    ema, stat = tl.split(tl.load(row + tl.arange(0, 2)))
-    count, numel = tl.split(tl.load(row + 2 + tl.arange(0, 2)))
+    ema, stat = tl.split(tl.load(row + EMA + tl.arange(0, 2)))
+    count, numel = tl.split(tl.load(row + COUNT + tl.arange(0, 2)))
     ema, stat = _stat_pointer(ema, FP64), _stat_pointer(stat, FP64)
     body = numel
     if VEC > 1:
@@ -130,7 +134,7 @@ def fold_kernel(layers_ptr, tiles_ptr, flags_ptr, dropped_ptr, scalars_ptr, foun
             tail, tail_mask = _tail(block, numel, body, BLOCK, VEC)
             _fold(ema, stat, tail, tail_mask, decay, coefficient)
         if block == 0:
-            tl.store(count, tl.load(count) * decay + tl.load(scalars_ptr + 1))
+            tl.store(count, tl.load(count) * decay + tl.load(scalars_ptr + UNDECAYED))
     elif block == 0:
         tl.atomic_add(dropped_ptr, 1)
 
@@ -166,30 +170,16 @@ def compile_specs() -> list[dict]:
 # ---- host side --------------------------------------------------------------------------------
 
 class _Plan:
-    """Device tables for one set of layers: addresses, tile schedule, flags, and the call counter."""
+    """Device tables for one set of layers of one (device, dtype, VEC): addresses, tile schedule, flags,
+    and the call counter (`epoch`)."""
 
-    def __init__(self, key: tuple, device: torch.device, block: int, rows: list[tuple]):
-        self.key = key
-        tiles = [(i, b) for i, row in enumerate(rows) for b in range(triton.cdiv(row[3], block))]
+    def __init__(self, device: torch.device, block: int, rows: list[tuple]):
+        numel = LAYER_COLUMNS.index("numel")
+        tiles = [(i, b) for i, row in enumerate(rows) for b in range(triton.cdiv(row[numel], block))]
         self.layers = to_device(torch.tensor(rows, dtype=torch.int64), device)
         self.tiles = to_device(torch.tensor(tiles, dtype=torch.int32).reshape(-1, 2), device)
         self.flags = torch.zeros(len(rows), dtype=torch.int64, device=device)
-        self.no_inf = torch.zeros((), dtype=torch.float32, device=device)  # found_inf without a GradScaler
         self.epoch = 0
-        self.scalar_key: tuple | None = None
-        self.scalars: torch.Tensor | None = None
-
-
-# (device, dtype, VEC) -> the plan of the last call; the optimizer folds the same layers every step.
-_PLANS: dict[tuple, _Plan] = {}
-
-
-def _plan(group: tuple, rows: list[tuple]) -> _Plan:
-    key = tuple(rows)
-    plan = _PLANS.get(group)
-    if plan is None or plan.key != key:
-        plan = _PLANS[group] = _Plan(key, group[0], BLOCK[group[1]], rows)
-    return plan
 
 
 def _fusable(ema: torch.Tensor, count: torch.Tensor, stat: torch.Tensor) -> bool:
@@ -199,13 +189,16 @@ def _fusable(ema: torch.Tensor, count: torch.Tensor, stat: torch.Tensor) -> bool
 
 
 def fold_statistics_(emas: list[torch.Tensor], counts: list[torch.Tensor], stats: list[torch.Tensor],
-                     scales: list[float], decay: float, found_inf: torch.Tensor | None = None) -> torch.Tensor:
+                     scales: list[float], decay: float, found_inf: torch.Tensor | None = None, *,
+                     plans: Plans | None = None) -> torch.Tensor:
     """EMA fold of DESIGN §1.2 for many layers: Σ ← mΣ + (1−m)·s·S, n ← m·n + (1−m).
 
     Same contract as `fastfoof.reference.fold_statistics_`: a statistic with a non-finite entry is
     not folded, nothing is with found_inf ≠ 0; returns the number dropped as an int64 device tensor,
-    without host synchronisation.
+    without host synchronisation. `plans`: the caller's kernel plans, kept between its calls (the
+    optimizer folds the same layers every step); None builds them for this call.
     """
+    plans = Plans() if plans is None else plans
     grouped: dict[tuple, list[int]] = {}  # (device, dtype, VEC) -> layers
     rest = []
     for i, (ema, count, stat) in enumerate(zip(emas, counts, stats)):
@@ -217,7 +210,7 @@ def fold_statistics_(emas: list[torch.Tensor], counts: list[torch.Tensor], stats
     dropped = None
     for group, members in grouped.items():
         found = _launch(group, [emas[i] for i in members], [counts[i] for i in members],
-                        [stats[i] for i in members], [scales[i] for i in members], decay, found_inf)
+                        [stats[i] for i in members], [scales[i] for i in members], decay, found_inf, plans)
         dropped = found if dropped is None else dropped + found
     if rest:
         found = reference.fold_statistics_([emas[i] for i in rest], [counts[i] for i in rest],
@@ -229,26 +222,25 @@ def fold_statistics_(emas: list[torch.Tensor], counts: list[torch.Tensor], stats
 
 
 def _launch(group: tuple, emas: list[torch.Tensor], counts: list[torch.Tensor], stats: list[torch.Tensor],
-            scales: list[float], decay: float, found_inf: torch.Tensor | None) -> torch.Tensor:
+            scales: list[float], decay: float, found_inf: torch.Tensor | None, plans: Plans) -> torch.Tensor:
     """The two launches for the layers of one (device, dtype, VEC); returns their dropped count."""
     device, dtype, vec = group
-    plan = _plan(group, [(e.data_ptr(), s.data_ptr(), c.data_ptr(), e.numel()) for e, c, s in zip(emas, counts, stats)])
+    rows = [tuple(dict(ema=e.data_ptr(), stat=s.data_ptr(), count=c.data_ptr(), numel=e.numel())[column]
+                  for column in LAYER_COLUMNS) for e, c, s in zip(emas, counts, stats)]
+    plan = plans.get(("fold",) + group, tuple(rows), lambda: _Plan(device, BLOCK[dtype], rows))
     decay = float(decay)
     scalar_key = (decay,) + tuple(float(s) for s in scales)
-    if plan.scalar_key != scalar_key:
-        # Python float64 products, rounded once to the table's dtype: the reference's rounding.
-        values = [decay, 1 - decay] + [s * (1 - decay) for s in scalar_key[1:]]
-        plan.scalars = to_device(torch.tensor(values, dtype=dtype), device)
-        plan.scalar_key = scalar_key
+    # Python float64 products, rounded once to the table's dtype: the reference's rounding.
+    scalars = plans.table(("fold scalars",) + group, scalar_key, lambda: torch.tensor(
+        [decay, 1 - decay] + [s * (1 - decay) for s in scalar_key[1:]], dtype=dtype), device)
     plan.epoch += 1
     dropped = torch.empty((), dtype=torch.int64, device=device)  # zeroed by the first kernel
     grid = (plan.tiles.shape[0],)
     fp64 = KERNEL_DTYPES[dtype]
     nonfinite_flags_kernel[grid](plan.layers, plan.tiles, plan.flags, dropped, plan.epoch,
                                  FP64=fp64, VEC=vec, BLOCK=BLOCK[dtype], num_warps=NUM_WARPS, num_stages=1)
-    if found_inf is None:
-        found_inf = plan.no_inf
-    fold_kernel[grid](plan.layers, plan.tiles, plan.flags, dropped, plan.scalars, found_inf.to(torch.float32), plan.epoch,
+    found_inf = plans.constant(0.0, device) if found_inf is None else found_inf  # (0: without a GradScaler)
+    fold_kernel[grid](plan.layers, plan.tiles, plan.flags, dropped, scalars, found_inf.to(torch.float32), plan.epoch,
                       FP64=fp64, VEC=vec, BLOCK=BLOCK[dtype], num_warps=NUM_WARPS, num_stages=1,
                       enable_fp_fusion=False)
     return dropped

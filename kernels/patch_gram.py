@@ -180,16 +180,16 @@ def _partial_gram_kernel(
 
 
 @triton.jit
-def _load_dense_tile(row_ptr, valid, address, cols, dim, dim_out):
+def _load_dense_tile(row_ptr, valid, address, cols, dim, dim_p):
     a = tl.load(row_ptr[:, None] + address[None, :], mask=valid[:, None] & (cols < dim)[None, :], other=0.0)
-    return _with_bias(a, valid, (cols == dim) & (cols < dim_out), row_ptr.dtype.element_ty)
+    return _with_bias(a, valid, (cols == dim) & (cols < dim_p), row_ptr.dtype.element_ty)
 
 
 @triton.jit
 def _dense_partial_kernel(
     x_ptr, ws_ptr,
     inner, blocks_per_outer, num_blocks, chunk_blocks,
-    dim, dim_out, stride_outer, stride_inner, stride_channel,
+    dim, dim_p, stride_outer, stride_inner, stride_channel,
     num_pairs, num_splits,
     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -214,8 +214,8 @@ def _dense_partial_kernel(
         valid = rows < inner
         # int64 rows: a Linear's flattened input may hold more than 2³¹ elements
         row_ptr = x_ptr + outer.to(tl.int64) * stride_outer + rows.to(tl.int64) * stride_inner
-        a_i = _load_dense_tile(row_ptr, valid, address_i, cols_i, dim, dim_out)
-        a_j = _load_dense_tile(row_ptr, valid, address_j, cols_j, dim, dim_out)
+        a_i = _load_dense_tile(row_ptr, valid, address_i, cols_i, dim, dim_p)
+        a_j = _load_dense_tile(row_ptr, valid, address_j, cols_j, dim, dim_p)
         acc = tl.dot(tl.trans(a_i), a_j, acc, input_precision=INPUT_PRECISION)
     _store_partial(ws_ptr, acc, group, split, pair, num_pairs, num_splits, BLOCK_D)
 
@@ -313,9 +313,9 @@ INT32_MAX = 2 ** 31 - 1
 MAX_LAUNCH_POSITIONS = 1 << 30
 
 
-def choose_config(dim_out: int, configs: tuple[TileConfig, ...] = CONFIGS) -> TileConfig:
+def choose_config(dim_p: int, configs: tuple[TileConfig, ...] = CONFIGS) -> TileConfig:
     for config in configs:
-        if dim_out <= config.block_d:
+        if dim_p <= config.block_d:
             return config
     return configs[-1]
 
@@ -472,19 +472,19 @@ def as_2d_conv(x: torch.Tensor, geom: PatchGeometry) -> tuple[dict, tuple[int, .
     return shape, strides
 
 
-def _identity_index(dim_out: int, dim: int) -> tuple[int, int, int, int, int]:
+def _identity_index(dim_p: int, dim: int) -> tuple[int, int, int, int, int]:
     """`_reduce`'s out_index for a workspace already in F.unfold order: tile row i is out row i."""
-    return (dim_out, dim_out, 1, -1, dim)
+    return (dim_p, dim_p, 1, -1, dim)
 
 
-def _launch_positions(out, x, geom, *, alpha, beta, dim_out, path, input_precision, splits, config):
+def launch_positions(out, x, geom, *, alpha, beta, dim_p, path, input_precision, splits, config):
     """The implicit and channels_last paths: partial pass over samples × output positions, reduce."""
     groups = geom.groups
     shape, (sb, sc, sh, sw) = as_2d_conv(x, geom)
     (kh, kw), (out_h, out_w) = shape["kernel"], shape["out_size"]
     channels = geom.channels // groups
     tap_major = path == "channels_last"
-    bias = dim_out - geom.dim
+    bias = dim_p - geom.dim
     if tap_major:
         config = config or choose_tap_config(channels)
         channels_pad = triton.cdiv(channels, config.block_d) * config.block_d
@@ -492,11 +492,11 @@ def _launch_positions(out, x, geom, *, alpha, beta, dim_out, path, input_precisi
         bias_index = padded - 1 if bias else -1
         out_index = (channels_pad, channels, kh * kw, bias_index, geom.dim)
     else:
-        config = config or choose_config(dim_out)
+        config = config or choose_config(dim_p)
         channels_pad = channels  # F.unfold order: no padding between kernel offsets
-        padded = dim_out
+        padded = dim_p
         bias_index = geom.dim if bias else -1
-        out_index = _identity_index(dim_out, geom.dim)
+        out_index = _identity_index(dim_p, geom.dim)
     tiles = triton.cdiv(padded, config.block_d)
     num_pairs = tiles * (tiles + 1) // 2
     n_positions = x.shape[0] * geom.positions
@@ -517,9 +517,9 @@ def _launch_positions(out, x, geom, *, alpha, beta, dim_out, path, input_precisi
     _reduce(workspace, out, alpha, beta, config, num_pairs, splits, groups, out_index)
 
 
-def _launch_dense(out, x, geom, rows, *, alpha, beta, dim_out, input_precision, splits, config):
-    config = config or choose_config(dim_out, PIPELINED_CONFIGS)
-    tiles = triton.cdiv(dim_out, config.block_d)
+def launch_dense(out, x, geom, rows, *, alpha, beta, dim_p, input_precision, splits, config):
+    config = config or choose_config(dim_p, PIPELINED_CONFIGS)
+    tiles = triton.cdiv(dim_p, config.block_d)
     num_pairs = tiles * (tiles + 1) // 2
     blocks_per_outer = triton.cdiv(rows.inner, config.block_k)
     num_blocks = rows.outer * blocks_per_outer
@@ -529,13 +529,13 @@ def _launch_dense(out, x, geom, rows, *, alpha, beta, dim_out, input_precision, 
     _dense_partial_kernel[(num_pairs, splits, geom.groups)](
         x, workspace,
         rows.inner, blocks_per_outer, num_blocks, chunk,
-        geom.dim, dim_out, rows.stride_outer, rows.stride_inner, rows.stride_channel,
+        geom.dim, dim_p, rows.stride_outer, rows.stride_inner, rows.stride_channel,
         num_pairs, splits,
         BLOCK_D=config.block_d, BLOCK_K=config.block_k, INPUT_PRECISION=input_precision,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     _reduce(workspace, out, alpha, beta, config, num_pairs, splits, geom.groups,
-            _identity_index(dim_out, geom.dim))
+            _identity_index(dim_p, geom.dim))
 
 
 def run_patch_gram(out: torch.Tensor, x: torch.Tensor, geom: PatchGeometry, *, alpha: float, beta: float,
@@ -557,13 +557,13 @@ def run_patch_gram(out: torch.Tensor, x: torch.Tensor, geom: PatchGeometry, *, a
     per_launch = samples_per_launch(x, geom)
     if per_launch == 0:
         raise ValueError("x: one sample exceeds the kernels' int32 offsets; use the reference")
-    knobs = dict(dim_out=geom.dim + bias, input_precision=input_precision, splits=splits, config=config)
+    knobs = dict(dim_p=geom.dim + bias, input_precision=input_precision, splits=splits, config=config)
     for start in range(0, x.shape[0], per_launch):  # later chunks accumulate onto the first
         chunk = x[start:start + per_launch]
         if path == "dense":
-            _launch_dense(out, chunk, geom, dense_rows(chunk, geom), alpha=alpha, beta=beta, **knobs)
+            launch_dense(out, chunk, geom, dense_rows(chunk, geom), alpha=alpha, beta=beta, **knobs)
         else:
-            _launch_positions(out, chunk, geom, alpha=alpha, beta=beta, path=path, **knobs)
+            launch_positions(out, chunk, geom, alpha=alpha, beta=beta, path=path, **knobs)
         beta = 1.0
     return out
 
@@ -628,7 +628,7 @@ def compile_specs() -> list[dict]:
                                  num_splits=12), {"TAP_MAJOR": True})
     specs += _partial_specs("patch_gram_dense", _dense_partial_kernel, PIPELINED_CONFIGS,
                             dict(inner=32 * 32, blocks_per_outer=64, num_blocks=128 * 64, chunk_blocks=47, dim=256,
-                                 dim_out=256, stride_outer=256 * 32 * 32, stride_inner=1, stride_channel=32 * 32,
+                                 dim_p=256, stride_outer=256 * 32 * 32, stride_inner=1, stride_channel=32 * 32,
                                  num_pairs=3, num_splits=175), {})
     workspace = torch.empty(16, dtype=torch.float32)
     # The reduce pass writes in F.unfold order: the identity map (implicit, dense; kernel_hw = 1 is

@@ -43,7 +43,7 @@ any of its tiles may step, and FSDP2's `reduce_norms` between the two. So it run
    buffer is zero-filled once per layout, so the slots no tile owns stay 0). No atomics: ‖U‖² =
    partials.sum(1) is a fixed-order sum, the same every run.
 2. On the host, without a synchronisation: ‖Ĝ‖² of the parameters' own gradients (not KFAC's
-   transformed `block.grad`) by one `torch._foreach_norm`; blocks the kernels cannot take compute
+   `block.left_transformed_grad`) by one `torch._foreach_norm`; blocks the kernels cannot take compute
    their U and both norms with the reference (`reference.graft_squares`) and join the same [n, 2]
    rows, in block order; then `reduce_norms` (called once, also with n = 0) and
    `reference.graft_scales`. `graft_step_kernel` then reads each tile of U back, multiplies it by its
@@ -63,14 +63,14 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
+from dataclasses import dataclass, field
 
 import torch
 import triton
 import triton.language as tl
 
-from fastfoof import reference
-from fastfoof.kernels.tables import to_device
+from fastfoof import linalg, reference
+from fastfoof.kernels.tables import Plans, column
 
 # tl.dot input precision for fp32 operands: TF32 on tensor cores by default; tests set "ieee".
 DOT_PRECISION = "tf32"
@@ -102,23 +102,41 @@ PROBLEM_COLUMNS = ("grad_w", "precond", "weight", "buf_w", "rows", "dim", "grad_
                    "precond_row", "precond_cols", "slot_w", "grad_b", "grad_b_stride", "dim_p", "bias", "buf_b",
                    "slot_b", "bias_stride", "update", "update_row", "graft_row", "pad")
 PROBLEM_FIELDS = tl.constexpr(len(PROBLEM_COLUMNS))
-UPDATE_COLUMN = tl.constexpr(PROBLEM_COLUMNS.index("update"))
+# where the kernels load each pair of columns (`column` checks that the pair is one 128-bit load)
+GRAD_W = tl.constexpr(column(PROBLEM_COLUMNS, "grad_w", "precond"))
+WEIGHT = tl.constexpr(column(PROBLEM_COLUMNS, "weight", "buf_w"))
+ROWS = tl.constexpr(column(PROBLEM_COLUMNS, "rows", "dim"))
+GRAD_W_ROW = tl.constexpr(column(PROBLEM_COLUMNS, "grad_w_row", "weight_row"))
+PRECOND_ROW = tl.constexpr(column(PROBLEM_COLUMNS, "precond_row", "precond_cols"))
+SLOT_W = tl.constexpr(column(PROBLEM_COLUMNS, "slot_w", "grad_b"))
+GRAD_B_STRIDE = tl.constexpr(column(PROBLEM_COLUMNS, "grad_b_stride", "dim_p"))
+BIAS = tl.constexpr(column(PROBLEM_COLUMNS, "bias", "buf_b"))
+SLOT_B = tl.constexpr(column(PROBLEM_COLUMNS, "slot_b", "bias_stride"))
+UPDATE = tl.constexpr(column(PROBLEM_COLUMNS, "update", "update_row"))
+GRAFT_ROW = tl.constexpr(column(PROBLEM_COLUMNS, "graft_row", "pad"))
 # Low-rank problems (U = (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ): the same columns, "precond" holding Q
 # ([D', r] of the group), "precond_row" its row stride and "precond_cols" r, then s of the group,
 # the offset (elements) of the problem's slice of the launch's workspace for Y = (Ĝ·Q)·diag(s/(s+λ))
 # ([rows, r]) and Y's row stride (r rounded up to 4).
 LOW_RANK_COLUMNS = PROBLEM_COLUMNS + ("eigvals", "projection", "projection_row", "unused")
 LOW_RANK_FIELDS = tl.constexpr(len(LOW_RANK_COLUMNS))
-EIGVALS_COLUMN = tl.constexpr(LOW_RANK_COLUMNS.index("eigvals"))
+EIGVALS = tl.constexpr(column(LOW_RANK_COLUMNS, "eigvals", "projection"))
+PROJECTION_ROW = tl.constexpr(column(LOW_RANK_COLUMNS, "projection_row", "unused"))
 # Tile schedule: (problem, tile row, tile column, slot) int32, one 128-bit load per tile. slot: the
 # tile's entry in grafting's buffer of partial sums Σu² ([grafted blocks, most tiles of one], 0 without).
 TILE_FIELDS = tl.constexpr(4)
-# Scalar table: one fp32 row per parameter: lr, 1 − lr·wd, μ, 1 − τ, nesterov, first step, μ ≠ 0, unused.
-SCALAR_FIELDS = tl.constexpr(8)
+# Scalar table: one fp32 row per parameter: lr, 1 − lr·wd, μ, 1 − τ, nesterov, first step, μ ≠ 0, unused,
+# read as two quads of 32-bit values.
+SCALAR_COLUMNS = ("lr", "decay", "momentum", "undamped", "nesterov", "first", "use_momentum", "unused")
+SCALAR_FIELDS = tl.constexpr(len(SCALAR_COLUMNS))
+NESTEROV = tl.constexpr(SCALAR_COLUMNS.index("nesterov"))
 # Parameters without a preconditioner: one int64 row each (grad, param, buffer, numel, scalar slot,
 # unused) and a schedule of (entry, block) int64 pairs; PLAIN_BLOCK elements per program.
 ENTRY_COLUMNS = ("grad", "param", "buf", "numel", "slot", "unused")
 ENTRY_FIELDS = tl.constexpr(len(ENTRY_COLUMNS))
+ENTRY_GRAD = tl.constexpr(column(ENTRY_COLUMNS, "grad", "param"))
+ENTRY_BUF = tl.constexpr(column(ENTRY_COLUMNS, "buf", "numel"))
+ENTRY_SLOT = tl.constexpr(ENTRY_COLUMNS.index("slot"))
 PLAIN_BLOCK = 1024
 PLAIN_WARPS = 4
 # Grafting's second pass (`graft_step_kernel`: elementwise over the first pass's tiles): 4 warps, whatever
@@ -155,7 +173,7 @@ def _param_pointer(address, PARAM_KIND: tl.constexpr):
 def _sgd_epilogue(u, param, buf, offsets, mask, scalars):
     """§1.4 on a tile of U: V ← μV + (1−τ)U (V = U on a first step), D, W ← W·(1 − η·wd) − η·D."""
     lr, decay, momentum, one_minus_dampening = _load_quad(scalars)
-    nesterov, first, use_momentum, _ = _load_quad(scalars + 4)
+    nesterov, first, use_momentum, _ = _load_quad(scalars + NESTEROV)
     nesterov = nesterov != 0
     # The 0/1 float flags are folded into the masks as integers by tl.where (the interpreter cannot
     # `&` a block mask with a scalar bool; an integer mask keeps the compiler's alignment facts, so
@@ -176,18 +194,18 @@ def _problem(row, PARAM_KIND: tl.constexpr, VEC: tl.constexpr):
     int32 sizes and strides, with the vector variant's alignment facts where VEC > 1. Returns (grad_w,
     factor (P or Q), weight, buf_w, rows, D, Ĝ's and W's row strides, the factor's row stride and
     readable columns, slot_w, grad_b's address)."""
-    grad_w, factor = _load_pair(row)
-    weight, buf_w = _load_pair(row + 2)
+    grad_w, factor = _load_pair(row + GRAD_W)
+    weight, buf_w = _load_pair(row + WEIGHT)
     grad_w = _param_pointer(grad_w, PARAM_KIND)
     factor = factor.to(tl.pointer_type(tl.float32))
     weight = _param_pointer(weight, PARAM_KIND)
     buf_w = buf_w.to(tl.pointer_type(tl.float32))
     # Sizes and strides as int32 (the host sends only problems whose offsets fit, with unit column
     # strides): 32-bit offsets from one base pointer keep the register count down.
-    rows_total, dim = _load_pair(row + 4)
-    g_row, w_row = _load_pair(row + 6)
-    f_row, f_cols = _load_pair(row + 8)
-    slot_w, grad_b_address = _load_pair(row + 10)
+    rows_total, dim = _load_pair(row + ROWS)
+    g_row, w_row = _load_pair(row + GRAD_W_ROW)
+    f_row, f_cols = _load_pair(row + PRECOND_ROW)
+    slot_w, grad_b_address = _load_pair(row + SLOT_W)
     rows_total, dim, g_row, w_row = rows_total.to(tl.int32), dim.to(tl.int32), g_row.to(tl.int32), w_row.to(tl.int32)
     f_row, f_cols = f_row.to(tl.int32), f_cols.to(tl.int32)
     if VEC > 1:
@@ -204,6 +222,16 @@ def _problem(row, PARAM_KIND: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
+def _tile(problems_ptr, tiles_ptr, FIELDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile of the schedule: its problem's row of the table (FIELDS columns a row), the tile's
+    slot among grafting's partial sums, its first column n0, and its rows and columns."""
+    problem, tile_row, tile_col, slot = _load_quad(tiles_ptr + tl.program_id(0) * TILE_FIELDS)
+    n0 = tile_col * BLOCK_N
+    rows = tile_row * BLOCK_M + tl.arange(0, BLOCK_M)
+    return problems_ptr + problem.to(tl.int64) * FIELDS, slot, n0, rows, n0 + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def grouped_update_kernel(problems_ptr, tiles_ptr, scalars_ptr, scale_ptr, found_inf_ptr, updates_ptr, partials_ptr,
                           PARAM_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, VEC: tl.constexpr,
                           GRAFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -211,16 +239,11 @@ def grouped_update_kernel(problems_ptr, tiles_ptr, scalars_ptr, scale_ptr, found
     GradScaler found non-finite gradients (found_inf ≠ 0: nothing is written). GRAFT: grafting's first
     pass instead of the epilogue (`_store_update`; scale_ptr, scalars_ptr and found_inf_ptr unread).
     VEC > 1: the host guarantees the 16-byte alignment of the vector variant (module docstring)."""
-    problem, tile_row, tile_col, slot = _load_quad(tiles_ptr + tl.program_id(0) * TILE_FIELDS)
-    m0 = tile_row * BLOCK_M
-    n0 = tile_col * BLOCK_N
-    row = problems_ptr + problem.to(tl.int64) * PROBLEM_FIELDS
+    row, slot, n0, rows, cols = _tile(problems_ptr, tiles_ptr, PROBLEM_FIELDS, BLOCK_M, BLOCK_N)
     (grad_w, precond, weight, buf_w, rows_total, dim, g_row, w_row, p_row, p_cols, slot_w,
      grad_b_address) = _problem(row, PARAM_KIND, VEC)
-    rows = m0 + tl.arange(0, BLOCK_M)
-    cols = n0 + tl.arange(0, BLOCK_N)
     row_ok = rows < rows_total
-    grad_b_stride, dim_p = _load_pair(row + 12)  # D' only sizes the host's tile schedule
+    grad_b_stride, dim_p = _load_pair(row + GRAD_B_STRIDE)  # D' only sizes the host's tile schedule
     acc = _gradient_product(grad_w, precond, rows, cols, row_ok, cols < p_cols, dim, g_row, p_row, grad_b_address,
                             grad_b_stride.to(tl.int32), PARAM_KIND, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if GRAFT:
@@ -231,20 +254,31 @@ def grouped_update_kernel(problems_ptr, tiles_ptr, scalars_ptr, scale_ptr, found
 
 
 @triton.jit
+def _tile_product(a, a_row, b, b_k, b_n, rows, cols, row_ok, col_ok, depth, INPUT_PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Σ_k A[rows, k]·B[k, cols] over k < depth, fp32 accumulation (tl.dot in INPUT_PRECISION): A's rows
+    `a_row` apart with unit column stride, B's entry (k, n) at b + k·b_k + n·b_n (a literal 1 for either
+    stride is folded, keeping that dimension contiguous to the compiler)."""
+    a_offsets = rows[:, None] * a_row
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, depth, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < depth
+        x = tl.load(a + (a_offsets + ks[None, :]), mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        y = tl.load(b + (ks[:, None] * b_k + cols[None, :] * b_n), mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(x.to(tl.float32), y, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _gradient_product(grad_w, factor, rows, cols, row_ok, col_ok, dim, g_row, f_row, grad_b_address, grad_b_stride,
                       PARAM_KIND: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """A [BLOCK_M, BLOCK_N] tile of [Ĝ | g_b]·F (F: P, or a low-rank Q; row stride f_row): the K loop
     over D reads Ĝ from the weight's gradient, and the bias gradient, column D of [Ĝ | g_b], enters as
     a rank-1 update with row D of F (no concatenated copy)."""
-    a_offsets = rows[:, None] * g_row
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, dim, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < dim
-        a = tl.load(grad_w + (a_offsets + ks[None, :]), mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(factor + (ks[:, None] * f_row + cols[None, :]), mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a.to(tl.float32), b, acc, input_precision=INPUT_PRECISION)
+    acc = _tile_product(grad_w, g_row, factor, f_row, 1, rows, cols, row_ok, col_ok, dim, INPUT_PRECISION,
+                        BLOCK_M, BLOCK_N, BLOCK_K)
     if grad_b_address != 0:
         grad_b = _param_pointer(grad_b_address, PARAM_KIND)
         gb = tl.load(grad_b + rows * grad_b_stride, mask=row_ok, other=0.0).to(tl.float32)
@@ -265,8 +299,8 @@ def _step_tile(u, row, rows, cols, row_ok, n0, dim, w_row, weight, buf_w, slot_w
 
         if (grad_b_address != 0) & (n0 <= dim) & (dim < n0 + BLOCK_N):  # this tile holds column D
             u_b = tl.sum(tl.where(cols[None, :] == dim, u, 0.0), axis=1)
-            bias, buf_b = _load_pair(row + 14)
-            slot_b, bias_stride = _load_pair(row + 16)
+            bias, buf_b = _load_pair(row + BIAS)
+            slot_b, bias_stride = _load_pair(row + SLOT_B)
             _sgd_epilogue(u_b, _param_pointer(bias, PARAM_KIND), buf_b.to(tl.pointer_type(tl.float32)),
                           rows * bias_stride.to(tl.int32), row_ok, scalars_ptr + slot_b * SCALAR_FIELDS)
 
@@ -275,8 +309,8 @@ def _step_tile(u, row, rows, cols, row_ok, n0, dim, w_row, weight, buf_w, slot_w
 def _update_columns(row, updates_ptr):
     """Grafting's columns of a problem row: (its U in the update workspace, U's row stride there, the
     block's row of graft scales). The host lays every U out 16-byte aligned with rows padded to 4."""
-    update, update_row = _load_pair(row + UPDATE_COLUMN)
-    graft_row, pad = _load_pair(row + UPDATE_COLUMN + 2)
+    update, update_row = _load_pair(row + UPDATE)
+    graft_row, pad = _load_pair(row + GRAFT_ROW)
     return tl.multiple_of(updates_ptr + update, 16), tl.multiple_of(update_row.to(tl.int32), 4), graft_row
 
 
@@ -304,14 +338,10 @@ def graft_step_kernel(problems_ptr, tiles_ptr, updates_ptr, factors_ptr, scalars
     """Grafting's second pass over the first pass's tiles (dense or low-rank problems: FIELDS columns a
     row): the tile of U from the workspace times its block's factor (graft scale / grad_scale), then the
     SGD epilogue of `_step_tile`, unless found_inf ≠ 0."""
-    problem, tile_row, tile_col, slot = _load_quad(tiles_ptr + tl.program_id(0) * TILE_FIELDS)
-    n0 = tile_col * BLOCK_N
-    row = problems_ptr + problem.to(tl.int64) * FIELDS
+    row, slot, n0, rows, cols = _tile(problems_ptr, tiles_ptr, FIELDS, BLOCK_M, BLOCK_N)
     (grad_w, factor, weight, buf_w, rows_total, dim, g_row, w_row, f_row, f_cols, slot_w,
      grad_b_address) = _problem(row, PARAM_KIND, VEC)
     update, update_row, graft_row = _update_columns(row, updates_ptr)
-    rows = tile_row * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = n0 + tl.arange(0, BLOCK_N)
     row_ok = rows < rows_total
     u = tl.load(update + (rows[:, None] * update_row + cols[None, :]),
                 mask=row_ok[:, None] & (cols < update_row)[None, :], other=0.0)
@@ -323,9 +353,9 @@ def graft_step_kernel(problems_ptr, tiles_ptr, updates_ptr, factors_ptr, scalars
 def _low_rank_columns(row, workspace_ptr, VEC: tl.constexpr):
     """The columns a low-rank problem row has beyond `_problem`'s: (grad_b's stride, D', s, Y's slice of
     the workspace, Y's row stride), with the vector variant's alignment facts."""
-    grad_b_stride, dim_p = _load_pair(row + 12)
-    eigvals, projection = _load_pair(row + EIGVALS_COLUMN)
-    y_row, unused = _load_pair(row + EIGVALS_COLUMN + 2)
+    grad_b_stride, dim_p = _load_pair(row + GRAD_B_STRIDE)
+    eigvals, projection = _load_pair(row + EIGVALS)
+    y_row, unused = _load_pair(row + PROJECTION_ROW)
     eigvals = eigvals.to(tl.pointer_type(tl.float32))
     projection = workspace_ptr + projection
     y_row = y_row.to(tl.int32)
@@ -337,20 +367,28 @@ def _low_rank_columns(row, workspace_ptr, VEC: tl.constexpr):
 
 
 @triton.jit
+def _low_rank_tile(problems_ptr, tiles_ptr, workspace_ptr, PARAM_KIND: tl.constexpr, VEC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_tile` of a low-rank problem, which of its rows are the problem's, and the problem's columns
+    (`_problem` but the row count, then `_low_rank_columns`)."""
+    row, slot, n0, rows, cols = _tile(problems_ptr, tiles_ptr, LOW_RANK_FIELDS, BLOCK_M, BLOCK_N)
+    (grad_w, basis, weight, buf_w, rows_total, dim, g_row, w_row, q_row, rank, slot_w,
+     grad_b_address) = _problem(row, PARAM_KIND, VEC)
+    grad_b_stride, dim_p, eigvals, projection, y_row = _low_rank_columns(row, workspace_ptr, VEC)
+    return (row, slot, n0, rows, cols, rows < rows_total, grad_w, basis, weight, buf_w, dim, g_row, w_row, q_row,
+            rank, slot_w, grad_b_address, grad_b_stride, dim_p, eigvals, projection, y_row)
+
+
+@triton.jit
 def low_rank_project_kernel(problems_ptr, tiles_ptr, workspace_ptr, damping, PARAM_KIND: tl.constexpr,
                             INPUT_PRECISION: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The first skinny product of a low-rank update (DESIGN §1.3): one [BLOCK_M, BLOCK_N] tile of
     Y = (Ĝ·Q)·diag(s/(s+λ)) ([rows, r]) of one problem, into its slice of the workspace. VEC > 1: the
     host guarantees the vector variant's alignment (module docstring)."""
-    problem, tile_row, tile_col, unused = _load_quad(tiles_ptr + tl.program_id(0) * TILE_FIELDS)
-    row = problems_ptr + problem.to(tl.int64) * LOW_RANK_FIELDS
-    (grad_w, basis, weight, buf_w, rows_total, dim, g_row, w_row, q_row, rank, slot_w,
-     grad_b_address) = _problem(row, PARAM_KIND, VEC)
-    grad_b_stride, dim_p, eigvals, projection, y_row = _low_rank_columns(row, workspace_ptr, VEC)
-    rows = tile_row * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tile_col * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < rows_total
+    (row, slot, n0, rows, cols, row_ok, grad_w, basis, weight, buf_w, dim, g_row, w_row, q_row, rank, slot_w,
+     grad_b_address, grad_b_stride, dim_p, eigvals, projection, y_row) = _low_rank_tile(
+        problems_ptr, tiles_ptr, workspace_ptr, PARAM_KIND, VEC, BLOCK_M, BLOCK_N)
     col_ok = cols < rank
     acc = _gradient_product(grad_w, basis, rows, cols, row_ok, col_ok, dim, g_row, q_row, grad_b_address,
                             grad_b_stride, PARAM_KIND, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -368,25 +406,12 @@ def low_rank_update_kernel(problems_ptr, tiles_ptr, workspace_ptr, scalars_ptr, 
     one problem ([rows, D']), with Y from `low_rank_project_kernel`, then the SGD step of §1.4, unless
     found_inf ≠ 0. GRAFT: grafting's first pass instead of the epilogue (`_store_update`). VEC > 1: the
     host guarantees the vector variant's alignment."""
-    problem, tile_row, tile_col, slot = _load_quad(tiles_ptr + tl.program_id(0) * TILE_FIELDS)
-    m0 = tile_row * BLOCK_M
-    n0 = tile_col * BLOCK_N
-    row = problems_ptr + problem.to(tl.int64) * LOW_RANK_FIELDS
-    (grad_w, basis, weight, buf_w, rows_total, dim, g_row, w_row, q_row, rank, slot_w,
-     grad_b_address) = _problem(row, PARAM_KIND, VEC)
-    grad_b_stride, dim_p, eigvals, projection, y_row = _low_rank_columns(row, workspace_ptr, VEC)
-    rows = m0 + tl.arange(0, BLOCK_M)
-    cols = n0 + tl.arange(0, BLOCK_N)
-    row_ok = rows < rows_total
+    (row, slot, n0, rows, cols, row_ok, grad_w, basis, weight, buf_w, dim, g_row, w_row, q_row, rank, slot_w,
+     grad_b_address, grad_b_stride, dim_p, eigvals, projection, y_row) = _low_rank_tile(
+        problems_ptr, tiles_ptr, workspace_ptr, PARAM_KIND, VEC, BLOCK_M, BLOCK_N)
     col_ok = cols < dim_p
-    y_offsets = rows[:, None] * y_row
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for j0 in range(0, rank, BLOCK_K):
-        js = j0 + tl.arange(0, BLOCK_K)
-        j_ok = js < rank
-        y = tl.load(projection + (y_offsets + js[None, :]), mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        q = tl.load(basis + (cols[None, :] * q_row + js[:, None]), mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(y, q, acc, input_precision=INPUT_PRECISION)
+    acc = _tile_product(projection, y_row, basis, 1, q_row, rows, cols, row_ok, col_ok, rank, INPUT_PRECISION,
+                        BLOCK_M, BLOCK_N, BLOCK_K)  # Y·Qᵀ, K loop over r
     g = tl.load(grad_w + (rows[:, None] * g_row + cols[None, :]), mask=row_ok[:, None] & (cols < dim)[None, :],
                 other=0.0).to(tl.float32)
     if grad_b_address != 0:
@@ -410,8 +435,8 @@ def plain_update_kernel(entries_ptr, tiles_ptr, scalars_ptr, scale_ptr, found_in
     aligned tensors and a numel that is a multiple of VEC."""
     entry, block = _load_pair(tiles_ptr + tl.program_id(0) * 2)
     row = entries_ptr + entry.to(tl.int64) * ENTRY_FIELDS
-    grad, param = _load_pair(row)
-    buf, numel = _load_pair(row + 2)
+    grad, param = _load_pair(row + ENTRY_GRAD)
+    buf, numel = _load_pair(row + ENTRY_BUF)
     grad = _param_pointer(grad, PARAM_KIND)
     param = _param_pointer(param, PARAM_KIND)
     buf = buf.to(tl.pointer_type(tl.float32))
@@ -424,7 +449,7 @@ def plain_update_kernel(entries_ptr, tiles_ptr, scalars_ptr, scale_ptr, found_in
     mask = offsets < numel
     u = tl.load(grad + offsets, mask=mask, other=0.0).to(tl.float32) / damping / tl.load(scale_ptr)
     if tl.load(found_inf_ptr) == 0:
-        _sgd_epilogue(u, param, buf, offsets, mask, scalars_ptr + tl.load(row + 4) * SCALAR_FIELDS)
+        _sgd_epilogue(u, param, buf, offsets, mask, scalars_ptr + tl.load(row + ENTRY_SLOT) * SCALAR_FIELDS)
 
 
 def launch_config(device: torch.device) -> str:
@@ -469,69 +494,62 @@ def compile_specs() -> list[dict]:
     specs = []
     for dtype, kind in PARAM_KINDS.items():
         kind_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-        for name, config in CONFIGS.items():
-            precision = "ieee" if name == "ieee" else "tf32"
-            tiles = {k: v for k, v in config.items() if k.startswith("BLOCK")}
-            for vec in (vector_width(dtype), 1):
-                variant = "vector" if vec > 1 else "scalar"
-                for kernel, (fn, fn_args, grafts) in tiled.items():
-                    for graft in grafts:
-                        constexprs = dict(PARAM_KIND=kind, INPUT_PRECISION=precision, VEC=vec, **tiles)
-                        spec_args = fn_args
-                        if graft is not None:
-                            constexprs["GRAFT"] = graft
-                            spec_args = dict(fn_args, **outputs[graft])
-                        specs.append(dict(kernel=kernel,
-                                          config=f"{kind_name},{'graft,' if graft else ''}{name},{variant},"
-                                                 + ",".join(f"{k}={v}" for k, v in tiles.items())
-                                                 + f",w{config['num_warps']},s{config['num_stages']}",
-                                          fn=fn, args=spec_args, constexprs=constexprs,
-                                          num_warps=config["num_warps"], num_stages=config["num_stages"],
-                                          mma=precision == "tf32"))
+        specs += _gemm_specs(dtype, kind, kind_name, tiled, outputs)
+        specs += _elementwise_specs(dtype, kind, kind_name, plain_args, second_pass)
+    return specs
+
+
+def _gemm_specs(dtype: torch.dtype, kind: int, kind_name: str, tiled: dict, outputs: dict) -> list[dict]:
+    """The GEMM kernels' builds for one parameter dtype: every config, variant and GRAFT value."""
+    specs = []
+    for name, config in CONFIGS.items():
+        precision = "ieee" if name == "ieee" else "tf32"
+        tiles = {k: v for k, v in config.items() if k.startswith("BLOCK")}
         for vec in (vector_width(dtype), 1):
             variant = "vector" if vec > 1 else "scalar"
-            specs.append(dict(kernel="plain_update_kernel",
-                              config=f"{kind_name},{variant},BLOCK={PLAIN_BLOCK},w{PLAIN_WARPS}",
-                              fn=plain_update_kernel, args=plain_args,
-                              constexprs=dict(PARAM_KIND=kind, VEC=vec, BLOCK=PLAIN_BLOCK),
-                              num_warps=PLAIN_WARPS, num_stages=1, mma=False))
-            # grafting's second pass: one build per tile shape of the GEMM configs, dense and low-rank tables
-            for block_m, block_n in sorted({(c["BLOCK_M"], c["BLOCK_N"]) for c in CONFIGS.values()}):
-                for table, fields in (("dense", PROBLEM_FIELDS.value), ("low_rank", LOW_RANK_FIELDS.value)):
-                    specs.append(dict(kernel="graft_step_kernel",
-                                      config=f"{kind_name},{table},{variant},BLOCK_M={block_m},BLOCK_N={block_n},"
-                                             f"w{GRAFT_STEP_WARPS}",
-                                      fn=graft_step_kernel,
-                                      args=dict(second_pass, problems_ptr=torch.empty(fields, dtype=torch.int64)),
-                                      constexprs=dict(FIELDS=fields, PARAM_KIND=kind, VEC=vec, BLOCK_M=block_m,
-                                                      BLOCK_N=block_n),
-                                      num_warps=GRAFT_STEP_WARPS, num_stages=1, mma=False))
+            for kernel, (fn, fn_args, grafts) in tiled.items():
+                for graft in grafts:
+                    constexprs = dict(PARAM_KIND=kind, INPUT_PRECISION=precision, VEC=vec, **tiles)
+                    spec_args = fn_args
+                    if graft is not None:
+                        constexprs["GRAFT"] = graft
+                        spec_args = dict(fn_args, **outputs[graft])
+                    specs.append(dict(kernel=kernel,
+                                      config=f"{kind_name},{'graft,' if graft else ''}{name},{variant},"
+                                             + ",".join(f"{k}={v}" for k, v in tiles.items())
+                                             + f",w{config['num_warps']},s{config['num_stages']}",
+                                      fn=fn, args=spec_args, constexprs=constexprs,
+                                      num_warps=config["num_warps"], num_stages=config["num_stages"],
+                                      mma=precision == "tf32"))
+    return specs
+
+
+def _elementwise_specs(dtype: torch.dtype, kind: int, kind_name: str, plain_args: dict, second_pass: dict
+                       ) -> list[dict]:
+    """The elementwise kernels' builds for one parameter dtype: the plain update, grafting's second pass."""
+    specs = []
+    for vec in (vector_width(dtype), 1):
+        variant = "vector" if vec > 1 else "scalar"
+        specs.append(dict(kernel="plain_update_kernel",
+                          config=f"{kind_name},{variant},BLOCK={PLAIN_BLOCK},w{PLAIN_WARPS}",
+                          fn=plain_update_kernel, args=plain_args,
+                          constexprs=dict(PARAM_KIND=kind, VEC=vec, BLOCK=PLAIN_BLOCK),
+                          num_warps=PLAIN_WARPS, num_stages=1, mma=False))
+        # grafting's second pass: one build per tile shape of the GEMM configs, dense and low-rank tables
+        for block_m, block_n in sorted({(c["BLOCK_M"], c["BLOCK_N"]) for c in CONFIGS.values()}):
+            for table, fields in (("dense", PROBLEM_FIELDS.value), ("low_rank", LOW_RANK_FIELDS.value)):
+                specs.append(dict(kernel="graft_step_kernel",
+                                  config=f"{kind_name},{table},{variant},BLOCK_M={block_m},BLOCK_N={block_n},"
+                                         f"w{GRAFT_STEP_WARPS}",
+                                  fn=graft_step_kernel,
+                                  args=dict(second_pass, problems_ptr=torch.empty(fields, dtype=torch.int64)),
+                                  constexprs=dict(FIELDS=fields, PARAM_KIND=kind, VEC=vec, BLOCK_M=block_m,
+                                                  BLOCK_N=block_n),
+                                  num_warps=GRAFT_STEP_WARPS, num_stages=1, mma=False))
     return specs
 
 
 # ---- host side --------------------------------------------------------------------------------
-
-# (device, dtype, table name) -> (host key, device tensor). The key holds every address, shape,
-# stride and scalar the table encodes, so a hit is exactly a table that is still valid.
-_TABLES: dict[tuple, tuple[tuple, torch.Tensor]] = {}
-_CONSTANTS: dict[tuple, torch.Tensor] = {}
-
-
-def _constant(value: float, device: torch.device) -> torch.Tensor:
-    """A cached fp32 scalar on `device`: the grad scale 1 and found_inf 0 without a GradScaler."""
-    if (value, device) not in _CONSTANTS:
-        _CONSTANTS[(value, device)] = torch.full((), value, dtype=torch.float32, device=device)
-    return _CONSTANTS[(value, device)]
-
-
-def _device_table(name: tuple, key: tuple, build) -> torch.Tensor:
-    cached = _TABLES.get(name)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    table = to_device(build(), name[0])
-    _TABLES[name] = (key, table)
-    return table
-
 
 def offsets_fit_int32(rows: int, dim_p: int, row_stride: int, precond_row: int, config: dict) -> bool:
     """Whether every 32-bit offset the kernel forms for one problem fits in int32, the masked rows and
@@ -580,68 +598,112 @@ def _precond_vector_cols(precond: torch.Tensor) -> int | None:
     return cols if last * 4 <= precond.untyped_storage().nbytes() else None
 
 
-# id(P) -> (weak reference to P, its version, (C, K), the permuted copy): at most one copy per new P.
-_PERMUTED: dict[int, tuple] = {}
-
-
-def _memory_order_precond(precond: torch.Tensor, channels: int, kernel: int, columns: bool = True) -> torch.Tensor:
+def _memory_order_precond(precond: torch.Tensor, channels: int, kernel: int, plans: Plans,
+                          columns: bool = True) -> torch.Tensor:
     """Π P Πᵀ per group for a channels-last weight of C = `channels` input channels per group and K =
     `kernel` offsets: rows and, where `columns` (a dense P; not a low-rank Q), columns in memory order
     k·C + c (the bias stays last), in a new 16-byte-aligned tensor whose rows are padded to a multiple
-    of 4. Made once per P and version."""
-    key = id(precond)
-    cached = _PERMUTED.get(key)
-    if cached is not None:
-        reference_to, version, shape, permuted = cached
-        if reference_to() is precond and version == precond._version and shape == (channels, kernel):
-            return permuted
-    groups, dim_p, width = precond.shape
-    order = torch.arange(channels * kernel, device=precond.device).view(channels, kernel).t().reshape(-1)
-    order = torch.cat([order, torch.arange(channels * kernel, dim_p, device=precond.device)])
-    padded = torch.empty(groups, dim_p, math.ceil(width / 4) * 4, dtype=precond.dtype, device=precond.device)
-    permuted = padded[..., :width]
-    rows = precond.index_select(1, order)
-    permuted.copy_(rows.index_select(2, order) if columns else rows)
-    # The entry dies with P (its id may be reused later): the weak reference's callback drops it.
-    _PERMUTED[key] = (weakref.ref(precond, lambda _: _PERMUTED.pop(key, None)), precond._version,
-                      (channels, kernel), permuted)
-    return permuted
+    of 4. Made once per P and version (`plans.derived`: dropped with its P)."""
+    def build() -> torch.Tensor:
+        groups, dim_p, width = precond.shape
+        order = torch.arange(channels * kernel, device=precond.device).view(channels, kernel).t().reshape(-1)
+        order = torch.cat([order, torch.arange(channels * kernel, dim_p, device=precond.device)])
+        padded = torch.empty(groups, dim_p, math.ceil(width / 4) * 4, dtype=precond.dtype, device=precond.device)
+        permuted = padded[..., :width]
+        rows = precond.index_select(1, order)
+        return permuted.copy_(rows.index_select(2, order) if columns else rows)
+
+    return plans.derived("permuted", precond, (channels, kernel, columns), build)
 
 
 def _scalars(group: dict, first: bool) -> tuple[float, ...]:
+    """A parameter's row of the scalar table (SCALAR_COLUMNS)."""
     lr, momentum = group["lr"], group["momentum"]
-    return (lr, 1 - lr * group["weight_decay"], momentum, 1 - group["dampening"], float(group["nesterov"]),
-            float(first), float(momentum != 0), 0.0)
+    row = dict(lr=lr, decay=1 - lr * group["weight_decay"], momentum=momentum, undamped=1 - group["dampening"],
+               nesterov=float(group["nesterov"]), first=float(first), use_momentum=float(momentum != 0), unused=0.0)
+    return tuple(row[c] for c in SCALAR_COLUMNS)
 
 
-def _fused_problems(block, slot: int, buffers: list, scalar_rows: list, keep_alive: list,
-                    workspace: list[int], grafting: _Grafting | None = None,
-                    graft_row: int | None = None) -> tuple[list[tuple], int] | None:
-    """The problem rows of one preconditioned block (dense P: PROBLEM_COLUMNS; low rank (Q, s):
-    LOW_RANK_COLUMNS, whose slices of Y are taken from `workspace`, [elements taken so far]) and their
-    VEC (1: the scalar variant), or None if the block needs the reference path. Grafted (`grafting`
-    given): row `graft_row` of its scales, its U in `grafting`'s update workspace."""
+@dataclass
+class _Launches:
+    """What one call launches for the parameters of one device and dtype: problem rows by VEC (dense P,
+    low rank, parameters without a preconditioner), their scalar rows, and the low-rank Y's workspace
+    elements taken so far."""
+    dense: dict = field(default_factory=dict)
+    low_rank: dict = field(default_factory=dict)
+    plain: dict = field(default_factory=dict)
+    scalar_rows: list = field(default_factory=list)
+    projection: int = 0
+
+    def scalar_slot(self, group: dict, first: bool) -> int:
+        self.scalar_rows.append(_scalars(group, first))
+        return len(self.scalar_rows) - 1
+
+
+@dataclass
+class _Call:
+    """One `preconditioned_update_` call: its plans, arguments, the momentum buffers (created as the blocks
+    are laid out), grafting's state and the copies that must outlive the launches."""
+    plans: Plans
+    damping: float
+    buffers: list
+    grad_scale: torch.Tensor | None
+    found_inf: torch.Tensor | None
+    grafting: _Grafting | None
+    keep_alive: list = field(default_factory=list)
+
+    def buffer(self, slot: int, param: torch.Tensor, group: dict, **layout) -> tuple[torch.Tensor | None, bool]:
+        """The momentum buffer of the parameter at `slot` (made now, fp32, on its first step with momentum)
+        and whether this step makes it."""
+        buf = self.buffers[slot]
+        if group["momentum"] == 0 or buf is not None:
+            return buf, False
+        self.buffers[slot] = torch.empty_like(param, dtype=torch.float32, **layout)
+        return self.buffers[slot], True
+
+
+@dataclass
+class _Operands:
+    """A preconditioned block as the GEMM kernels read it: [rows, D] views of the weight and of Ĝ (KFAC's
+    left-transformed gradient where it has one), the bias and its gradient, the right factor (P [G, D', D'],
+    or Q [G, D', r] with s [G, r]) and the layout they share."""
+    weight: torch.Tensor
+    grad_w: torch.Tensor
+    bias: torch.Tensor | None
+    grad_b: torch.Tensor | None
+    factor: torch.Tensor
+    eigvals: torch.Tensor | None
+    weight_view: torch.Tensor
+    grad_view: torch.Tensor
+    channels_last: bool
+    rows: int  # per group
+    dim: int
+    width: int  # of the factor: D' (P) or r (Q)
+
+    @property
+    def dim_p(self) -> int:
+        return self.dim + (self.bias is not None)
+
+
+def _fused_operands(block) -> _Operands | None:
+    """The block's operands, or None where the kernels cannot take it (dtypes, shapes, layouts)."""
     weight = block.params[0]
     bias = block.params[1] if len(block.params) == 2 else None
-    grad_w = weight.grad
-    grad_b = None if bias is None else bias.grad
-    groups = block.groups
-    out_rows = weight.shape[0]
+    grad_w, grad_b = weight.grad, None if bias is None else bias.grad
+    groups, out_rows = block.groups, weight.shape[0]
     if weight.dtype not in PARAM_KINDS or grad_w.dtype != weight.dtype or out_rows % groups:
         return None
-    transformed = block.grad  # KFAC's [groups, rows, D'] fp32 gradient, in DESIGN order
+    transformed = block.left_transformed_grad  # KFAC's [groups, rows, D'] fp32 gradient, in DESIGN order
     if transformed is not None and (weight.dtype != torch.float32 or (bias is not None and grad_b is None)
                                     or not transformed.is_contiguous()):
         return None  # the kernel reads Ĝ in the parameter's dtype; the bias column is read with the bias
     if bias is not None and (bias.dtype != weight.dtype or (grad_b is not None and grad_b.dtype != weight.dtype)):
         return None
-    rows, dim = out_rows // groups, weight[0].numel()
-    dim_p = dim + (bias is not None)
+    dim = weight[0].numel()
     low_rank = block.eigvecs is not None
-    # the right factor: P [groups, D', D'], or Q [groups, D', r] with s [groups, r]
     factor, eigvals = (block.eigvecs, block.eigvals) if low_rank else (block.precond, None)
-    width = eigvals.shape[-1] if low_rank else dim_p
-    if factor.dtype != torch.float32 or tuple(factor.shape) != (groups, dim_p, width):
+    width = eigvals.shape[-1] if low_rank else dim + (bias is not None)
+    if factor.dtype != torch.float32 or tuple(factor.shape) != (groups, dim + (bias is not None), width):
         return None
     if low_rank and (eigvals.dtype != torch.float32 or tuple(eigvals.shape) != (groups, width)
                      or eigvals.stride(1) != 1):
@@ -654,76 +716,97 @@ def _fused_problems(block, slot: int, buffers: list, scalar_rows: list, keep_ali
         if channels_last:
             return None
         grad_view = transformed.view(out_rows, dim + (bias is not None))
-        grad_w = grad_view[:, :dim]
-        grad_b = None if bias is None else grad_view[:, dim]
-    if not _same_strides(weight, buffers[slot]) or (bias is not None and not _same_strides(bias, buffers[slot + 1])):
+        grad_w, grad_b = grad_view[:, :dim], None if bias is None else grad_view[:, dim]
+    return _Operands(weight, grad_w, bias, grad_b, factor, eigvals, weight_view, grad_view, channels_last,
+                     out_rows // groups, dim, width)
+
+
+def _fused_problems(block, slot: int, launch: _Launches, call: _Call, graft_row: int | None = None
+                    ) -> tuple[list[tuple], int] | None:
+    """The problem rows of one preconditioned block (dense P: PROBLEM_COLUMNS; low rank (Q, s):
+    LOW_RANK_COLUMNS, whose slices of Y are taken from the launch's workspace) and their VEC (1: the scalar
+    variant), or None if the block needs the reference path. Grafted: row `graft_row` of its scales, its U
+    in the call's update workspace."""
+    ops = _fused_operands(block)
+    if ops is None or not _same_strides(ops.weight, call.buffers[slot]) or \
+            (ops.bias is not None and not _same_strides(ops.bias, call.buffers[slot + 1])):
         return None
-    if channels_last:
-        factor = _memory_order_precond(factor, weight.shape[1], dim // weight.shape[1], columns=not low_rank)
-    elif factor.stride(2) != 1:  # a copy each step (damped_inverse returns row-major P), alive until the launch
-        factor = factor.contiguous()
-        keep_alive.append(factor)
-    w_row, g_row = weight_view.stride(0), grad_view.stride(0)
-    strides = [w_row, g_row] + [t.stride(0) for t in (bias, grad_b) if t is not None]
-    if grafting is not None:
-        strides.append(reference.padded_row(dim_p))  # U's rows in the update workspace
-    if not offsets_fit_int32(rows, dim_p, max(strides), factor.stride(1), CONFIGS[launch_config(weight.device)]):
+    if ops.channels_last:
+        ops.factor = _memory_order_precond(ops.factor, ops.weight.shape[1], ops.dim // ops.weight.shape[1],
+                                           call.plans, columns=ops.eigvals is None)
+    elif ops.factor.stride(2) != 1:  # a copy each step (damped_inverse returns row-major P), alive until the launch
+        ops.factor = ops.factor.contiguous()
+        call.keep_alive.append(ops.factor)
+    strides = [ops.weight_view.stride(0), ops.grad_view.stride(0)] + \
+        [t.stride(0) for t in (ops.bias, ops.grad_b) if t is not None]
+    if call.grafting is not None:
+        strides.append(linalg.padded_row(ops.dim_p))  # U's rows in the update workspace
+    if not offsets_fit_int32(ops.rows, ops.dim_p, max(strides), ops.factor.stride(1),
+                             CONFIGS[launch_config(ops.weight.device)]):
         return None
+    buf_w, first_w = call.buffer(slot, ops.weight, block.options[0])
+    slots = [launch.scalar_slot(block.options[0], first_w), 0]
+    buf_b = None
+    if ops.grad_b is not None:
+        buf_b, first_b = call.buffer(slot + 1, ops.bias, block.options[1])
+        slots[1] = launch.scalar_slot(block.options[1], first_b)
+    vec, factor_cols = _vector_variant(ops, buf_w)
+    problems = _problem_rows(ops, buf_w, buf_b, slots, factor_cols, launch, call.grafting, graft_row)
+    if call.grafting is not None:
+        call.grafting.fused(graft_row, block, problems, launch_config(ops.weight.device))
+    return problems, vec
 
-    def ensure_buffer(i: int, param: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
-        buf, group = buffers[slot + i], block.options[i]
-        if group["momentum"] == 0 or buf is not None:
-            return buf, False
-        buffers[slot + i] = torch.empty_like(param, dtype=torch.float32)
-        return buffers[slot + i], True
 
-    buf_w, first_w = ensure_buffer(0, weight)
-    slot_w = len(scalar_rows)
-    scalar_rows.append(_scalars(block.options[0], first_w))
-    slot_b, buf_b = 0, None
-    if grad_b is not None:
-        buf_b, first_b = ensure_buffer(1, bias)
-        slot_b = len(scalar_rows)
-        scalar_rows.append(_scalars(block.options[1], first_b))
-
-    vec = vector_width(weight.dtype)
-    if low_rank:  # precond_cols is r in both variants
+def _vector_variant(ops: _Operands, buf_w: torch.Tensor | None) -> tuple[int, int]:
+    """(VEC, the factor's readable columns) of a block: the vector variant where every address, row stride
+    and D allows it (module docstring), else (1, its width)."""
+    vec = vector_width(ops.weight.dtype)
+    factor, width = ops.factor, ops.width
+    if ops.eigvals is not None:  # precond_cols is r in both variants
         factor_cols = width
-        vector_factor = (_aligned(factor, eigvals) and width % 4 == 0 and eigvals.stride(0) % 4 == 0
+        vector_factor = (_aligned(factor, ops.eigvals) and width % 4 == 0 and ops.eigvals.stride(0) % 4 == 0
                          and factor.stride(0) % 4 == 0 and factor.stride(1) % 4 == 0)
     else:
         factor_cols = _precond_vector_cols(factor)
         vector_factor = factor_cols is not None
-    if not vector_factor or not _aligned(weight, grad_w, buf_w) or any(n % vec for n in (dim, w_row, g_row)):
-        vec, factor_cols = 1, width
-    size = weight.element_size()
+    rows = (ops.dim, ops.weight_view.stride(0), ops.grad_view.stride(0))
+    if not vector_factor or not _aligned(ops.weight, ops.grad_w, buf_w) or any(n % vec for n in rows):
+        return 1, width
+    return vec, factor_cols
+
+
+def _problem_rows(ops: _Operands, buf_w: torch.Tensor | None, buf_b: torch.Tensor | None, slots: list[int],
+                  factor_cols: int, launch: _Launches, grafting: _Grafting | None, graft_row: int | None
+                  ) -> list[tuple]:
+    """One problem row per group of a fused block (its columns by name, laid out by the table's columns)."""
+    size, factor, eigvals, rows = ops.weight.element_size(), ops.factor, ops.eigvals, ops.rows
+    w_row, g_row = ops.weight_view.stride(0), ops.grad_view.stride(0)
+    grad_b, bias = ops.grad_b, ops.bias
     problems = []
-    for g in range(groups):
+    for g in range(factor.shape[0]):
         r0 = g * rows
         columns = dict(
-            grad_w=grad_w.data_ptr() + r0 * g_row * size, precond=factor.data_ptr() + g * factor.stride(0) * 4,
-            weight=weight.data_ptr() + r0 * w_row * size, buf_w=0 if buf_w is None else buf_w.data_ptr() + r0 * w_row * 4,
-            rows=rows, dim=dim, grad_w_row=g_row, weight_row=w_row, precond_row=factor.stride(1),
-            precond_cols=factor_cols, slot_w=slot_w,
-            grad_b=0 if grad_b is None else grad_b.data_ptr() + r0 * grad_b.stride(0) * size,
-            grad_b_stride=0 if grad_b is None else grad_b.stride(0), slot_b=slot_b,
+            grad_w=ops.grad_w.data_ptr() + r0 * g_row * size, precond=factor.data_ptr() + g * factor.stride(0) * 4,
+            weight=ops.weight.data_ptr() + r0 * w_row * size,
+            buf_w=0 if buf_w is None else buf_w.data_ptr() + r0 * w_row * 4, rows=rows, dim=ops.dim,
+            grad_w_row=g_row, weight_row=w_row, precond_row=factor.stride(1), precond_cols=factor_cols,
+            slot_w=slots[0], grad_b=0 if grad_b is None else grad_b.data_ptr() + r0 * grad_b.stride(0) * size,
+            grad_b_stride=0 if grad_b is None else grad_b.stride(0), slot_b=slots[1],
             bias=0 if bias is None else bias.data_ptr() + r0 * bias.stride(0) * size,
             bias_stride=0 if bias is None else bias.stride(0),
-            buf_b=0 if buf_b is None else buf_b.data_ptr() + r0 * buf_b.stride(0) * 4, dim_p=dim_p)
-        columns.update(update=0, update_row=0, graft_row=0, pad=0)
+            buf_b=0 if buf_b is None else buf_b.data_ptr() + r0 * buf_b.stride(0) * 4, dim_p=ops.dim_p,
+            update=0, update_row=0, graft_row=0, pad=0)
         if grafting is not None:
-            update_row = reference.padded_row(dim_p)
+            update_row = linalg.padded_row(ops.dim_p)
             columns.update(update=grafting.elements, update_row=update_row, graft_row=graft_row)
             grafting.elements += rows * update_row
-        if low_rank:
-            y_row = reference.padded_row(width)
-            columns.update(eigvals=eigvals.data_ptr() + g * eigvals.stride(0) * 4, projection=workspace[0],
+        if eigvals is not None:
+            y_row = linalg.padded_row(ops.width)
+            columns.update(eigvals=eigvals.data_ptr() + g * eigvals.stride(0) * 4, projection=launch.projection,
                            projection_row=y_row, unused=0)
-            workspace[0] += rows * y_row
-        problems.append(tuple(columns[c] for c in (LOW_RANK_COLUMNS if low_rank else PROBLEM_COLUMNS)))
-    if grafting is not None:
-        grafting.fused(graft_row, block, problems, launch_config(weight.device))
-    return problems, vec
+            launch.projection += rows * y_row
+        problems.append(tuple(columns[c] for c in (PROBLEM_COLUMNS if eigvals is None else LOW_RANK_COLUMNS)))
+    return problems
 
 
 def _tile_schedule(problems: list[tuple], block_m: int, block_n: int, columns: str = "dim_p",
@@ -752,17 +835,21 @@ def _graft_arguments(grafting: _Grafting | None, scalars: torch.Tensor) -> dict:
     return dict(updates_ptr=grafting.updates, partials_ptr=grafting.partials, GRAFT=True)
 
 
-def _launch_grouped(device: torch.device, dtype: torch.dtype, variants: dict[int, list[tuple]], scalars: torch.Tensor,
-                    grad_scale: torch.Tensor, found_inf: torch.Tensor, grafting: _Grafting | None = None) -> None:
+def _problem_tables(plans: Plans, name: tuple, problems: list[tuple], device: torch.device) -> torch.Tensor:
+    return plans.table(name, tuple(problems), lambda: torch.tensor(problems, dtype=torch.int64), device)
+
+
+def _launch_grouped(device: torch.device, dtype: torch.dtype, launch: _Launches, scalars: torch.Tensor,
+                    grad_scale: torch.Tensor, found_inf: torch.Tensor, call: _Call) -> None:
     """One launch per variant (VEC) of this device and dtype (grafted: the first pass)."""
     config = CONFIGS[launch_config(device)]
+    grafting = call.grafting
     most = 0 if grafting is None else grafting.most
-    for vec, problems in variants.items():
-        key = tuple(problems)
-        problem_table = _device_table((device, dtype, "problems", vec), key,
-                                      lambda: torch.tensor(problems, dtype=torch.int64))
-        tiles = _device_table((device, dtype, "tiles", vec), (config["BLOCK_M"], config["BLOCK_N"], most) + key,
-                              lambda: _tile_schedule(problems, config["BLOCK_M"], config["BLOCK_N"], most=most))
+    for vec, problems in launch.dense.items():
+        problem_table = _problem_tables(call.plans, (device, dtype, "problems", vec), problems, device)
+        tiles = call.plans.table((device, dtype, "tiles", vec), (config["BLOCK_M"], config["BLOCK_N"], most) +
+                                 tuple(problems), lambda: _tile_schedule(problems, config["BLOCK_M"],
+                                                                         config["BLOCK_N"], most=most), device)
         grouped_update_kernel[(tiles.shape[0],)](
             problem_table, tiles, scalars, grad_scale, found_inf, PARAM_KIND=PARAM_KINDS[dtype],
             INPUT_PRECISION=DOT_PRECISION, VEC=vec, **_graft_arguments(grafting, scalars), **config)
@@ -771,58 +858,42 @@ def _launch_grouped(device: torch.device, dtype: torch.dtype, variants: dict[int
                                          found_inf))
 
 
-# (device, dtype) -> the fp32 workspace of the low-rank launches' Y; (device, "updates") -> grafting's U of
-# the fused blocks of every dtype. Each grown as needed (offsets live in the problem tables, the base is a
-# kernel argument: a grown workspace leaves the tables valid).
-_WORKSPACES: dict[tuple, torch.Tensor] = {}
-
-
-def _workspace(key: tuple, device: torch.device, elements: int) -> torch.Tensor:
-    workspace = _WORKSPACES.get(key)
-    if workspace is None or workspace.numel() < elements:
-        workspace = _WORKSPACES[key] = torch.empty(elements, dtype=torch.float32, device=device)
-    return workspace
-
-
-def _launch_low_rank(device: torch.device, dtype: torch.dtype, variants: dict[int, list[tuple]],
-                     scalars: torch.Tensor, grad_scale: torch.Tensor, found_inf: torch.Tensor, damping: float,
-                     workspace_elements: int, grafting: _Grafting | None = None) -> None:
+def _launch_low_rank(device: torch.device, dtype: torch.dtype, launch: _Launches, scalars: torch.Tensor,
+                     grad_scale: torch.Tensor, found_inf: torch.Tensor, call: _Call) -> None:
     """Two launches per variant (VEC) of this device and dtype: Y = (Ĝ·Q)·diag(s/(s+λ)) for every
     low-rank problem, then U = (Ĝ − Y·Qᵀ)/λ with the SGD epilogue (grafted: grafting's first pass)."""
-    if not variants:
+    if not launch.low_rank:
         return
     config = CONFIGS[launch_config(device)]
     tiles = (config["BLOCK_M"], config["BLOCK_N"])
+    grafting, damping = call.grafting, float(call.damping)
     most = 0 if grafting is None else grafting.most
-    workspace = _workspace((device, dtype), device, workspace_elements)
-    for vec, problems in variants.items():
+    # the fp32 workspace of Y, grown as needed (offsets live in the problem tables, the base is an argument)
+    workspace = call.plans.workspace((device, dtype, "projection"), device, launch.projection)
+    for vec, problems in launch.low_rank.items():
         key = tuple(problems)
-        table = _device_table((device, dtype, "low_rank_problems", vec), key,
-                              lambda: torch.tensor(problems, dtype=torch.int64))
-        project = _device_table((device, dtype, "low_rank_project_tiles", vec), tiles + key,
-                                lambda: _tile_schedule(problems, *tiles, columns="precond_cols"))
-        steps = _device_table((device, dtype, "low_rank_update_tiles", vec), tiles + (most,) + key,
-                              lambda: _tile_schedule(problems, *tiles, most=most))
+        table = _problem_tables(call.plans, (device, dtype, "low_rank_problems", vec), problems, device)
+        project = call.plans.table((device, dtype, "low_rank_project_tiles", vec), tiles + key,
+                                   lambda: _tile_schedule(problems, *tiles, columns="precond_cols"), device)
+        steps = call.plans.table((device, dtype, "low_rank_update_tiles", vec), tiles + (most,) + key,
+                                 lambda: _tile_schedule(problems, *tiles, most=most), device)
         knobs = dict(PARAM_KIND=PARAM_KINDS[dtype], INPUT_PRECISION=DOT_PRECISION, VEC=vec, **config)
-        low_rank_project_kernel[(project.shape[0],)](table, project, workspace, float(damping), **knobs)
+        low_rank_project_kernel[(project.shape[0],)](table, project, workspace, damping, **knobs)
         low_rank_update_kernel[(steps.shape[0],)](table, steps, workspace, scalars, grad_scale, found_inf,
-                                                   float(damping), **_graft_arguments(grafting, scalars), **knobs)
+                                                   damping, **_graft_arguments(grafting, scalars), **knobs)
         if grafting is not None:
             grafting.second_pass.append((table, steps, LOW_RANK_FIELDS.value, dtype, vec, config, scalars, found_inf))
 
 
-def _plain_entry(p: torch.Tensor, slot: int, buffers: list, scalar_rows: list, group: dict) -> tuple[tuple, int]:
+def _plain_entry(p: torch.Tensor, slot: int, group: dict, launch: _Launches, call: _Call) -> tuple[tuple, int]:
     """The entry row of a parameter without a preconditioner, and its VEC (1: the scalar variant)."""
-    buf, first = buffers[slot], False
-    if group["momentum"] != 0 and buf is None:
-        buf = buffers[slot] = torch.empty_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-        first = True
-    scalar_rows.append(_scalars(group, first))
+    buf, first = call.buffer(slot, p, group, memory_format=torch.contiguous_format)
+    scalar_slot = launch.scalar_slot(group, first)
     vec = vector_width(p.dtype)
     if not _aligned(p, p.grad, buf) or p.numel() % vec:
         vec = 1
     row = dict(grad=p.grad.data_ptr(), param=p.data_ptr(), buf=0 if buf is None else buf.data_ptr(),
-               numel=p.numel(), slot=len(scalar_rows) - 1, unused=0)
+               numel=p.numel(), slot=scalar_slot, unused=0)
     return tuple(row[c] for c in ENTRY_COLUMNS), vec
 
 
@@ -831,85 +902,93 @@ def _plain_ready(p: torch.Tensor, buf: torch.Tensor | None) -> bool:
             and (buf is None or buf.is_contiguous()) and p.numel() < 2 ** 31)
 
 
-def _launch_plain(device: torch.device, dtype: torch.dtype, variants: dict[int, list[tuple]], scalars: torch.Tensor,
-                  grad_scale: torch.Tensor, found_inf: torch.Tensor, damping: float) -> None:
-    for vec, entries in variants.items():
-        key = tuple(entries)
-        entry_table = _device_table((device, dtype, "entries", vec), key, lambda: torch.tensor(entries, dtype=torch.int64))
-        tiles = _device_table((device, dtype, "plain_tiles", vec), key, lambda: torch.tensor(
-            [(i, b) for i, row in enumerate(entries) for b in range(triton.cdiv(row[3], PLAIN_BLOCK))],
-            dtype=torch.int64).reshape(-1, 2))
-        plain_update_kernel[(tiles.shape[0],)](entry_table, tiles, scalars, grad_scale, found_inf, float(damping),
+def _launch_plain(device: torch.device, dtype: torch.dtype, launch: _Launches, scalars: torch.Tensor,
+                  grad_scale: torch.Tensor, found_inf: torch.Tensor, call: _Call) -> None:
+    damping = float(call.damping if call.grafting is None else 1.0)  # grafted calls step them with U = G
+    numel = ENTRY_COLUMNS.index("numel")
+    for vec, entries in launch.plain.items():
+        entry_table = _problem_tables(call.plans, (device, dtype, "entries", vec), entries, device)
+        tiles = call.plans.table((device, dtype, "plain_tiles", vec), tuple(entries), lambda: torch.tensor(
+            [(i, b) for i, row in enumerate(entries) for b in range(triton.cdiv(row[numel], PLAIN_BLOCK))],
+            dtype=torch.int64).reshape(-1, 2), device)
+        plain_update_kernel[(tiles.shape[0],)](entry_table, tiles, scalars, grad_scale, found_inf, damping,
                                                PARAM_KIND=PARAM_KINDS[dtype], VEC=vec, BLOCK=PLAIN_BLOCK,
                                                num_warps=PLAIN_WARPS, num_stages=1)
 
 
 def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | None], *, damping: float,
                            graft: str | None = None, grad_scale: torch.Tensor | None = None,
-                           found_inf: torch.Tensor | None = None, reduce_norms=None) -> None:
+                           found_inf: torch.Tensor | None = None, reduce_norms=None, plans: Plans | None = None
+                           ) -> None:
     """DESIGN §1.4 for all blocks: U = Ĝ·P (low rank: (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ; G/λ without
     either), grafted where `graft="sgd"` (two passes, module docstring), then each parameter's SGD epilogue.
 
     Same contract as `fastfoof.reference.preconditioned_update_`: with found_inf ≠ 0 (a device
     scalar; GradScaler's non-finite gradients) nothing is written, decided on the device; `reduce_norms`
-    is called once with the grafted blocks' [‖Ĝ‖², ‖U‖²] (`reference.grafted_updates`).
+    is called once with the grafted blocks' [‖Ĝ‖², ‖U‖²] (`reference.grafted_updates`). `plans`: the
+    caller's kernel plans (tables, workspaces), kept between its calls; None builds them for this call.
     """
     if graft not in reference.GRAFTS:
         raise ValueError(f"graft: expected one of {reference.GRAFTS}, got {graft!r}")
     if not blocks:
         return
-    grafting = None if graft is None else _Grafting(blocks[0].params[0])
-    plain_damping = damping if grafting is None else 1.0  # grafted calls step the others with U = G
-    # (device, dtype) -> ({VEC: dense problems}, {VEC: low-rank problems}, {VEC: plain entries}, scalar rows,
-    # [workspace elements the low-rank problems take])
-    launches: dict[tuple, tuple[dict, dict, dict, list, list]] = {}
-    keep_alive, slot = [], 0
+    plans = Plans() if plans is None else plans
+    grafting = None if graft is None else _Grafting(blocks[0].params[0], plans)
+    call = _Call(plans, damping, momentum_buffers, grad_scale, found_inf, grafting)
+    launches: dict[tuple, _Launches] = {}  # (device, dtype) -> its launches
+    slot = 0
     for block in blocks:
         first = block.params[0]
-        variants, low_rank, plain, scalar_rows, workspace = launches.setdefault((first.device, first.dtype),
-                                                                                ({}, {}, {}, [], [0]))
-        if block.precond is None and block.eigvecs is None:
-            if first.grad is not None:
-                if _plain_ready(first, momentum_buffers[slot]):
-                    entry, vec = _plain_entry(first, slot, momentum_buffers, scalar_rows, block.options[0])
-                    plain.setdefault(vec, []).append(entry)
-                else:
-                    _reference_block(block, slot, momentum_buffers, plain_damping, grad_scale, found_inf)
-        elif first.grad is not None:
-            row = None if grafting is None else grafting.add(block)
-            fused = _fused_problems(block, slot, momentum_buffers, scalar_rows, keep_alive, workspace, grafting, row)
-            if fused is None:
-                _reference_block(block, slot, momentum_buffers, damping, grad_scale, found_inf, grafting, row)
-            else:
-                (variants if block.eigvecs is None else low_rank).setdefault(fused[1], []).extend(fused[0])
+        _lay_out(block, slot, launches.setdefault((first.device, first.dtype), _Launches()), call)
         slot += len(block.params)
     if grafting is not None:
         grafting.allocate()
-    for (device, dtype), (variants, low_rank, plain, scalar_rows, workspace) in launches.items():
-        if not scalar_rows:
+    for (device, dtype), launch in launches.items():
+        if not launch.scalar_rows:
             continue
-        scalars = _device_table((device, dtype, "scalars"), tuple(scalar_rows),
-                                lambda: torch.tensor(scalar_rows, dtype=torch.float32))
-        scale = _constant(1.0, device) if grad_scale is None else grad_scale.to(torch.float32)
-        skip = _constant(0.0, device) if found_inf is None else found_inf.to(torch.float32)
-        _launch_grouped(device, dtype, variants, scalars, scale, skip, grafting)
-        _launch_low_rank(device, dtype, low_rank, scalars, scale, skip, damping, workspace[0], grafting)
-        _launch_plain(device, dtype, plain, scalars, scale, skip, plain_damping)
+        scalars = plans.table((device, dtype, "scalars"), tuple(launch.scalar_rows),
+                              lambda: torch.tensor(launch.scalar_rows, dtype=torch.float32), device)
+        scale = plans.constant(1.0, device) if grad_scale is None else grad_scale.to(torch.float32)
+        skip = plans.constant(0.0, device) if found_inf is None else found_inf.to(torch.float32)
+        for run in (_launch_grouped, _launch_low_rank, _launch_plain):
+            run(device, dtype, launch, scalars, scale, skip, call)
     if grafting is not None:
         grafting.finish(momentum_buffers, grad_scale, found_inf, reduce_norms, damping)
 
 
-def _reference_block(block, slot: int, buffers: list, damping: float, grad_scale: torch.Tensor | None,
-                     found_inf: torch.Tensor | None, grafting: _Grafting | None = None,
-                     graft_row: int | None = None) -> None:
-    """The reference update of a block the kernels cannot take. Grafted (`grafting` given): its U now,
-    its norms with the others' and its step once the scales are known (`_Grafting.finish`)."""
-    if grafting is not None:
-        grafting.defer(graft_row, block, slot, reference.block_updates(block, damping))
+def _lay_out(block, slot: int, launch: _Launches, call: _Call) -> None:
+    """A block's rows in its device and dtype's launches, or its reference update (`reference_block`)."""
+    first = block.params[0]
+    if first.grad is None:
         return
-    own = buffers[slot:slot + len(block.params)]
-    reference.preconditioned_update_([block], own, damping=damping, grad_scale=grad_scale, found_inf=found_inf)
-    buffers[slot:slot + len(own)] = own
+    if block.precond is None and block.eigvecs is None:
+        if _plain_ready(first, call.buffers[slot]):
+            entry, vec = _plain_entry(first, slot, block.options[0], launch, call)
+            launch.plain.setdefault(vec, []).append(entry)
+        else:
+            reference_block(block, slot, call, damping=call.damping if call.grafting is None else 1.0)
+        return
+    row = None if call.grafting is None else call.grafting.add(block)
+    fused = _fused_problems(block, slot, launch, call, row)
+    if fused is None:
+        reference_block(block, slot, call, graft_row=row)
+    else:
+        (launch.dense if block.eigvecs is None else launch.low_rank).setdefault(fused[1], []).extend(fused[0])
+
+
+def reference_block(block, slot: int, call: _Call, *, damping: float | None = None,
+                    graft_row: int | None = None) -> None:
+    """Where a block goes that the kernels cannot take: the reference update (`damping` for a block without
+    a preconditioner: λ, or 1 when grafting). Grafted (`graft_row` given): its U now, its norms with the
+    others' and its step once the scales are known (`_Grafting.finish`)."""
+    damping = call.damping if damping is None else damping
+    if graft_row is not None:
+        call.grafting.defer(graft_row, block, slot, reference.block_updates(block, damping))
+        return
+    own = call.buffers[slot:slot + len(block.params)]
+    reference.preconditioned_update_([block], own, damping=damping, grad_scale=call.grad_scale,
+                                     found_inf=call.found_inf)
+    call.buffers[slot:slot + len(own)] = own
 
 
 class _Grafting:
@@ -925,8 +1004,9 @@ class _Grafting:
     of `reference.graft_scales` (after `reduce_norms`), the second pass (`graft_step_kernel`: U read
     back, times scale / grad_scale, the SGD epilogue), and the reference blocks' steps."""
 
-    def __init__(self, first: torch.Tensor):
+    def __init__(self, first: torch.Tensor, plans: Plans):
         self.first = first  # the call's first parameter: the device, and the dtype of an empty [0, 2]
+        self.plans = plans
         self.blocks: list = []  # the grafted blocks
         self.tiles: list[int] = []  # per row: the first pass's tiles of its problems (0: a reference block)
         self.grads: list[torch.Tensor] = []  # the fused rows' own gradients (weight and bias)
@@ -962,24 +1042,25 @@ class _Grafting:
         """The first pass's outputs, once every block has its row."""
         device = self.first.device
         self.most = max(self.tiles, default=0) or 1
-        self.partials = _device_table((device, "graft_partials"), (self.most,) + tuple(self.tiles),
-                                      lambda: torch.zeros(len(self.tiles), self.most))
-        self.updates = _workspace((device, "updates"), device, self.elements)
+        self.partials = self.plans.table((device, "graft_partials"), (self.most,) + tuple(self.tiles),
+                                         lambda: torch.zeros(len(self.tiles), self.most), device)
+        # grafting's U of the fused blocks of every dtype, grown as needed (offsets live in the problem tables)
+        self.updates = self.plans.workspace((device, "updates"), device, self.elements)
 
     def squares(self) -> torch.Tensor:
         """[‖Ĝ‖², ‖U‖²] per row (the reference's dtype: the rows' statistics dtypes promoted)."""
         first = self.first
         if not self.blocks:
-            return first.new_zeros(0, 2, dtype=reference.stat_dtype(first.dtype))
+            return first.new_zeros(0, 2, dtype=linalg.stat_dtype(first.dtype))
         u2 = self.partials.sum(1)
         g2 = torch.zeros_like(u2)
         if self.grads:
             norms = torch.stack(torch._foreach_norm(self.grads, 2, dtype=torch.float32))
             none = len(self.grads)  # the index of the zero appended for a missing gradient
-            index = _device_table((first.device, "graft_grad_rows"), tuple(self.grad_rows), lambda: torch.tensor(
-                [[none if i < 0 else i for i in row] for row in self.grad_rows], dtype=torch.int64))
+            index = self.plans.table((first.device, "graft_grad_rows"), tuple(self.grad_rows), lambda: torch.tensor(
+                [[none if i < 0 else i for i in row] for row in self.grad_rows], dtype=torch.int64), first.device)
             g2 = torch.cat([norms.square(), norms.new_zeros(1)])[index].sum(1)
-        dtype = functools.reduce(torch.promote_types, [reference.stat_dtype(b.params[0].dtype) for b in self.blocks])
+        dtype = functools.reduce(torch.promote_types, [linalg.stat_dtype(b.params[0].dtype) for b in self.blocks])
         squares = torch.stack([g2, u2], 1).to(dtype)
         if self.deferred:
             rows, blocks, _, block_us = zip(*self.deferred)

@@ -86,3 +86,9 @@ def with_condition(groups: int, dim: int, cond: float, damping: float, generator
     eig = torch.logspace(0, -torch.log10(torch.tensor(float(cond))).item(), dim, dtype=torch.float64)
     m = (q * (eig - damping)) @ q.mT
     return (0.5 * (m + m.mT)).float()
+
+
+def preconditioner64(x, module, damping):
+    """(C/B + λI)⁻¹ of one batch, [groups, D', D'] float64: a layer's first P (the EMA is bias corrected)."""
+    stat = gram64(x, module, module.bias is not None) / x.shape[0]
+    return torch.linalg.inv(stat + damping * torch.eye(stat.shape[-1], dtype=torch.float64))

@@ -91,7 +91,7 @@ def test_non_inversion_steps_read_nothing_back_under_grad_scaler(options):
     guarded = []
 
     def read_nothing(*args, **kwargs):
-        t = opt._steps + 1
+        t = opt.schedule.steps + 1
         if t == 1 or t % opt.inv_period == 0:  # inversion steps may synchronise once
             return step(*args, **kwargs)
         saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
@@ -125,7 +125,7 @@ def test_non_inversion_steps_read_nothing_back_under_grad_scaler(options):
                 for key, value in state.items():  # (tensors, and the names of placeholders)
                     same = torch.equal if isinstance(value, torch.Tensor) else str.__eq__
                     assert same(after[1][index][key], value), (index, key)
-    assert guarded == [2, 3, 4, 6, 7, 8, 9] and opt._steps == 9
+    assert guarded == [2, 3, 4, 6, 7, 8, 9] and opt.schedule.steps == 9
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -149,6 +149,6 @@ def test_compiled_step_equals_eager(compiled_part):
     for x, y in batches():
         run(model, opt, step, x, y)
         train_step(eager, eager_opt, eager_opt.step, x, y)
-    assert opt._steps == eager_opt._steps == STEPS
+    assert opt.schedule.steps == eager_opt.schedule.steps == STEPS
     for p, q in zip(model.parameters(), eager.parameters()):  # inductor's forward and backward round differently
         assert torch.equal(p, q) if compiled_part == "opt.step" else ((p - q).norm() / q.norm()).item() <= 1e-5

@@ -2,7 +2,8 @@
 the specialisation Triton's launcher gives real arguments, and the SASS has the load widths we need.
 
 Runs `python -m fastfoof.kernels.compile_check --json` in a subprocess (the interpreter, which the
-other tests switch on, cannot compile), so CI catches kernels only the interpreter accepts.
+other tests switch on, cannot compile), so CI catches kernels only the interpreter accepts. Those tests
+(marked `aot`, minutes) run apart: `python -m pytest -m aot`; the default run checks the helpers and specs.
 `kernel_rows` and `wide_load_share` are the helpers for regression tests on a kernel's builds.
 """
 import json
@@ -26,6 +27,8 @@ ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 @pytest.fixture(scope="module")
 def rows():
+    """Every build's row, from one run of the compile check (minutes: the tests that take it are marked `aot`,
+    which the default run leaves out and .ci/run runs as its own step)."""
     done = subprocess.run([sys.executable, "-m", "fastfoof.kernels.compile_check", "--json"], env=ENV,
                           capture_output=True, text=True, timeout=900)
     rows = json.loads(done.stdout)
@@ -47,6 +50,7 @@ def wide_load_share(row, min_bits):
     return wide / max(1, sum(loads.values()))
 
 
+@pytest.mark.aot
 def test_every_config_builds_for_both_archs(rows):
     failed = [row for row in rows if not row["ok"]]
     assert not failed, json.dumps(failed, indent=1)
@@ -59,6 +63,7 @@ def test_every_config_builds_for_both_archs(rows):
         assert row["mma_kind"] in ({"wgmma", "mma"} if row["mma"] else {"none"})
 
 
+@pytest.mark.aot
 def test_patch_gram_configs_use_tensor_cores(rows):
     from fastfoof.kernels import patch_gram
 
@@ -68,6 +73,7 @@ def test_patch_gram_configs_use_tensor_cores(rows):
     assert all(row["mma"] for row in partial)
 
 
+@pytest.mark.aot
 def test_update_builds_keep_wide_loads_and_wgmma_on_sm90(rows):
     """The vector variant sm_90 runs (tf32 dots): over half its global loads are 128-bit, wgmma."""
     from fastfoof.kernels import update
@@ -80,6 +86,7 @@ def test_update_builds_keep_wide_loads_and_wgmma_on_sm90(rows):
             assert row["mma_kind"] == "wgmma", row
 
 
+@pytest.mark.aot
 def test_low_rank_update_builds_keep_tensor_cores_and_wide_loads(rows):
     """Both passes of the low-rank update: wgmma on sm_90 for the tf32 configs, and the vector variant
     that sm_90 runs loads wide: over half the second pass's loads 128-bit, over half the first's at
@@ -94,6 +101,7 @@ def test_low_rank_update_builds_keep_tensor_cores_and_wide_loads(rows):
             assert row["mma_kind"] == ("none" if ",ieee," in row["config"] else "wgmma"), row
 
 
+@pytest.mark.aot
 def test_graft_builds_keep_tensor_cores_and_wide_loads(rows):
     """Grafting's first pass (the GEMM kernels with GRAFT on) keeps wgmma on sm_90 for the tf32 configs,
     and the vector variant sm_90 runs loads at least 64 bits at a time (over half its loads; without
@@ -116,6 +124,7 @@ def test_graft_builds_keep_tensor_cores_and_wide_loads(rows):
                 assert wide_load_share(row, 128) > 0.5, row
 
 
+@pytest.mark.aot
 def test_fold_builds_keep_wide_loads(rows):
     for kernel in ("fold_kernel", "nonfinite_flags_kernel"):
         for arch in ("sm_80", "sm_90"):
@@ -291,6 +300,7 @@ def test_patch_gram_specs_carry_the_launchers_arguments(monkeypatch):
         assert (built.num_warps, built.num_stages) == (run_options.num_warps, run_options.num_stages), name
 
 
+@pytest.mark.aot
 def test_patch_gram_dense_row_builds_keep_wide_loads_and_wgmma(rows):
     """sm_90: the dense and channels_last builds load at least 64 bits at a time (over half their
     global loads), and every patch-gram build with BLOCK_D ≥ 64 uses wgmma."""

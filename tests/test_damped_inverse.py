@@ -1,12 +1,13 @@
-"""The reference damped inverse: every method, buckets, P's layout, fallbacks, synchronisations."""
+"""The damped inverse of fastfoof.linalg (the reference op's, and the kernels' for what they do not factor):
+every method, buckets, P's layout, fallbacks, synchronisations."""
 import math
 
 import pytest
 import torch
 
-from fastfoof import reference
-from fastfoof.reference import (INVERSE_METHODS, KEPT_PREVIOUS, OK, RETRIED, bucket_dim, bucket_inverses,
-                                damped_inverse)
+from fastfoof import linalg
+from fastfoof.linalg import (INVERSE_METHODS, KEPT_PREVIOUS, OK, RETRIED, bucket_dim, bucket_inverses,
+                             damped_inverse_with_status)
 
 from helpers import damped_inverse64, random_spd, rel_error, with_condition
 
@@ -16,7 +17,7 @@ BOUND = {torch.float32: 1e-5, torch.float64: 1e-12}  # DESIGN §4 (fp32 IEEE) an
 @pytest.fixture
 def small_leaves(monkeypatch):
     """"blocked" recurses from 17 on, so that test-sized matrices take several levels."""
-    monkeypatch.setattr(reference, "BLOCKED_LEAF_MAX", 16)
+    monkeypatch.setattr(linalg, "BLOCKED_LEAF_MAX", 16)
 
 
 @pytest.fixture
@@ -26,8 +27,8 @@ def emulated_tf32(monkeypatch):
     def matmul(a, b, *, tf32):
         return _to_tf32(a) @ _to_tf32(b) if tf32 else a @ b
 
-    monkeypatch.setattr(reference, "_matmul", matmul)
-    monkeypatch.setattr(reference, "_precision", lambda wanted, a: wanted if a.dtype == torch.float32 else "ieee")
+    monkeypatch.setattr(linalg, "matmul", matmul)
+    monkeypatch.setattr(linalg, "product_precision", lambda wanted, a: wanted if a.dtype == torch.float32 else "ieee")
 
 
 def _to_tf32(x):
@@ -83,6 +84,7 @@ def test_identity_padded_bucket_matches_exact_sizes():
         assert not f.any()
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("method", INVERSE_METHODS)
 def test_every_method_mixed_sizes_dtypes_scales(method, small_leaves):
     gen = torch.Generator().manual_seed(1)
@@ -91,7 +93,7 @@ def test_every_method_mixed_sizes_dtypes_scales(method, small_leaves):
     scales = [None, torch.tensor(0.5, dtype=torch.float64), torch.tensor(2.0), None, torch.tensor(3.0), None]
     truth = [damped_inverse64(m.double() * (1.0 if s is None else s.double()), 0.05) for m, s in zip(mats, scales)]
     previous = [(0.8 * t).to(m.dtype) for m, t in zip(mats, truth)]
-    inverses, status = damped_inverse(mats, 0.05, scales=scales, previous=previous, method=method)
+    inverses, status = damped_inverse_with_status(mats, 0.05, scales=scales, previous=previous, method=method)
     for m, p, code, t in zip(mats, inverses, status, truth):
         assert p.dtype == m.dtype and p.shape == m.shape
         assert rel_error(p, t) < BOUND[m.dtype], (method, m.shape, m.dtype)
@@ -106,7 +108,7 @@ def test_lower_triangle_rules(method, small_leaves):
     m = random_spd(2, 41, gen)
     m = m + 1e-3 * torch.randn(m.shape, generator=gen)  # not symmetric: the lower triangle is the matrix
     lower = torch.tril(m) + torch.tril(m, -1).mT
-    (p,), _ = damped_inverse([m], 0.1, previous=starts_near([lower], 0.1), method=method)
+    (p,), _ = damped_inverse_with_status([m], 0.1, previous=starts_near([lower], 0.1), method=method)
     assert torch.equal(p, p.mT)
     assert rel_error(p, damped_inverse64(lower, 0.1)) < 1e-5
 
@@ -118,7 +120,7 @@ def test_blocked_as_accurate_as_lapack(cond, small_leaves):
     gen = torch.Generator().manual_seed(3)
     m = with_condition(2, 97, cond, 1e-4, gen)
     truth = damped_inverse64(m, 1e-4)
-    errors = {method: rel_error(damped_inverse([m], 1e-4, method=method)[0][0], truth)
+    errors = {method: rel_error(damped_inverse_with_status([m], 1e-4, method=method)[0][0], truth)
               for method in ("cholesky", "blocked")}
     assert errors["blocked"] < max(3 * errors["cholesky"], 1e-6), errors
 
@@ -132,11 +134,11 @@ def test_tf32x3_products_keep_float32_accuracy(cond, small_leaves, emulated_tf32
     truth = damped_inverse64(m, 1e-4)
     a = m.clone()
     a.diagonal(dim1=-2, dim2=-1).add_(1e-4)
-    ieee, tf32x3, tf32 = (rel_error(reference._blocked_inverse(a, precision, [])[0], truth)
+    ieee, tf32x3, tf32 = (rel_error(linalg.blocked_inverse(a, precision, [])[0], truth)
                           for precision in ("ieee", "tf32x3", "tf32"))
     assert tf32x3 < max(2 * ieee, 1e-6), (ieee, tf32x3)
     assert tf32 > 50 * max(ieee, 1e-6), (ieee, tf32)
-    (p,), (code,) = damped_inverse([m], 1e-4, method="blocked_tf32x3")
+    (p,), (code,) = damped_inverse_with_status([m], 1e-4, method="blocked_tf32x3")
     assert rel_error(p, truth) == pytest.approx(tf32x3) and code.tolist() == [OK, OK]
 
 
@@ -144,15 +146,15 @@ def test_newton_schulz_serves_good_starts_without_cholesky(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     mats = [random_spd(3, 29, gen), random_spd(1, 70, gen)]
     calls = []
-    factor = reference.factor_inverses
-    monkeypatch.setattr(reference, "factor_inverses", lambda ms, *a: calls.append(len(ms)) or factor(ms, *a))
+    factor = linalg.factor_inverses
+    monkeypatch.setattr(linalg, "factor_inverses", lambda ms, *a: calls.append(len(ms)) or factor(ms, *a))
     reads = count_host_reads(monkeypatch)
-    inverses, status = damped_inverse(mats, 0.2, previous=starts_near(mats, 0.2), method="newton_schulz")
+    inverses, status = damped_inverse_with_status(mats, 0.2, previous=starts_near(mats, 0.2), method="newton_schulz")
     assert calls == [] and reads == {"cpu": 1, "item": 0, "tolist": 0}
     for m, p, code in zip(mats, inverses, status):
         a = m.double() + 0.2 * torch.eye(m.shape[-1], dtype=torch.float64)
         residual = torch.linalg.matrix_norm(a @ p.double() - torch.eye(m.shape[-1], dtype=torch.float64))
-        assert (residual / math.sqrt(m.shape[-1]) <= reference.NEWTON_SCHULZ_TOLERANCE).all()
+        assert (residual / math.sqrt(m.shape[-1]) <= linalg.NEWTON_SCHULZ_TOLERANCE).all()
         assert rel_error(p, damped_inverse64(m, 0.2)) < 1e-5  # (0.2)^(2^3) from these starts
         assert code.tolist() == [OK] * m.shape[0]
 
@@ -164,11 +166,11 @@ def test_newton_schulz_misses_take_cholesky_per_matrix(monkeypatch):
     starts[1] = torch.randn(29, 29, generator=gen)  # diverges
     starts[2] = starts[2] * 1e-3  # converges, too slowly for NEWTON_SCHULZ_STEPS
     calls = []
-    factor = reference.factor_inverses
-    monkeypatch.setattr(reference, "factor_inverses",
+    factor = linalg.factor_inverses
+    monkeypatch.setattr(linalg, "factor_inverses",
                         lambda ms, *a: calls.append([x.shape[0] for x in ms]) or factor(ms, *a))
     reads = count_host_reads(monkeypatch)
-    (p,), (code,) = damped_inverse([m], 0.2, previous=[starts], method="newton_schulz")
+    (p,), (code,) = damped_inverse_with_status([m], 0.2, previous=[starts], method="newton_schulz")
     assert calls == [[2]]  # the two missed matrices, together
     assert reads == {"cpu": 2, "item": 0, "tolist": 0}  # the second read decides Cholesky's fallbacks
     assert code.tolist() == [OK, OK, OK]
@@ -181,14 +183,15 @@ def test_newton_schulz_only_for_float32_starts_of_the_same_shape(monkeypatch):
     mats = [random_spd(1, 9, gen, torch.float64), random_spd(2, 9, gen), random_spd(1, 9, gen)]
     previous = [damped_inverse64(mats[0], 0.1), starts_near(mats[1:2], 0.1)[0][:1], None]
     served = []
-    ns = reference.newton_schulz_inverses
-    monkeypatch.setattr(reference, "newton_schulz_inverses", lambda ms, *a: served.append(len(ms)) or ns(ms, *a))
-    inverses, status = damped_inverse(mats, 0.1, previous=previous, method="newton_schulz")
+    ns = linalg.newton_schulz_inverses
+    monkeypatch.setattr(linalg, "newton_schulz_inverses", lambda ms, *a: served.append(len(ms)) or ns(ms, *a))
+    inverses, status = damped_inverse_with_status(mats, 0.1, previous=previous, method="newton_schulz")
     assert served == []
     for m, p in zip(mats, inverses):
         assert rel_error(p, damped_inverse64(m, 0.1)) < BOUND[m.dtype]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("method", INVERSE_METHODS)
 def test_fallbacks_per_matrix_and_one_synchronisation(method, monkeypatch, small_leaves):
     gen = torch.Generator().manual_seed(2)
@@ -204,7 +207,7 @@ def test_fallbacks_per_matrix_and_one_synchronisation(method, monkeypatch, small
     # Positive definite starts, as every P is: Newton–Schulz cannot converge to an indefinite inverse.
     previous = [torch.cat(starts_near([good, random_spd(3, dim, gen)], 1e-9)), starts_near([other], 1e-9)[0]]
     reads = count_host_reads(monkeypatch)
-    (p, q), (code, code_q) = damped_inverse(mats, 1e-9, previous=previous, method=method)
+    (p, q), (code, code_q) = damped_inverse_with_status(mats, 1e-9, previous=previous, method=method)
     # Newton–Schulz: the three bad matrices miss, then Cholesky's fallbacks need a second read.
     assert reads == {"cpu": 2 if method == "newton_schulz" else 1, "item": 0, "tolist": 0}
     assert code.tolist() == [OK, KEPT_PREVIOUS, KEPT_PREVIOUS, RETRIED] and code_q.tolist() == [OK, OK]
@@ -215,7 +218,7 @@ def test_fallbacks_per_matrix_and_one_synchronisation(method, monkeypatch, small
     assert rel_error(q, damped_inverse64(other, 1e-9)) < 1e-5
     assert_layout(p)
     assert_layout(q)
-    (p,), (code,) = damped_inverse([indefinite], 0.5, method=method)
+    (p,), (code,) = damped_inverse_with_status([indefinite], 0.5, method=method)
     assert code.tolist() == [KEPT_PREVIOUS] and torch.equal(p[0], torch.eye(dim) / 0.5)
 
 
@@ -223,26 +226,26 @@ def test_fallbacks_per_matrix_and_one_synchronisation(method, monkeypatch, small
 def test_non_finite_factor_fails_even_where_the_inverse_is_finite(method, small_leaves):
     m = torch.eye(20).unsqueeze(0)
     m[0, 17, 17] = float("inf")  # cholesky: L = inf there, the inverse's entry 1/inf = 0 looks finite
-    (p,), (code,) = damped_inverse([m], 1.0, previous=[torch.eye(20).unsqueeze(0) / 2], method=method)
+    (p,), (code,) = damped_inverse_with_status([m], 1.0, previous=[torch.eye(20).unsqueeze(0) / 2], method=method)
     assert code.tolist() == [KEPT_PREVIOUS] and torch.equal(p[0], torch.eye(20) / 2)
 
 
 def test_cpu_inverse_routes_agree():
     gen = torch.Generator().manual_seed(3)
-    for dim in (reference.TRIANGULAR_SOLVE_MAX_CPU, reference.TRIANGULAR_SOLVE_MAX_CPU + 3):
+    for dim in (linalg.TRIANGULAR_SOLVE_MAX_CPU, linalg.TRIANGULAR_SOLVE_MAX_CPU + 3):
         m = random_spd(1, dim, gen, torch.float64)
-        inv, failed = reference._cholesky_inverse(m + torch.eye(dim, dtype=torch.float64))
+        inv, failed = linalg.cholesky_inverse(m + torch.eye(dim, dtype=torch.float64))
         assert failed.tolist() == [False]
         assert rel_error(inv, damped_inverse64(m, 1.0)) < 1e-12
 
 
 def test_large_matrices_factored_one_by_one():
     gen = torch.Generator().manual_seed(4)
-    dim = reference.BATCHED_FACTOR_MAX + 3  # one by one on CPU and CUDA
+    dim = linalg.BATCHED_FACTOR_MAX + 3  # one by one on CPU and CUDA
     m = random_spd(2, dim, gen)
     m[1] -= 100.0 * torch.eye(dim)
     previous = torch.randn(2, dim, dim, generator=gen)
-    (p, q), (code, code_q) = damped_inverse([m, m[:1]], 0.1, scales=[torch.tensor(0.5), None],
+    (p, q), (code, code_q) = damped_inverse_with_status([m, m[:1]], 0.1, scales=[torch.tensor(0.5), None],
                                             previous=[previous, None], method="cholesky")
     assert code.tolist() == [OK, KEPT_PREVIOUS] and code_q.tolist() == [OK]
     assert rel_error(p[0], damped_inverse64(0.5 * m[0].double(), 0.1)) < 1e-5
@@ -255,8 +258,8 @@ def test_large_matrices_factored_one_by_one():
 def test_blocked_at_its_real_leaf_size():
     """One level of the recursion with the library's BLOCKED_LEAF_MAX, odd size."""
     gen = torch.Generator().manual_seed(8)
-    m = random_spd(1, reference.BLOCKED_LEAF_MAX + 5, gen)
-    (p,), (code,) = damped_inverse([m], 0.3, method="blocked")
+    m = random_spd(1, linalg.BLOCKED_LEAF_MAX + 5, gen)
+    (p,), (code,) = damped_inverse_with_status([m], 0.3, method="blocked")
     assert rel_error(p, damped_inverse64(m, 0.3)) < 1e-5 and code.tolist() == [OK]
     assert_layout(p)
 
@@ -265,16 +268,16 @@ def test_method_from_the_environment(monkeypatch, small_leaves):
     gen = torch.Generator().manual_seed(9)
     m = random_spd(1, 30, gen)
     calls = []
-    blocked = reference.blocked_inverses
-    monkeypatch.setattr(reference, "blocked_inverses", lambda ms, *a: calls.append(len(ms)) or blocked(ms, *a))
+    blocked = linalg.blocked_inverses
+    monkeypatch.setattr(linalg, "blocked_inverses", lambda ms, *a: calls.append(len(ms)) or blocked(ms, *a))
     monkeypatch.setenv("FASTFOOF_INVERSE", "blocked")
-    damped_inverse([m], 0.1)
+    damped_inverse_with_status([m], 0.1)
     assert calls == [1]
-    damped_inverse([m], 0.1, method="cholesky")
+    damped_inverse_with_status([m], 0.1, method="cholesky")
     assert calls == [1]
     monkeypatch.setenv("FASTFOOF_INVERSE", "lu")
     with pytest.raises(ValueError, match="method"):
-        damped_inverse([m], 0.1)
+        damped_inverse_with_status([m], 0.1)
 
 
 def test_matmul_precision_switch_restores_the_callers_setting():
@@ -282,7 +285,7 @@ def test_matmul_precision_switch_restores_the_callers_setting():
     saved, saved_cuda = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision
     try:
         torch.set_float32_matmul_precision("high")
-        with reference._float32_matmul_precision("highest"):
+        with linalg.float32_matmul_precision("highest"):
             assert torch.get_float32_matmul_precision() == "highest"
             assert torch.backends.cuda.matmul.fp32_precision == "ieee"
         assert torch.get_float32_matmul_precision() == "high"
@@ -295,7 +298,7 @@ def test_matmul_precision_switch_restores_the_callers_setting():
 def test_tf32_split_is_exact():
     gen = torch.Generator().manual_seed(10)
     x = torch.randn(7, 9, generator=gen) * torch.logspace(-20, 20, 9)
-    hi, lo = reference._split_tf32(x.mT)
+    hi, lo = linalg.split_tf32(x.mT)
     assert torch.equal(hi + lo, x.mT)
     assert torch.equal(hi, _to_tf32(hi)) and (lo.abs() <= 2.0 ** -11 * x.mT.abs()).all()
 

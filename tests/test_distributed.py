@@ -4,17 +4,15 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint import state_dict as dsd
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import fastfoof
 import gloo_ranks
-from gloo_ranks import WORLD
-STEPS, RESUME_AT = 7, 4  # inversions at t = 1, 3, 6 (T = 3); the checkpoint is taken after step 3
-KW = dict(lr=0.2, damping=0.5, momentum=0.9, weight_decay=0.01, inv_period=3, stats_steps=2, backend="reference")
+from gloo_ranks import KW, batches, dcp_load, dcp_save, shard
+
+RESUME_AT = 4  # inversions at t = 1, 3, 6 (T = 3); the checkpoint is taken after step 3
 LOW_RANK = 4  # every layer of the model (D' = 28, 28, 49, 11) keeps (Q, s)
 
 
@@ -22,18 +20,6 @@ def make_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, 8, 3, stride=2, groups=2),
                          nn.Tanh(), nn.Flatten(), nn.Linear(8 * 2 * 3, 10), nn.Tanh(), nn.Linear(10, 4)).double()
-
-
-def batches():
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(2 * WORLD, 3, 6, 8, generator=g, dtype=torch.float64),
-             torch.randint(0, 4, (2 * WORLD,), generator=g)) for _ in range(STEPS)]
-
-
-def shard(batch, rank, world):
-    x, y = batch
-    n = x.shape[0] // world
-    return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
 
 
 def train(model, opt, data, rank, world, allreduce_grads=False):
@@ -69,8 +55,7 @@ def worker(rank, world, out_dir):
     train(ddp, opt, data[:RESUME_AT - 1], rank, world)
     if rank == 0:
         torch.save((model.state_dict(), opt.state_dict()), os.path.join(out_dir, "checkpoint.pt"))
-    dcp.save({"model": dsd.get_model_state_dict(ddp), "optim": dsd.get_optimizer_state_dict(ddp, opt)},
-             checkpoint_id=os.path.join(out_dir, "dcp"))  # every rank: torch.distributed.checkpoint
+    dcp_save(ddp, opt, os.path.join(out_dir, "dcp"))
     train(ddp, opt, data[RESUME_AT - 1:], rank, world)
     results = {"ddp": [p.detach().clone() for p in model.parameters()], "inverted": list(inverted)}
     # the same without the wrapper, gradients all-reduced by hand
@@ -90,10 +75,7 @@ def worker(rank, world, out_dir):
     # resume the distributed checkpoint into a fresh model and optimizer (whose state dict DCP loads into)
     resumed = DistributedDataParallel(make_model())
     opt = fastfoof.FOOF(resumed, **KW)
-    state = {"model": dsd.get_model_state_dict(resumed), "optim": dsd.get_optimizer_state_dict(resumed, opt)}
-    dcp.load(state, checkpoint_id=os.path.join(out_dir, "dcp"))
-    dsd.set_model_state_dict(resumed, state["model"])
-    dsd.set_optimizer_state_dict(resumed, opt, state["optim"])
+    dcp_load(resumed, opt, os.path.join(out_dir, "dcp"))
     train(resumed, opt, data[RESUME_AT - 1:], rank, world)
     results["dcp_resumed"] = [p.detach().clone() for p in resumed.module.parameters()]
     # KFAC: both factors averaged over the ranks once per round
@@ -130,8 +112,7 @@ def single_process(data, opt_state=None, model_state=None, kind=fastfoof.FOOF, *
 
 
 def assert_close(params, expected, tol=1e-6):
-    for p, q in zip(params, expected):
-        assert ((p - q).norm() / q.norm()).item() <= tol
+    gloo_ranks.assert_close(params, expected, tol)
 
 
 def test_two_ranks_equal_one_process_on_the_union(two_ranks):

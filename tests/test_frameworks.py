@@ -72,7 +72,7 @@ def test_unscale_clip_step_by_hand_equals_clipping_without_a_scaler(kind):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(twin.parameters(), CLIP)
         twin_opt.step()
-    assert opt._steps == twin_opt._steps == STEPS
+    assert opt.schedule.steps == twin_opt.schedule.steps == STEPS
     assert_same(model, twin, 0.0 if kind is fastfoof.FOOF else 1e-6)
 
 
@@ -140,7 +140,7 @@ def test_lightning_16_mixed_with_gradient_clipping_equals_the_hand_written_loop(
     trainer = fit(module, plugins=[precision], gradient_clip_val=CLIP)
     assert isinstance(trainer, pl.Trainer)
     model, opt = by_hand(kind)
-    assert trainer.optimizers[0]._steps == opt._steps == STEPS
+    assert trainer.optimizers[0].schedule.steps == opt.schedule.steps == STEPS
     assert_same(module.net, model)
 
 
@@ -159,7 +159,7 @@ def test_warm_up_through_lightnings_optimizer_wrapper():
         twin.zero_grad()
         F.cross_entropy(model(x), y).backward()
         twin.step()
-    assert opt._steps == twin._steps == STEPS
+    assert opt.schedule.steps == twin.schedule.steps == STEPS
     assert_same(module.net, model)
     state, twin_state = opt.state[module.net[0].weight], twin.state[model[0].weight]
     assert torch.equal(state["ema_count"], twin_state["ema_count"])  # the warm-up batch was observed
@@ -182,7 +182,7 @@ def test_accelerate_fp16_with_clip_grad_norm_equals_the_hand_written_loop(kind):
         accelerator.clip_grad_norm_(prepared.parameters(), CLIP)
         opt.step()
     twin, twin_opt = by_hand(kind)
-    assert opt.optimizer._steps == twin_opt._steps == STEPS
+    assert opt.optimizer.schedule.steps == twin_opt.schedule.steps == STEPS
     assert_same(model, twin)
 
 
@@ -239,7 +239,7 @@ def test_distributed_checkpoint_round_trip_resumes_bit_for_bit(name, tmp_path):
     dcp.load(state, checkpoint_id=tmp_path)
     dsd.set_model_state_dict(resumed, state["model"])
     dsd.set_optimizer_state_dict(resumed, resumed_opt, state["optim"])
-    assert resumed_opt._steps == 3
+    assert resumed_opt.schedule.steps == 3
     for x, y in data[3:]:
         conv_step(resumed, resumed_opt, x, y)
     assert_same(resumed, model)
@@ -333,6 +333,6 @@ def test_transformers_trainer_steps_as_the_hand_written_loop(kind, tmp_path):
         torch.nn.utils.clip_grad_norm_(twin.parameters(), CLIP)
         opt.step()
         schedule.step()
-    assert trainer.optimizer.optimizer._steps == opt._steps == STEPS
+    assert trainer.optimizer.optimizer.schedule.steps == opt.schedule.steps == STEPS
     for p, q in zip(model.parameters(), twin.parameters()):
         assert ((p - q).norm() / q.norm()).item() <= 1e-6

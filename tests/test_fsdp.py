@@ -7,10 +7,8 @@ from collections import Counter
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.checkpoint import state_dict as dsd
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.debug import CommDebugMode
@@ -18,13 +16,12 @@ from torch.distributed.tensor.debug import CommDebugMode
 import fastfoof
 import gloo_ranks
 from fastfoof import ops
-from gloo_ranks import WORLD
+from gloo_ranks import KW, WORLD, batches, dcp_load, dcp_save
 
 # inversions at t = 1, 3, 6 (T = 3), observed steps 2, 3, 5, 6; the checkpoints are taken after step 2,
 # when each rank's statistics since the last round are its own
-STEPS, RESUME_AT = 7, 3
+RESUME_AT = 3
 INVERSIONS = {1, 3, 6}
-KW = dict(lr=0.2, damping=0.5, momentum=0.9, weight_decay=0.01, inv_period=3, stats_steps=2, backend="reference")
 # name: optimizer, its arguments beyond KW, reshard_after_forward of the layers, dtype
 RUNS = {"foof": (fastfoof.FOOF, {}, True, torch.float64),
         "foof_ungrafted": (fastfoof.FOOF, {"graft": None}, True, torch.float64),
@@ -66,20 +63,6 @@ def sharded_model(reshard_after_forward, dtype):
     return fully_shard(model)  # the root holds the LayerNorm
 
 
-def batches(dtype=torch.float64):
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(2 * WORLD, 3, 6, 8, generator=g, dtype=dtype),
-             torch.randint(0, 4, (2 * WORLD,), generator=g)) for _ in range(STEPS)]
-
-
-def shard(batch, rank, world):
-    """The rank's share of a batch, in channels_last (FSDP2 refuses channels_last parameters; inputs
-    and activations may be)."""
-    x, y = batch
-    n = x.shape[0] // world
-    return x[rank * n:(rank + 1) * n].to(memory_format=torch.channels_last), y[rank * n:(rank + 1) * n]
-
-
 def collectives(mode):
     return Counter({str(op): n for op, n in mode.get_comm_counts().items()})
 
@@ -89,7 +72,8 @@ def train(model, opt, data, rank, world):
     backward and in opt.step()."""
     counts = []
     for batch in data:
-        x, y = shard(batch, rank, world)
+        # inputs in channels_last (FSDP2 refuses channels_last parameters; inputs and activations may be)
+        x, y = gloo_ranks.shard(batch, rank, world, torch.channels_last)
         opt.zero_grad()
         with CommDebugMode() as backward:
             F.cross_entropy(model(x), y).backward()
@@ -140,8 +124,7 @@ def worker(rank, world, out_dir):
         saved = checkpoint(model, opt)
         folder = os.path.join(out_dir, f"dcp_{name}")
         if name in RESUMED:  # and with torch.distributed.checkpoint, every rank writing its shards
-            dcp.save({"model": dsd.get_model_state_dict(model), "optim": dsd.get_optimizer_state_dict(model, opt)},
-                     checkpoint_id=folder)
+            dcp_save(model, opt, folder)
         counts += train(model, opt, data[RESUME_AT - 1:], rank, world)
         results[name] = {"params": full(model), "counts": counts, "state": state_kinds(opt)}
         if name in RESUMED:
@@ -150,10 +133,7 @@ def worker(rank, world, out_dir):
             results[name]["resumed"] = full(model)
             model = sharded_model(reshard, dtype)  # fresh: DCP loads into its state dicts
             opt = kind(model, **{**KW, **kw})
-            state = {"model": dsd.get_model_state_dict(model), "optim": dsd.get_optimizer_state_dict(model, opt)}
-            dcp.load(state, checkpoint_id=folder)
-            dsd.set_model_state_dict(model, state["model"])
-            dsd.set_optimizer_state_dict(model, opt, state["optim"])
+            dcp_load(model, opt, folder)
             train(model, opt, data[RESUME_AT - 1:], rank, world)
             results[name]["dcp_resumed"] = full(model)
     refused = nn.Linear(4, 6).double()  # the weight sharded along its columns: not the rows the update takes
@@ -198,8 +178,8 @@ def test_two_sharded_ranks_equal_one_process_on_the_union(two_ranks, name):
     tolerance = 1e-10 if dtype == torch.float64 else 1e-5
     moved = 0
     for r in two_ranks:
-        for p, q, start in zip(r[name]["params"], expected, make_model(dtype).parameters()):
-            assert ((p - q).norm() / q.norm()).item() <= tolerance
+        gloo_ranks.assert_close(r[name]["params"], expected, tolerance)
+        for p, start in zip(r[name]["params"], make_model(dtype).parameters()):
             moved = max(moved, ((p - start).norm() / start.norm()).item())
     assert moved > 1e-2  # the comparison is of trained parameters
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from fastfoof import ops, reference
+from fastfoof import linalg, ops
 from fastfoof.kernels import damped_inverse as kernel
-from fastfoof.reference import INVERSE_METHODS, KEPT_PREVIOUS, OK, RETRIED
+from fastfoof.linalg import INVERSE_METHODS, KEPT_PREVIOUS, OK, RETRIED
 
 from helpers import damped_inverse64, random_spd, rel_error, with_condition
 from test_damped_inverse import assert_layout
@@ -16,8 +16,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: through TRITON_I
 def run_kernel(mats, damping, *, scales=None, previous=None, method=None):
     """The Triton launcher on DEVICE; results back on the CPU."""
     to = (lambda ts: None if ts is None else [None if t is None else t.to(DEVICE) for t in ts])
-    inverses, status = kernel.damped_inverse(to(mats), damping, scales=to(scales), previous=to(previous),
-                                             method=method)
+    inverses, status = kernel.damped_inverse_with_status(to(mats), damping, scales=to(scales),
+                                                         previous=to(previous), method=method)
     return [p.cpu() for p in inverses], [c.cpu() for c in status]
 
 
@@ -40,6 +40,7 @@ def test_mixed_sizes_scales_and_damping_in_one_call():
             assert code.dtype == torch.int8 and code.tolist() == [OK] * m.shape[0]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("cond", [1.0, 1e2, 1e4, 1e6])
 @pytest.mark.parametrize("dim", [7, 33, 64])
 def test_conditioning(dim, cond):
@@ -135,7 +136,7 @@ def test_kernel_writes_p_layout():
     """Rows padded to 16 bytes by the kernel itself: D = 5, 10, 33 pad, D = 12, 64 do not."""
     gen = torch.Generator().manual_seed(7)
     mats = [random_spd(g, d, gen) for g, d in [(3, 5), (2, 10), (1, 33), (2, 12), (1, 64)]]
-    inverses, _ = kernel.damped_inverse([m.to(DEVICE) for m in mats], 0.3)
+    inverses, _ = kernel.damped_inverse_with_status([m.to(DEVICE) for m in mats], 0.3)
     for m, p in zip(mats, inverses):
         assert_layout(p)
         assert rel_error(p.cpu(), damped_inverse64(m, 0.3)) < 1e-5
@@ -144,7 +145,7 @@ def test_kernel_writes_p_layout():
 @pytest.mark.parametrize("method", INVERSE_METHODS)
 def test_every_method_with_the_kernel_and_fallbacks(method, monkeypatch):
     """Kernel-sized and larger matrices, starts for Newton–Schulz, a failure in each route."""
-    monkeypatch.setattr(reference, "BLOCKED_LEAF_MAX", 16)
+    monkeypatch.setattr(linalg, "BLOCKED_LEAF_MAX", 16)
     gen = torch.Generator().manual_seed(8)
     small, large = random_spd(3, 13, gen), random_spd(2, 67, gen)
     previous = [(0.8 * damped_inverse64(m, 0.4)).float() for m in (small, large)]  # positive definite
@@ -164,7 +165,7 @@ def test_matmul_methods_on_the_device(cond):
     """On CUDA: real TF32 tensor cores in the split products, and IEEE products forced while the
     caller has TF32 on globally. One level of the blocked recursion at its real leaf size."""
     gen = torch.Generator().manual_seed(9)
-    dim = reference.BLOCKED_LEAF_MAX + 37
+    dim = linalg.BLOCKED_LEAF_MAX + 37
     m = with_condition(1, dim, cond, 1e-3, gen)
     truth = damped_inverse64(m, 1e-3)
     saved, saved_cuda = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision

@@ -6,6 +6,7 @@ import torch
 
 from fastfoof import ops, reference
 from fastfoof.kernels import fold_statistics
+from fastfoof.kernels.tables import Plans as KernelPlans
 from helpers import rel_error
 
 # CPU runs the kernel in Triton's interpreter (conftest); a GPU runs it compiled.
@@ -65,6 +66,7 @@ def test_fold_matches_reference_bitwise_and_float64():
         assert rel_error(out, exact) <= 1e-6
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_nonfinite_statistics_are_dropped(dtype):
     gen = torch.Generator().manual_seed(2)
@@ -172,14 +174,11 @@ def unaligned(t):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_vector_tails_and_the_scalar_variant(dtype, monkeypatch):
+def test_vector_tails_and_the_scalar_variant(dtype):
     """Vector layers whose numel is not a multiple of VEC fold their tail element-wise (a tail right
     after a block boundary included) and see a non-finite entry there; unaligned layers take the
     scalar variant in their own launches; all bitwise equal to the reference."""
     launched = []  # the VEC of each launch pair
-    launch = fold_statistics._launch
-    monkeypatch.setattr(fold_statistics, "_launch", lambda group, *args: (launched.append(group[2]),
-                                                                         launch(group, *args))[1])
     gen = torch.Generator().manual_seed(6)
     # numel = one block + a one-element tail, 5043 (tail of 3 or 1), 49, 16 (no tail)
     block = fold_statistics.BLOCK[dtype]
@@ -194,7 +193,9 @@ def test_vector_tails_and_the_scalar_variant(dtype, monkeypatch):
     scales = [0.5, 0.25, 1 / 3, 0.125, 0.75, 1 / 9]
     for step in range(2):
         ref_emas, ref_counts = clone(emas), clone(counts)
-        dropped = fold_statistics.fold_statistics_(emas, counts, clone(stats), scales, DECAY)
+        plans = KernelPlans()  # a plan per (device, dtype, VEC), each with its count of launch pairs
+        dropped = fold_statistics.fold_statistics_(emas, counts, clone(stats), scales, DECAY, plans=plans)
+        launched += [name[3] for name in plans.names() if name[0] == "fold" for _ in range(plans.held(name).epoch)]
         ref_dropped = reference.fold_statistics_(ref_emas, ref_counts, clone(stats), scales, DECAY)
         assert dropped.item() == ref_dropped.item() == (3 if step == 0 else 0)
         for out, ref in zip(emas + counts, ref_emas + ref_counts):

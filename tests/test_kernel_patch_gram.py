@@ -56,6 +56,7 @@ GEOMETRY_PATHS = [(name, path) for name, (make, shape) in sorted(GEOMETRIES.item
                   for path in paths_of(torch.empty(shape), make()) if path != "channels_last"]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("name,path", GEOMETRY_PATHS)
 def test_geometries_match_float64_oracle(name, path, bias):
@@ -314,7 +315,7 @@ def test_batch_chunks_accumulate(monkeypatch, path):
     positions = patch_input(x, module)[1].positions
     monkeypatch.setattr(pg, "MAX_LAUNCH_POSITIONS", 2 * positions)  # 3 samples: launches of 2 and 1
     launches = []
-    for name in ("_launch_positions", "_launch_dense"):
+    for name in ("launch_positions", "launch_dense"):
         launch = getattr(pg, name)
         monkeypatch.setattr(pg, name, lambda *args, launch=launch, **kwargs: launches.append(1) or launch(*args, **kwargs))
     start = torch.randn_like(make_out(module, x, True))

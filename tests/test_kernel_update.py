@@ -10,6 +10,7 @@ from torch import nn
 import fastfoof
 from fastfoof import ops, reference
 from fastfoof.kernels import update
+from fastfoof.kernels.tables import Plans as KernelPlans
 from fastfoof.layers import Block
 from helpers import rel_error
 
@@ -36,7 +37,7 @@ def fused_only(monkeypatch):
     """Fail if a block silently takes the reference path instead of the grouped kernel."""
     def refuse(*args):
         raise AssertionError("a block fell back to the reference path")
-    monkeypatch.setattr(update, "_reference_block", refuse)
+    monkeypatch.setattr(update, "reference_block", refuse)
 
 
 def vec_spy(monkeypatch, name):
@@ -215,7 +216,8 @@ def assert_skipped_step_writes_nothing(blocks, buffers, gen, damping, **options)
 
 
 def assert_transformed_gradient_tracks_reference(blocks, damping, **options):
-    """Blocks with a left-transformed gradient (Block.grad): the kernel and the reference op on copies."""
+    """Blocks with a left-transformed gradient (Block.left_transformed_grad): the kernel and the reference op
+    on copies."""
     twins = [dataclasses.replace(b, params=[p.detach().clone() for p in b.params]) for b in blocks]
     for twin, block in zip(twins, blocks):
         for q, p in zip(twin.params, block.params):
@@ -256,6 +258,7 @@ def assert_tracks_reference(blocks, gen, damping, steps=2, tol=1e-6, **options):
             assert (b is None) == (c is None) and (b is None or rel_error(b, c) <= 1e-5)
 
 
+@pytest.mark.smoke
 def test_grouped_update_agrees_with_reference(fused_only):
     gen = torch.Generator().manual_seed(1)
     assert_tracks_reference(make_blocks(torch.float32, HYPER[:2], gen), gen, damping=0.5)
@@ -290,11 +293,11 @@ def test_low_precision_params_keep_float32_buffers(dtype, fused_only):
 
 
 def reference_spy(monkeypatch):
-    """The blocks that take update._reference_block (which still runs), in order."""
+    """The blocks that take update.reference_block (which still runs), in order."""
     referenced = []
-    reference_block = update._reference_block
-    monkeypatch.setattr(update, "_reference_block", lambda block, *args: (referenced.append(block),
-                                                                          reference_block(block, *args)))
+    reference_block = update.reference_block
+    monkeypatch.setattr(update, "reference_block", lambda block, *args, **kwargs: (
+        referenced.append(block), reference_block(block, *args, **kwargs)))
     return referenced
 
 
@@ -329,20 +332,21 @@ def test_tables_are_cached_and_lr_changes_only_the_scalars(fused_only):
     blocks = make_blocks(torch.float32, HYPER[:2], gen)
     buffers = [None] * len(flat(blocks))
     fresh_grads(blocks, gen)
-    check_step(blocks, buffers, damping=0.5, tol=1e-5)
+    plans = KernelPlans()
+    check_step(blocks, buffers, damping=0.5, tol=1e-5, plans=plans)
     name = (blocks[0].params[0].device, torch.float32)
-    problems = update._TABLES[name + ("problems", 1)][1]
-    scalars = update._TABLES[name + ("scalars",)][1]
+    problems = plans.held(name + ("problems", 1))
+    scalars = plans.held(name + ("scalars",))
     for lr in (0.3, 0.01):  # gradients refilled in place: same addresses, new values
         for p in flat(blocks):
             p.grad.copy_(torch.randn(p.shape, generator=gen).to(DEVICE))
         blocks[0].options[0]["lr"] = lr
-        check_step(blocks, buffers, damping=0.5, tol=1e-5)
-        assert update._TABLES[name + ("problems", 1)][1] is problems
-        assert update._TABLES[name + ("scalars",)][1] is not scalars
-        scalars = update._TABLES[name + ("scalars",)][1]
-    check_step(blocks, buffers, damping=0.5, tol=1e-5)  # nothing changed: both tables reused
-    assert update._TABLES[name + ("scalars",)][1] is scalars
+        check_step(blocks, buffers, damping=0.5, tol=1e-5, plans=plans)
+        assert plans.held(name + ("problems", 1)) is problems
+        assert plans.held(name + ("scalars",)) is not scalars
+        scalars = plans.held(name + ("scalars",))
+    check_step(blocks, buffers, damping=0.5, tol=1e-5, plans=plans)  # nothing changed: both tables reused
+    assert plans.held(name + ("scalars",)) is scalars
 
 
 def test_cuda_tensors_dispatch_to_the_grouped_kernel():
@@ -399,11 +403,12 @@ def test_vector_and_scalar_variants_match_float64(dtype, fused_only, launches):
     blocks = make_blocks(dtype, HYPER[:2], gen, layers=VECTOR_LAYERS)
     for block in blocks[:len(VECTOR_LAYERS)]:
         block.precond = padded(block.precond)
-    check_steps(blocks, gen, 2, damping=0.7, tol=1e-5 if dtype == torch.float32 else 2e-2)
+    plans = KernelPlans()
+    check_steps(blocks, gen, 2, damping=0.7, tol=1e-5 if dtype == torch.float32 else 2e-2, plans=plans)
     vec = update.vector_width(dtype)
     assert sorted(launches) == [1, 1, vec, vec]
     # fp32: D = 68, 16 (two groups) and 36 are multiples of 4; bf16: only D = 16 is one of 8
-    vector_rows = update._TABLES[(blocks[0].params[0].device, dtype, "problems", vec)][0]
+    vector_rows = plans.key((blocks[0].params[0].device, dtype, "problems", vec))
     assert len(vector_rows) == (4 if dtype == torch.float32 else 2)
 
 
@@ -450,17 +455,18 @@ def test_channels_last_weights_take_the_fused_update(dtype, fused_only, launches
 def test_channels_last_permuted_precond_is_made_once_per_p():
     gen = torch.Generator().manual_seed(10)
     p = random_precond(2, 3 * 4 + 1, torch.float32, gen)
-    first = update._memory_order_precond(p, 3, 4)
-    assert update._memory_order_precond(p, 3, 4) is first
+    plans = KernelPlans()
+    first = update._memory_order_precond(p, 3, 4, plans)
+    assert update._memory_order_precond(p, 3, 4, plans) is first
     order = [c * 4 + k for k in range(4) for c in range(3)] + [12]  # memory index k·C + c -> c·K + k
     assert torch.equal(first, p[:, order][:, :, order])
     assert first.stride(1) % 4 == 0 and first.data_ptr() % 16 == 0
     p.mul_(2)  # a new P written in place (as a broadcast does): a new copy
-    second = update._memory_order_precond(p, 3, 4)
+    second = update._memory_order_precond(p, 3, 4, plans)
     assert second is not first and torch.equal(second, p[:, order][:, :, order])
     key = id(p)
     del p, first, second
-    assert key not in update._PERMUTED  # dropped with its P
+    assert ("permuted", key) not in plans.names()  # dropped with its P
 
 
 def test_offsets_fit_int32_guards_the_32_bit_kernel():
@@ -508,15 +514,15 @@ def test_found_inf_skips_every_write_on_the_device(dtype, fused_only, launches):
 
 
 def test_transformed_gradient_takes_the_fused_update(fused_only):
-    # KFAC's left-transformed gradient (Block.grad, [groups, rows, D'] in DESIGN order) replaces the
-    # parameters' own gradients in the grouped kernel
+    # KFAC's left-transformed gradient (Block.left_transformed_grad, [groups, rows, D'] in DESIGN order)
+    # replaces the parameters' own gradients in the grouped kernel
     gen = torch.Generator().manual_seed(10)
     blocks = [b for b in make_blocks(torch.float32, HYPER[:2], gen) if b.precond is not None]
     fresh_grads(blocks, gen)
     for block in blocks:
         w = block.params[0]
         rows, dim_p = w.shape[0] // block.groups, block.precond.shape[-1]
-        block.grad = torch.randn(block.groups, rows, dim_p, generator=gen).to(DEVICE)
+        block.left_transformed_grad = torch.randn(block.groups, rows, dim_p, generator=gen).to(DEVICE)
     assert_transformed_gradient_tracks_reference(blocks, damping=0.8)
 
 
@@ -591,13 +597,13 @@ def test_low_rank_update_with_grad_scale_and_a_skipped_step(fused_only):
 
 
 def test_low_rank_update_of_a_transformed_gradient(fused_only):
-    """KFAC's left-transformed gradient (Block.grad) with a low-rank A: the same two products."""
+    """KFAC's left-transformed gradient (Block.left_transformed_grad) with a low-rank A: the same two products."""
     gen = torch.Generator().manual_seed(17)
     blocks = [b for b in make_low_rank_blocks(torch.float32, HYPER[:2], gen) if b.eigvecs is not None]
     fresh_grads(blocks, gen)
     for block in blocks:
         rows, dim_p = block.params[0].shape[0] // block.groups, block.eigvecs.shape[1]
-        block.grad = torch.randn(block.groups, rows, dim_p, generator=gen).to(DEVICE)
+        block.left_transformed_grad = torch.randn(block.groups, rows, dim_p, generator=gen).to(DEVICE)
     assert_transformed_gradient_tracks_reference(blocks, damping=0.8)
 
 
@@ -665,13 +671,13 @@ def test_grafted_update_of_bf16_params(fused_only):
 
 
 def test_grafted_transformed_gradient_takes_the_norm_of_the_raw_gradient(fused_only):
-    # KFAC's Block.grad feeds U; ‖Ĝ‖ is still that of the parameters' own gradients
+    # KFAC's Block.left_transformed_grad feeds U; ‖Ĝ‖ is still that of the parameters' own gradients
     gen = torch.Generator().manual_seed(23)
     blocks = [b for b in make_blocks(torch.float32, HYPER[:2], gen, layers=LAYERS[:4]) if b.precond is not None]
     fresh_grads(blocks, gen)
     for block in blocks:
         rows, dim_p = block.params[0].shape[0] // block.groups, block.precond.shape[-1]
-        block.grad = torch.randn(block.groups, rows, dim_p, generator=gen).to(DEVICE)
+        block.left_transformed_grad = torch.randn(block.groups, rows, dim_p, generator=gen).to(DEVICE)
     assert_transformed_gradient_tracks_reference(blocks, damping=0.8, graft="sgd")
 
 

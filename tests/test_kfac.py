@@ -100,6 +100,7 @@ def grouped(updates, model):
     return out
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("damping_mode", ["heuristic", "exact", "factor"])
 @pytest.mark.parametrize("damping", [0.3, 1e-3])
 def test_empirical_step_equals_curvlinops(damping_mode, damping):
@@ -183,23 +184,6 @@ def test_non_finite_output_gradient_statistic_is_dropped():
         opt.step()
     assert opt.diagnostics["dropped_stats"] >= 1
     assert torch.equal(opt.state[head.weight]["grad_ema"], g_before)
-
-
-@pytest.mark.parametrize("kw,name", [
-    (dict(damping_mode="tikhonov"), "damping_mode"), (dict(fisher="type2"), "fisher"), (dict(damping=0.0), "damping"),
-])
-def test_invalid_arguments_raise_value_error_naming_them(kw, name):
-    with pytest.raises(ValueError, match=name):
-        fastfoof.KFAC(make_net(), lr=0.1, **kw)
-
-
-def test_backward_fisher_argument_errors():
-    model = make_net()
-    x, _ = batch()
-    with pytest.raises(ValueError, match="fisher"):
-        fastfoof.KFAC(model, lr=0.1).backward_fisher(model(x))
-    with pytest.raises(ValueError, match="loss"):
-        fastfoof.KFAC(model, lr=0.1, fisher="mc").backward_fisher(model(x), loss="hinge")
 
 
 def test_backward_fisher_returns_at_once_when_nothing_is_observed():

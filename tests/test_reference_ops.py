@@ -31,6 +31,7 @@ GEOMETRIES = [
 ]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("name,make,shape", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_patch_gram_matches_float64_unfold(name, make, shape, dtype):
@@ -146,8 +147,8 @@ def _update_case(dtype=torch.float64):
     """Blocks of every kind with fresh random gradients and preconditioners, and their U by DESIGN §1.3–§1.4
     in float64 without grafting: (blocks, params, U per parameter, the parameters of each preconditioned
     block, damping). A grouped conv with bias, a Linear without bias, a low-rank Linear (U = Ĝ·(QsQᵀ +
-    λI)⁻¹), a Linear whose gradient is zero, a KFAC block (U = block.grad·P; grafting takes the raw Ĝ's
-    norm), a Linear whose P = 0.02·I (grafting would scale it by 50 > 10λ: bounded), and a LayerNorm's
+    λI)⁻¹), a Linear whose gradient is zero, a KFAC block (U = block.left_transformed_grad·P; grafting takes
+    the raw Ĝ's norm), a Linear whose P = 0.02·I (grafting would scale it by 50 > 10λ: bounded), and a LayerNorm's
     parameters without a preconditioner."""
     torch.manual_seed(4)
     damping = 0.7
@@ -173,7 +174,7 @@ def _update_case(dtype=torch.float64):
     blocks = [Block([conv.weight, conv.bias], [group, other], 2, p_conv), Block([lin.weight], [group], 1, p_lin),
               Block([low.weight, low.bias], [group, group], 1, None, eigvecs=q, eigvals=s),
               Block([still.weight, still.bias], [group, group], 1, p_still),
-              Block([kfac.weight, kfac.bias], [other, group], 1, p_kfac, grad=transformed),
+              Block([kfac.weight, kfac.bias], [other, group], 1, p_kfac, left_transformed_grad=transformed),
               Block([bounded.weight], [group], 1, 0.02 * torch.eye(3, dtype=dtype)[None]),
               Block([norm.weight], [other]), Block([norm.bias], [group])]
     params = [p for b in blocks for p in b.params]
@@ -205,6 +206,7 @@ def _close(out, ref):
     return torch.equal(out, ref) or rel_error(out, ref) <= 1e-13
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("graft", [None, "sgd"])
 @pytest.mark.parametrize("momentum,dampening,nesterov", [(0, 0, False), (0.9, 0.1, False), (0.8, 0, True)])
 def test_preconditioned_update_matches_float64(momentum, dampening, nesterov, graft):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastfoof
+from fastfoof.statistics import INPUTS, OUTPUT_GRADS
 from helpers import gram64, rel_error
 
 
@@ -27,14 +28,16 @@ def layer_inputs(model, x):
         return [x, torch.tanh(model[0](x)).flatten(1)]
 
 
+@pytest.mark.smoke
 def test_foof_statistic_is_the_mean_over_the_first_samples():
     model = make_model()
     opt = fastfoof.FOOF(model, lr=0.1, stats_batch=3)
     x, y = data(8)
     F.cross_entropy(model(x), y).backward()
     for layer, inp in zip(opt.layers, layer_inputs(model, x)):
-        assert layer.samples == 3
-        assert rel_error(layer.stat / layer.samples, gram64(inp[:3], layer.module, True) / 3) <= 1e-12
+        statistic = opt.statistics.of(layer)
+        assert statistic.samples == 3
+        assert rel_error(statistic.pending / statistic.samples, gram64(inp[:3], layer.module, True) / 3) <= 1e-12
 
 
 def test_a_batch_smaller_than_stats_batch_is_taken_whole():
@@ -42,7 +45,7 @@ def test_a_batch_smaller_than_stats_batch_is_taken_whole():
     opt = fastfoof.FOOF(model, lr=0.1, stats_batch=16)
     x, y = data(5)
     F.cross_entropy(model(x), y).backward()
-    assert [layer.samples for layer in opt.layers] == [5, 5]
+    assert [opt.statistics.of(layer).samples for layer in opt.layers] == [5, 5]
 
 
 def test_the_subsampled_statistic_is_unbiased():
@@ -55,7 +58,7 @@ def test_the_subsampled_statistic_is_unbiased():
     for perm in perms:
         opt = fastfoof.FOOF(model, lr=0.1, stats_batch=2)
         model(x[perm]).sum().backward()
-        total = total + opt.layers[0].stat / opt.layers[0].samples
+        total = total + opt.statistics.of(opt.layers[0]).pending / opt.statistics.of(opt.layers[0]).samples
         opt.remove_hooks()
     assert rel_error(total / len(perms), full) <= 1e-12
 
@@ -67,9 +70,9 @@ def test_accumulation_takes_the_first_samples_of_each_forward():
     for xs, ys in zip(x.chunk(3), y.chunk(3)):
         F.cross_entropy(model(xs), ys).backward()
     used = torch.cat([xs[:2] for xs in x.chunk(3)])
-    layer = opt.layers[0]
-    assert layer.samples == 6
-    assert rel_error(layer.stat / layer.samples, gram64(used, model[0], True) / 6) <= 1e-12
+    statistic = opt.statistics.of(opt.layers[0])
+    assert statistic.samples == 6
+    assert rel_error(statistic.pending / statistic.samples, gram64(used, model[0], True) / 6) <= 1e-12
 
 
 @pytest.mark.parametrize("fisher", ["empirical", "mc"])
@@ -92,12 +95,13 @@ def test_kfac_takes_a_and_g_from_the_same_samples(fisher):
         grads = [out.grad for out in outputs]
     for layer, inp, g in zip(opt.layers, layer_inputs(model, x), grads):
         positions = 16 if layer.module is model[0] else 1
-        assert layer.samples == layer.grad_samples == 3
-        assert rel_error(layer.stat / 3, gram64(inp[:3], layer.module, True) / (3 * positions)) <= 1e-12
+        a, g_stat = opt.statistics.of(layer, INPUTS), opt.statistics.of(layer, OUTPUT_GRADS)
+        assert a.samples == g_stat.samples == 3
+        assert rel_error(a.pending / 3, gram64(inp[:3], layer.module, True) / (3 * positions)) <= 1e-12
         rows = g[:3].movedim(1, -1).reshape(-1, g.shape[1]) * 8  # ĝ = B·∂L/∂s, B the whole batch
         expected = rows.T @ rows / 3
-        scale = opt._fold_scale(layer, fastfoof.kfac.OUTPUT_GRADS)
-        assert rel_error(layer.grad_stat[0] * scale, expected) <= 1e-12
+        scale = opt._fold_scale(g_stat)
+        assert rel_error(g_stat.pending[0] * scale, expected) <= 1e-12
 
 
 def test_compiled_forward_takes_the_same_samples():

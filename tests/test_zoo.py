@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import traceback
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +47,9 @@ torchvision = importorskip("torchvision")
 timm = importorskip("timm")
 
 import fastfoof  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from zoo_survey import Recorder  # noqa: E402  (one recorder for the survey and this test)
 
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CLASSES = 10
@@ -152,37 +157,7 @@ def _loss(out, y):
     return sum(F.cross_entropy(o.float(), y) for o in outs if o.dim() == 2 and o.shape[-1] == CLASSES)
 
 
-# ---- the test's own view of a layer ----------------------------------------------------------
-
-class Recorder:
-    """Each forward call's input, output and output gradient of every Linear/Conv module."""
-
-    def __init__(self, model: nn.Module, grads: bool = False):
-        self.calls: dict[str, list[dict]] = {name: [] for name, m in model.named_modules() if isinstance(m, LAYERS)}
-        self.on = True
-        self.grads = grads
-        self._handles = [m.register_forward_hook(self._hook(name), with_kwargs=True)
-                         for name, m in model.named_modules() if isinstance(m, LAYERS)]
-
-    def _hook(self, name):
-        def hook(module, args, kwargs, output):
-            if not self.on:
-                return
-            x = args[0] if args else kwargs["input"]
-            rec = {"x": x.detach().clone(), "out": output.detach().clone(), "grad": None}
-            self.calls[name].append(rec)
-            if self.grads and output.requires_grad:
-                # a tensor hook on a view (F.linear of a ≥3-D input) that a later op changes in place
-                # (ReLU(inplace=True)) never fires: hand the model a clone and hook that
-                output = output.clone()
-                output.register_hook(lambda g: rec.__setitem__("grad", g.detach().clone()))
-                return output
-        return hook
-
-    def remove(self):
-        for h in self._handles:
-            h.remove()
-
+# ---- the test's own view of a layer (recorded by the zoo survey's Recorder) ------------------------
 
 def _same_pad(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
     """TensorFlow 'SAME' padding of x for conv m (the extra pixel on the right/bottom)."""
@@ -262,7 +237,7 @@ def float64_check(case: str) -> dict[str, str | None]:
     """{module name: problem or None} for every Linear/Conv module, one float64 forward/backward."""
     model, x, y = _build(case)
     model = model.double()
-    rec = Recorder(model, grads=True)
+    rec = Recorder(model, clone_outputs=True)
     _loss(model(x.double()), y).backward()
     rec.remove()
     return {name: layer_problem(m, rec.calls[name])
