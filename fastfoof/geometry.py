@@ -101,10 +101,11 @@ def patch_input(x: torch.Tensor, module: nn.Module) -> tuple[torch.Tensor, Patch
 
 
 def positions_per_sample(x: torch.Tensor, module: nn.Module) -> int:
-    """R of DESIGN §6: patch vectors per sample (output positions; rows per sample of a Linear input)."""
+    """R of DESIGN §6: patch vectors per sample (output positions, of the input as the layer convolves it:
+    TF "SAME" padded where its forward pads; rows per sample of a Linear input)."""
     if isinstance(module, nn.Linear):
         return x.numel() // (module.in_features * batch_size(x, module))
-    return patch_input(x, module)[1].positions
+    return patch_input(layer_patches_input(x, module), module)[1].positions
 
 
 def output_module(module: nn.Module) -> nn.Module:

@@ -260,6 +260,21 @@ def test_layers_whose_forward_is_not_what_foof_believes_are_handled_or_named(flo
         train_step(model, opt, x, y)  # t = 2 = T: a whole period without a forward of `unused`
 
 
+def test_kfac_counts_the_positions_of_a_same_padded_conv_as_it_convolves(float64):
+    """KFAC's A = C/R with R the output positions of the padded input: on a 4×4 map a 5×5 stride-2 conv
+    has no position without its "SAME" padding (timm's tf_mobilenetv3 raised ZeroDivisionError), 2×2 with it."""
+    torch.manual_seed(0)
+    same = SamePaddedConv(3, 4, 5, stride=2)
+    model = nn.Sequential(same, nn.Flatten(), nn.Linear(16, 5))
+    opt = fastfoof.KFAC(model, lr=0.1, inv_period=2, stats_steps=1)
+    x, y = torch.randn(3, 3, 4, 4), torch.randint(0, 5, (3,))
+    train_step(model, opt, x, y)
+    padded = F.pad(x, (1, 2, 1, 2))
+    state = opt.state[same.weight]
+    assert rel_error(state["ema"] / state["ema_count"], gram64(padded, same, True) / (3 * 4)) <= 1e-12
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_public_patch_gram_takes_a_layer_as_the_optimizer_does(backend, float64):
     """fastfoof.ops on a TF-"SAME" conv (tf_efficientnet's depthwise 5×5, stride 2, on a 4×4 map): the patches
