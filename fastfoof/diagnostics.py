@@ -14,14 +14,14 @@ class Diagnostics:
     retried in float64) and cholesky_failures (the previous preconditioner kept), and which warnings were
     given."""
 
-    def __init__(self, kind: str):
-        self.kind = kind
-        self.counters = torch.zeros(len(DIAGNOSTICS), dtype=torch.int64)  # on the device: read once per round
+    def __init__(self, kind: str, names: tuple[str, ...] = DIAGNOSTICS):
+        self.kind, self.names = kind, names
+        self.counters = torch.zeros(len(names), dtype=torch.int64)  # on the device: read once per round
         self.warned: set[str] = set()
 
     def count(self, name: str, value: torch.Tensor) -> None:
         self.counters = self.counters.to(value.device)
-        self.counters[DIAGNOSTICS.index(name)] += value
+        self.counters[self.names.index(name)] += value
 
     def warn_once(self, name: str, message: str, stacklevel: int) -> None:
         if name not in self.warned:
@@ -36,9 +36,9 @@ class Diagnostics:
                                stacklevel + 1)
 
     def as_dict(self) -> dict[str, int]:
-        return dict(zip(DIAGNOSTICS, self.counters.tolist()))
+        return dict(zip(self.names, self.counters.tolist()))
 
     def load(self, saved: dict[str, int]) -> None:
         """Counters as a state dict saved them; those already non-zero warn no more."""
-        self.counters = torch.tensor([saved.get(name, 0) for name in DIAGNOSTICS])
+        self.counters = torch.tensor([saved.get(name, 0) for name in self.names])
         self.warned = {name for name, value in saved.items() if value}

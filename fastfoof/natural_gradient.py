@@ -34,7 +34,6 @@ where its K·O·D' values fit in WORKSPACE_ELEMENTS.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +44,7 @@ from torch.optim.optimizer import required
 
 from . import ops
 from .arguments import check_model_and_damping, check_param_group
+from .diagnostics import Diagnostics
 from .geometry import CONV_TYPES, batch_size, layer_patches_input, patch_input
 from .kfac import predictive_probabilities
 from .layers import Layer, find_layers
@@ -134,8 +134,7 @@ class NaturalGradient(Optimizer):
         # mc labels come from generators of the optimizer's own (one per device), kept in the state_dict
         self._seed = torch.initial_seed()
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._counters = dict.fromkeys(DIAGNOSTICS, 0)
-        self._warned: set[str] = set()  # the counters already warned about (once each)
+        self._diagnostics = Diagnostics(self.KIND, DIAGNOSTICS)
 
     def add_param_group(self, param_group: dict) -> None:
         check_param_group({**self.defaults, **param_group})
@@ -284,14 +283,10 @@ class NaturalGradient(Optimizer):
     def _solve(self, grams: list[torch.Tensor], products: list[torch.Tensor]) -> list[torch.Tensor]:
         """c = (λI + M)⁻¹ v for each Gram M and products v, through the damped Cholesky inverse."""
         inverses, status = ops.damped_inverse_with_status([m[None] for m in grams], self.damping)
-        codes = torch.cat(status).tolist()
+        codes = torch.cat(status)
         for name, code in zip(DIAGNOSTICS, (RETRIED, KEPT_PREVIOUS)):
-            self._counters[name] += codes.count(code)
-            if self._counters[name] and name not in self._warned:
-                self._warned.add(name)
-                warnings.warn(f"{self.KIND}: {name} = {self._counters[name]} (a K×K system was not positive definite "
-                              f"in the parameters' precision, or not finite; see {self.KIND}.diagnostics)",
-                              RuntimeWarning, stacklevel=5)  # past no_grad and torch.optim's step wrapper
+            self._diagnostics.count(name, (codes == code).sum())
+        self._diagnostics.warn_new(5)  # past step, no_grad and torch.optim's step wrapper
         return [p[0] @ v for p, v in zip(inverses, products)]
 
     def _step_layer(self, layer: Layer, update: torch.Tensor) -> None:
@@ -313,7 +308,7 @@ class NaturalGradient(Optimizer):
 
     @property
     def diagnostics(self) -> dict[str, int]:
-        return dict(self._counters)
+        return self._diagnostics.as_dict()
 
     def remove_hooks(self) -> None:
         """Detach the forward hooks: backward_fisher sees no layer afterwards."""
@@ -341,8 +336,7 @@ class NaturalGradient(Optimizer):
             saved = "another optimizer" if own is None else own.get("kind")
             raise ValueError(f"state_dict: saved by {saved}, not {self.KIND}")
         super().load_state_dict({**state_dict, "param_groups": groups})
-        self._counters = {name: own["diagnostics"].get(name, 0) for name in DIAGNOSTICS}
-        self._warned = {name for name, value in self._counters.items() if value}
+        self._diagnostics.load(own["diagnostics"])
         self._generators = {}
         for device, state in own["generators"].items():
             self._generator(torch.device(device)).set_state(state)
