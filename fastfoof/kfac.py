@@ -62,6 +62,31 @@ def _edge_gradient(index: int, hook: _OutputGradient, grad_outputs: tuple) -> No
         hook(grad_outputs[index])
 
 
+class LabelGenerators:
+    """The generators Monte Carlo labels are drawn from: the optimizer's own, one per device, seeded alike,
+    whose states a state dict carries, so that a resumed run draws the same labels."""
+
+    def __init__(self):
+        self.seed = torch.initial_seed()
+        self.by_device: dict[torch.device, torch.Generator] = {}
+
+    def on(self, device: torch.device) -> torch.Generator:
+        if device not in self.by_device:
+            self.by_device[device] = torch.Generator(device).manual_seed(self.seed)
+        return self.by_device[device]
+
+    def states(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Every generator's state, `device`'s made now if no label was drawn yet: a fresh optimizer's state
+        dict, into which torch.distributed.checkpoint loads, must hold it too."""
+        self.on(device)
+        return {str(d): g.get_state() for d, g in self.by_device.items()}
+
+    def load(self, states: dict[str, torch.Tensor]) -> None:
+        self.by_device = {}
+        for device, state in states.items():
+            self.on(torch.device(device)).set_state(state)
+
+
 def predictive_probabilities(scores: torch.Tensor) -> torch.Tensor:
     """softmax(scores) per row, to draw Monte Carlo labels from; a row with a non-finite score (a diverging
     run) is uniform instead, so that drawing never raises: its gradients are not finite whatever the label."""
@@ -136,10 +161,7 @@ class KFAC(KroneckerOptimizer):
         # fisher="mc": the gradient edges of the observed forwards' outputs and their batch sizes, for
         # `backward_fisher`, per layer
         self._outputs: dict[Layer, list] = {layer: [] for layer in self.layers}
-        # backward_fisher samples from generators of the optimizer's own (one per device), whose
-        # states the state_dict carries: a resumed run draws the same labels
-        self._seed = torch.initial_seed()
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generators = LabelGenerators()  # backward_fisher's
         self._fisher_backward = False  # backward_fisher's own backward is running (see there)
 
     # ---- statistics -------------------------------------------------------------------------
@@ -225,7 +247,7 @@ class KFAC(KroneckerOptimizer):
         reentrant = logits.grad_fn is not None and _has_reentrant_checkpoint(logits.grad_fn)
         if not recorded and not reentrant:
             return None
-        generator = generator if generator is not None else self._generator(logits.device)
+        generator = generator if generator is not None else self._generators.on(logits.device)
         dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16 logits: sample in fp32
         with torch.no_grad():
             scores = logits.detach().to(dtype)
@@ -268,11 +290,6 @@ class KFAC(KroneckerOptimizer):
             for p, grad in kept:
                 p.grad = grad
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device).manual_seed(self._seed)
-        return self._generators[device]
-
     def _fold_statistics(self, found_inf: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None) -> int:
         inputs = [self.statistics.of(layer, INPUTS) for layer in self._active]
         grads = [self.statistics.of(layer, OUTPUT_GRADS) for layer in self._active]
@@ -294,17 +311,11 @@ class KFAC(KroneckerOptimizer):
         return super()._fold_statistics(found_inf, grad_scale)
 
     def _own_entries(self) -> dict:
-        # the parameters' device's generator is made now if backward_fisher has not made it yet: a fresh
-        # KFAC's state dict, into which torch.distributed.checkpoint loads, must hold it too
-        self._generator(next(iter(self._group_of)).device)
-        return {**super()._own_entries(),
-                "generators": {str(device): g.get_state() for device, g in self._generators.items()}}
+        return {**super()._own_entries(), "generators": self._generators.states(next(iter(self._group_of)).device)}
 
     def _load_own_entries(self, entries: dict) -> None:
         super()._load_own_entries(entries)
-        self._generators = {}
-        for device, state in entries.get("generators", {}).items():  # (none in older state dicts)
-            self._generator(torch.device(device)).set_state(state)
+        self._generators.load(entries.get("generators", {}))  # (none in older state dicts)
 
     # ---- preconditioners --------------------------------------------------------------------
 

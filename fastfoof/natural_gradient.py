@@ -46,7 +46,7 @@ from . import ops
 from .arguments import check_model_and_damping, check_param_group
 from .diagnostics import Diagnostics
 from .geometry import CONV_TYPES, batch_size, layer_patches_input, patch_input
-from .kfac import predictive_probabilities
+from .kfac import LabelGenerators, predictive_probabilities
 from .layers import Layer, find_layers
 from .observe import Hooks, LayerHook, in_backward, in_transform
 from .linalg import KEPT_PREVIOUS, RETRIED, stat_dtype
@@ -131,9 +131,7 @@ class NaturalGradient(Optimizer):
         self._forwards: dict[int, list] = {}  # id(layer) -> [(module, input, output edge)] since backward_fisher
         self._fisher_data: dict[int, list] | None = None  # id(layer) -> [(module, input, E)] for the next step
         self._fisher_batch = 0  # B of the logits they came from
-        # mc labels come from generators of the optimizer's own (one per device), kept in the state_dict
-        self._seed = torch.initial_seed()
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generators = LabelGenerators()  # mc's
         self._diagnostics = Diagnostics(self.KIND, DIAGNOSTICS)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -167,11 +165,6 @@ class NaturalGradient(Optimizer):
         self._forwards.setdefault(id(layer), []).append((module, x.detach(), get_gradient_edge(output)))
         return returned
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device).manual_seed(self._seed)
-        return self._generators[device]
-
     def backward_fisher(self, logits: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor | None:
         """Record the output gradients of the Fisher's datapoints for the next step(): backpropagate the
         cross-entropy of `logits` ([B, C]) to the observed layers' outputs at the labels `fisher` says (mc:
@@ -191,7 +184,7 @@ class NaturalGradient(Optimizer):
         with torch.no_grad():
             probs = predictive_probabilities(logits.detach().to(dtype))
             if self.fisher == "mc":
-                labels = torch.multinomial(probs, 1, generator=self._generator(logits.device)).squeeze(-1)
+                labels = torch.multinomial(probs, 1, generator=self._generators.on(logits.device)).squeeze(-1)
             else:
                 labels = targets if self.fisher == "empirical" else None
             # ∂ cross-entropy(logits_i, c) / ∂ logits_i = p_i − e_c, per column set, scaled so that F = G Gᵀ
@@ -319,11 +312,8 @@ class NaturalGradient(Optimizer):
         """torch's state dict (momentum buffers, param groups), and in each param group the optimizer's own
         entries: its kind, diagnostics and generator states (a resumed mc run draws the same labels)."""
         state_dict = super().state_dict()
-        # the parameters' device's generator is made now if backward_fisher has not made it yet, so that a
-        # state dict saved before the first step resumes with it too
-        self._generator(next(iter(self._group_of)).device)
         own = {"kind": self.KIND, "diagnostics": self.diagnostics,
-               "generators": {str(device): g.get_state() for device, g in self._generators.items()}}
+               "generators": self._generators.states(next(iter(self._group_of)).device)}
         for group in state_dict["param_groups"]:
             group[OWN_ENTRIES] = own
         return state_dict
@@ -337,9 +327,7 @@ class NaturalGradient(Optimizer):
             raise ValueError(f"state_dict: saved by {saved}, not {self.KIND}")
         super().load_state_dict({**state_dict, "param_groups": groups})
         self._diagnostics.load(own["diagnostics"])
-        self._generators = {}
-        for device, state in own["generators"].items():
-            self._generator(torch.device(device)).set_state(state)
+        self._generators.load(own["generators"])
 
 
 def _patches(x: torch.Tensor, module: nn.Module, groups: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
