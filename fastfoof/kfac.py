@@ -25,7 +25,7 @@ from torch.optim.optimizer import required
 from .core import KroneckerOptimizer, on_itself
 from .geometry import batch_size, output_module, positions_per_sample
 from .layers import Layer, Skip
-from .observe import first_samples, in_backward
+from .observe import first_samples, in_backward, watchable_output
 from .preconditioners import DAMPING_MODES, MIN_DAMPING, Eigenbases, KroneckerFactors, Preconditioner  # noqa: F401
 from .statistics import INPUTS, OUTPUT_GRADS, Statistic
 
@@ -170,12 +170,7 @@ class KFAC(KroneckerOptimizer):
         return 1.0 / positions_per_sample(x, module)  # A = C / R (DESIGN §6)
 
     def _observe(self, layer: Layer, module: nn.Module, x: torch.Tensor, output, batch: int):
-        if not (isinstance(output, torch.Tensor) and output.requires_grad):
-            output = None  # nothing to take G from
-        elif output._is_view():
-            # A Linear on a [B, N, F] input returns a view; a hook on a view that is then changed in
-            # place (an inplace ReLU) never fires, so the module returns a copy (the hook's return value)
-            output = output.clone()
+        output = watchable_output(output)  # None: nothing to take G from
         if self._fisher_backward:  # backward_fisher's backward re-runs a reentrant checkpoint: G only
             self._watch_output(layer, output, batch)
             return output

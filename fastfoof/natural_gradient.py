@@ -48,7 +48,7 @@ from .diagnostics import Diagnostics
 from .geometry import CONV_TYPES, batch_size, layer_patches_input, patch_input
 from .kfac import LabelGenerators, predictive_probabilities
 from .layers import Layer, find_layers
-from .observe import Hooks, LayerHook, in_backward, in_transform
+from .observe import Hooks, LayerHook, in_backward, in_transform, watchable_output
 from .linalg import KEPT_PREVIOUS, RETRIED, stat_dtype
 from .reference import patch_rows_, sgd_step_
 from .state import OWN_ENTRIES
@@ -154,16 +154,12 @@ class NaturalGradient(Optimizer):
         if not (module.training and torch.is_grad_enabled()) or in_transform() or in_backward() or \
                 id(layer) not in self._handed:
             return None
-        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+        output = watchable_output(output)
+        if output is None:
             return None
-        returned = None
-        if output._is_view():
-            # a Linear on a [B, N, F] input returns a view, whose gradient edge an in-place change of the
-            # output (an inplace ReLU) would move: the module returns a copy instead (as KFAC)
-            output = returned = output.clone()
         x = args[0] if args else kwargs["input"]
         self._forwards.setdefault(id(layer), []).append((module, x.detach(), get_gradient_edge(output)))
-        return returned
+        return output
 
     def backward_fisher(self, logits: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor | None:
         """Record the output gradients of the Fisher's datapoints for the next step(): backpropagate the

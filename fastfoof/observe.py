@@ -99,6 +99,15 @@ def layer_input(x: torch.Tensor, module: nn.Module, stats_batch: int | None) -> 
     return first_samples(x, module, stats_batch).detach()
 
 
+def watchable_output(output) -> torch.Tensor | None:
+    """A forward's output whose gradient can be watched, for the forward hook to return: None where it has no
+    gradient; a copy of a view (a Linear on a [B, N, F] input returns one, and a hook or gradient edge on a
+    view that is then changed in place, as by an inplace ReLU, never sees its gradient)."""
+    if not (isinstance(output, torch.Tensor) and output.requires_grad):
+        return None
+    return output.clone() if output._is_view() else output
+
+
 def first_samples(x: torch.Tensor, module: nn.Module, count: int | None) -> torch.Tensor:
     """The first `count` samples of a batched input of `module` (None: all)."""
     return x[:count] if count is not None and batch_size(x, module) > count else x
