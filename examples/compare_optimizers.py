@@ -6,7 +6,7 @@
 
 FOOF and KFAC take SGD's learning rates: with their default graft="sgd" each layer's step is
 rescaled to its gradient's norm, so lr means what it means for SGD, and damping only shapes the
-direction. Their grid is SGD's lr grid at their default damping 1 and at 0.1.
+direction. Their grid is SGD's lr grid at their default damping (FOOF 3, KFAC 1) and at 0.1.
 
 Within a seed every run of a model starts from the same initial weights and sees the same batches in
 the same order (--seeds, default 0 1 2: three seeds). The runs of a seed take turns step by step
@@ -37,11 +37,11 @@ from data import channel_stats, normalise, read_cifar10  # noqa: E402
 from models import MNIST1DConvNet, MNIST1DMLP, SmallConvNet  # noqa: E402
 
 
-# FOOF's and KFAC's dampings: their default, and one other (smaller: preconditions more).
-DAMPINGS = (1.0, 0.1)
+# FOOF's and KFAC's dampings: each one's default, and one other (smaller: preconditions more).
+DAMPINGS = {"FOOF": (3.0, 0.1), "KFAC": (1.0, 0.1)}
 
 
-def sgd_lr_grid(sgd_lrs: tuple[float, ...], dampings: tuple[float, ...] = DAMPINGS) -> list[tuple[float, float]]:
+def sgd_lr_grid(sgd_lrs: tuple[float, ...], dampings: tuple[float, ...]) -> list[tuple[float, float]]:
     """(lr, damping) for FOOF and KFAC: SGD's learning rates at each damping. With their default
     graft="sgd" every preconditioned layer steps as far as SGD would (its update rescaled to the
     gradient's norm), so SGD's lr carries over and the damping only shapes the direction."""
@@ -58,15 +58,15 @@ MNIST1D_GRIDS = {
     "SGD": [(lr, None) for lr in MNIST1D_SGD_LRS],
     "Adam": [(3e-3, None), (1e-2, None), (3e-2, None)],
     "Muon": [(3e-3, None), (0.01, None), (0.03, None)],
-    "FOOF": sgd_lr_grid(MNIST1D_SGD_LRS),
-    "KFAC": sgd_lr_grid(MNIST1D_SGD_LRS),
+    "FOOF": sgd_lr_grid(MNIST1D_SGD_LRS, DAMPINGS["FOOF"]),
+    "KFAC": sgd_lr_grid(MNIST1D_SGD_LRS, DAMPINGS["KFAC"]),
 }
 DIGITS_GRIDS = {
     "SGD": [(lr, None) for lr in DIGITS_SGD_LRS],
     "Adam": [(3e-3, None), (1e-2, None), (3e-2, None)],
     "Muon": [(0.03, None), (0.1, None), (0.3, None)],
-    "FOOF": sgd_lr_grid(DIGITS_SGD_LRS),
-    "KFAC": sgd_lr_grid(DIGITS_SGD_LRS),
+    "FOOF": sgd_lr_grid(DIGITS_SGD_LRS, DAMPINGS["FOOF"]),
+    "KFAC": sgd_lr_grid(DIGITS_SGD_LRS, DAMPINGS["KFAC"]),
 }
 SEEDS = (0, 1, 2)
 MOMENTUM = 0.9
@@ -593,8 +593,9 @@ def main(argv=None) -> None:
     grids = setting["grids"]
     sgd_lrs = [lr for lr, _ in grids["SGD"]]
     print(f"FOOF and KFAC take SGD's learning rates ({', '.join(f'{lr:g}' for lr in sgd_lrs)}): with their default "
-          f"graft='sgd' each layer steps as far as under SGD; damping {DAMPINGS[0]:g} (the default) and "
-          f"{', '.join(f'{d:g}' for d in DAMPINGS[1:])}")
+          f"graft='sgd' each layer steps as far as under SGD; "
+          + "; ".join(f"{name} at damping {ds[0]:g} (its default) and {', '.join(f'{d:g}' for d in ds[1:])}"
+                      for name, ds in DAMPINGS.items()))
     runs_per_model = sum(len(grid) for grid in grids.values())
     bar = tqdm(total=len(setting["models"]) * len(seeds) * runs_per_model * args.epochs
                * epoch_steps(len(data[0]), args), unit="step", file=sys.stderr, dynamic_ncols=True)

@@ -88,9 +88,10 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, help=f"default {DEFAULT_EPOCHS} ({SMOKE_EPOCHS} with --smoke)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.1,
-                        help="peak learning rate of the cosine schedule: damping × the SGD learning rate you would use")
-    parser.add_argument("--damping", type=float, default=1.0,
-                        help="FOOF's λ; BatchNorm parameters step with lr/λ, as SGD with lr/λ would")
+                        help="peak learning rate of the cosine schedule: the SGD learning rate you would use (FOOF grafts "
+                             "its step to SGD's size per layer)")
+    parser.add_argument("--damping", type=float, default=3.0,
+                        help="FOOF's λ (its default): shapes the direction; BatchNorm parameters step as under SGD")
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="decoupled, as AdamW")
     parser.add_argument("--inv-period", type=int, default=100, help="T: steps between inversions")

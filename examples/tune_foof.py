@@ -28,10 +28,10 @@ import fastfoof  # noqa: E402
 from compare_optimizers import MOMENTUM, Run, epoch_steps, load_digits_data, loss_key, race  # noqa: E402
 from models import resnet18  # noqa: E402
 
-SNIPPET = dict(lr=0.1, damping=1.0)  # the README's Use snippet: FOOF(model, lr=0.1, damping=1.0, momentum=0.9)
+SNIPPET = dict(lr=0.1, damping=3.0)  # the README's Use snippet, FOOF(model, lr=0.1, momentum=0.9): damping its default
 SGD_LR = 0.1  # the reference: torch.optim.SGD(lr=0.1, momentum=0.9), the snippet's lr
 SETTINGS_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)  # FOOF's and SGD's: with grafting, FOOF's lr is SGD's
-SETTINGS_DAMPINGS = (0.1, 1.0, 10.0)
+SETTINGS_DAMPINGS = (1.0, 3.0, 10.0)
 SEEDS = (0, 1, 2)
 # (T, S): inverting every 10 steps from every step's statistics, the default, S = T, and the paper's
 # ResNet setting (once per epoch there; T=500 is 23 of these digits epochs).

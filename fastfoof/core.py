@@ -59,7 +59,7 @@ class KroneckerOptimizer(Optimizer):
     FACTORS: tuple[Factor, ...] = (INPUTS,)
     KIND = ""  # written into state_dict: a state dict loads only into the kind that saved it
 
-    def __init__(self, model: nn.Module, params=None, *, lr: float = required, damping: float = 1.0,
+    def __init__(self, model: nn.Module, params=None, *, lr: float = required, damping: float = 3.0,
                  momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, ema_decay: float = 0.95, inv_period: int = 100,
                  stats_steps: int = 10, precondition_bias: bool = True, skip: Skip = None,

@@ -3,7 +3,7 @@
 Per preconditioned layer, with A the layer's input patches (and a bias row of ones):
     every observed step      Σ ← mΣ + (1−m)·A·Aᵀ/B,  n ← m·n + (1−m)        (`statistics.INPUTS`)
     every T steps            P ← (Σ/n + λI)⁻¹                                  (`preconditioners.DenseInverse`)
-    every step               U = Ĝ·P,  U ← U·min(‖Ĝ‖/‖U‖, 10λ) (graft="sgd"),  then SGD with momentum on U
+    every step               U = Ĝ·P,  U ← U·min(‖Ĝ‖/‖U‖, 3λ) (graft="sgd"),  then SGD with momentum on U
 With `rank` = r, a layer with D' > 2r keeps the top r eigenpairs (Q, s) of Σ/n instead of P, and
 steps with U = (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ = Ĝ·(Q diag(s) Qᵀ + λI)⁻¹ (`preconditioners.LowRank`,
 DESIGN §1.3). `KroneckerOptimizer` runs the schedule; FOOF says what it observes and inverts.
@@ -29,8 +29,8 @@ class FOOF(KroneckerOptimizer):
         lr, momentum, dampening, nesterov, weight_decay: as torch.optim.SGD, per param group
             (weight decay is decoupled, as AdamW). With the default `graft="sgd"`, lr is the SGD learning
             rate (and schedule) you already use.
-        damping: λ > 0, added to the averaged statistic before inversion: with grafting it shapes the
-            direction only (larger: closer to SGD's).
+        damping: λ > 0 (default 3), added to the averaged statistic before inversion: with grafting it
+            shapes the direction only (larger: closer to SGD's).
         ema_decay: m in Σ ← mΣ + (1−m)C (bias-corrected).
         inv_period: T, steps between inversions; stats_steps: S, steps observed before each.
         precondition_bias: treat a layer's bias as the last column of [Ŵ | b].
@@ -42,7 +42,7 @@ class FOOF(KroneckerOptimizer):
             of their statistic plus λI (its top r eigenpairs, by a randomized method), so that the
             update costs 4·O·D'·r flops instead of 2·O·D'² and no D'×D' P is kept.
         graft: "sgd" (default): each preconditioned layer's U is rescaled to its gradient's Frobenius
-            norm (weight and bias together), U ← U·min(‖Ĝ‖/‖U‖, 10λ), and the other parameters step with
+            norm (weight and bias together), U ← U·min(‖Ĝ‖/‖U‖, 3λ), and the other parameters step with
             U = G, so the step has SGD's size per layer and FOOF's direction (DESIGN §1.4). None: the
             paper's eq. 6, U = Ĝ·P and U = G/λ, for which lr = λ × your SGD lr.
         inverse: how the inversion round factors (Σ̂ + λI): "cholesky" (default: batched LAPACK/cuSOLVER),

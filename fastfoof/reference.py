@@ -191,8 +191,8 @@ def grafted(block) -> bool:
 
 
 # Grafting's bound on its scale, in units of λ: a grafted step is at most GRAFT_BOUND times eq. 6's at
-# lr = λ·lr (DESIGN §1.4): along a direction its inputs barely vary in, at most 10× SGD's
-GRAFT_BOUND = 10.0
+# lr = λ·lr (DESIGN §1.4): along a direction its inputs barely vary in, at most 3× SGD's
+GRAFT_BOUND = 3.0
 
 
 def graft_scales(squares: torch.Tensor, damping: float) -> torch.Tensor:

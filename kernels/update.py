@@ -34,7 +34,7 @@ variant over a table of entries. float64 parameters, and weights, grads and buff
 layouts (or neither DESIGN nor channels_last order) take the reference path, block by block.
 
 Grafting (`graft="sgd"`, DESIGN §1.4: each preconditioned block's U, weight and bias of all groups,
-rescaled by min(‖Ĝ‖_F/‖U‖_F, 10λ); U = G for the other parameters) needs a reduction over a whole layer before
+rescaled by min(‖Ĝ‖_F/‖U‖_F, 3λ); U = G for the other parameters) needs a reduction over a whole layer before
 any of its tiles may step, and FSDP2's `reduce_norms` between the two. So it runs in two passes:
 1. The GEMM kernels above with GRAFT on (a constexpr: the same K loops, tiles and schedule) store
    their tile of U (fp32, GradScaler's scale still in it) into an update workspace, [rows, D' rounded

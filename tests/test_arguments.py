@@ -110,7 +110,7 @@ def test_the_inverse_argument_and_its_override(monkeypatch):
         opt.step()  # the first inversion
         assert len(calls) == blocked_calls, (inverse, override)
         state = opt.state[layer.weight]
-        assert rel_error(state["precond"][0], damped_inverse64(state["ema"][0] / state["ema_count"], 1.0)) < 1e-5
+        assert rel_error(state["precond"][0], damped_inverse64(state["ema"][0] / state["ema_count"], opt.damping)) < 1e-5
     monkeypatch.setenv("FASTFOOF_INVERSE", "lu")
     for kind in (fastfoof.FOOF, fastfoof.KFAC):
         with pytest.raises(ValueError, match="inverse"):

@@ -110,7 +110,7 @@ def fresh_grads(blocks, gen, scale=1.0):
 def step64(blocks, buffers, damping, graft=None, squares=None):
     """DESIGN §1.4 in float64, written independently of fastfoof.reference. graft="sgd": each
     preconditioned block's U rescaled to its gradient's Frobenius norm (weight and bias together), by at
-    most 10λ, U = G for the others; `squares` (a list), if given, gets the grafted blocks' (‖Ĝ‖², ‖U‖²) in order."""
+    most 3λ, U = G for the others; `squares` (a list), if given, gets the grafted blocks' (‖Ĝ‖², ‖U‖²) in order."""
     new_params, new_buffers, slot = [], [], 0
     for block in blocks:
         grads = [None if p.grad is None else p.grad.double() for p in block.params]
@@ -132,7 +132,7 @@ def step64(blocks, buffers, damping, graft=None, squares=None):
                 g2, u2 = (sum(float((t * t).sum()) for t in ts if t is not None) for ts in (grads, us))
                 if squares is not None:
                     squares.append((g2, u2))
-                scale = min(g2 ** 0.5 / u2 ** 0.5, 10 * damping) if u2 > 0 else 0.0
+                scale = min(g2 ** 0.5 / u2 ** 0.5, 3 * damping) if u2 > 0 else 0.0
                 us = [None if u is None else u * scale for u in us]
         for p, u, h in zip(block.params, us, block.options):
             buf = buffers[slot] if buffers[slot] is None else buffers[slot].double()
@@ -636,7 +636,7 @@ def grafted_blocks(blocks):
 
 def test_grafted_scale_is_bounded_by_ten_damping(fused_only):
     """A preconditioner that shrinks every direction 1000-fold: the graft would scale U by about 1000 · ‖P‖,
-    the bound 10λ takes over (the float64 oracle bounds it the same way)."""
+    the bound 3λ takes over (the float64 oracle bounds it the same way)."""
     gen = torch.Generator().manual_seed(26)
     blocks = make_blocks(torch.float32, HYPER[:2], gen)
     for block in grafted_blocks(blocks):

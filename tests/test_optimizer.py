@@ -56,8 +56,8 @@ class MiniFOOF:
             groups = getattr(m, "groups", 1)
             rows = g.shape[0] // groups
             u = torch.cat([g[i * rows:(i + 1) * rows] @ self.P[m][i] for i in range(groups)])
-            if self.graft:  # the layer's U with its gradient's Frobenius norm, scaled by at most 10λ
-                u = u * min(torch.linalg.norm(g) / torch.linalg.norm(u), 10 * self.damping)
+            if self.graft:  # the layer's U with its gradient's Frobenius norm, scaled by at most 3λ
+                u = u * min(torch.linalg.norm(g) / torch.linalg.norm(u), 3 * self.damping)
             updates[m.weight] = u[:, :m.weight[0].numel()].reshape(m.weight.shape)
             if m.bias is not None:
                 updates[m.bias] = u[:, -1]

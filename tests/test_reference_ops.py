@@ -148,7 +148,7 @@ def _update_case(dtype=torch.float64):
     in float64 without grafting: (blocks, params, U per parameter, the parameters of each preconditioned
     block, damping). A grouped conv with bias, a Linear without bias, a low-rank Linear (U = Ĝ·(QsQᵀ +
     λI)⁻¹), a Linear whose gradient is zero, a KFAC block (U = block.left_transformed_grad·P; grafting takes
-    the raw Ĝ's norm), a Linear whose P = 0.02·I (grafting would scale it by 50 > 10λ: bounded), and a LayerNorm's
+    the raw Ĝ's norm), a Linear whose P = 0.02·I (grafting would scale it by 50 > 3λ: bounded), and a LayerNorm's
     parameters without a preconditioner."""
     torch.manual_seed(4)
     damping = 0.7
@@ -191,14 +191,14 @@ def _update_case(dtype=torch.float64):
 
 
 def _grafted64(params, expected, layers, damping, g_factor=1.0):
-    """U grafted by DESIGN §1.4 in float64: each layer's U (weight and bias) times min(‖Ĝ‖_F/‖U‖_F, 10λ)
+    """U grafted by DESIGN §1.4 in float64: each layer's U (weight and bias) times min(‖Ĝ‖_F/‖U‖_F, 3λ)
     (0 where U = 0; ‖Ĝ‖_F times g_factor), the other parameters' U = G."""
     grafted = [p.grad.clone() for p in params]
     for members in layers:
         g = g_factor * torch.cat([params[i].grad.reshape(-1) for i in members]).norm()
         u = torch.cat([expected[i].reshape(-1) for i in members]).norm()
         for i in members:
-            grafted[i] = expected[i] * (min(g / u, 10 * damping) if u > 0 else 0.0)
+            grafted[i] = expected[i] * (min(g / u, 3 * damping) if u > 0 else 0.0)
     return grafted
 
 

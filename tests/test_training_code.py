@@ -393,7 +393,7 @@ def test_a_weight_shared_by_two_layers_takes_the_inputs_of_both(shared_bias, flo
     """DESIGN §1.2: every forward that multiplies a weight feeds its statistic, a module's or another's; the
     bias is its row where both layers add the same bias, else it steps without a preconditioner."""
     model = SharedWeights(shared_bias)
-    opt = fastfoof.FOOF(model, lr=0.1, ema_decay=0.0, graft=None)
+    opt = fastfoof.FOOF(model, lr=0.1, damping=1.0, ema_decay=0.0, graft=None)
     assert [(layer.name, len(layer.modules)) for layer in opt.layers] == [("a", 2), ("head", 1)]
     inputs = {}
     for name in ("a", "b"):
