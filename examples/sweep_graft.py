@@ -20,7 +20,8 @@ that, fixed before any of them ran, and reported as a group of their own. HELD_O
 were written after that group lost cells on two nets without normalisation, fixed before any change
 meant to win there ran on them: the nets a change made for those two is judged on. On them the default
 diverged on a residual net without normalisation where SGD trained; HELD_OUT_FROM_MOMENTUM_WORK were
-written then, fixed before any change meant for that ran on them.
+written then, fixed before any change meant for that ran on them. FOOF's defaults (DESIGN §11.6) were then
+chosen on all of those nets; HELD_OUT_FROM_DEFAULTS were written after that, fixed before any of them ran.
 """
 from __future__ import annotations
 
@@ -382,6 +383,90 @@ class DropoutMLP(nn.Module):
         return self.net(x)
 
 
+# ---- held out from the defaults of DESIGN §11.6 (damping 3, bound 3λ): written after they were set, fixed
+# before any of them ran ----
+
+class BNVGG(nn.Module):
+    """VGG-style for 8x8 images with BatchNorm: conv-BN-ReLU ×2 (32), max-pool, ×2 (64), max-pool, then Linear
+    256-128 with ReLU and dropout 0.3, Linear 128-10."""
+
+    def __init__(self):
+        super().__init__()
+
+        def conv_bn(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.net = nn.Sequential(*conv_bn(1, 32), *conv_bn(32, 32), nn.MaxPool2d(2), *conv_bn(32, 64),
+                                 *conv_bn(64, 64), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 2 * 2, 128),
+                                 nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class SELUStridedCNN(nn.Module):
+    """No normalisation, self-normalising: 3x3 convs 32, 64 (stride 2), 64 (stride 2) with SELU, a Linear head
+    on the flattened 2x2 map."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.SELU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SELU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SELU(), nn.Flatten(), nn.Linear(64 * 2 * 2, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class WideReLUMLP(nn.Module):
+    """No normalisation: flattened 8x8 images, two hidden layers of 512 ReLU units."""
+
+    def __init__(self, inputs: int = 64, hidden: int = 512):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                 nn.ReLU(), nn.Linear(hidden, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class GroupNormResidualConv1d(nn.Module):
+    """A Conv1d stem (32, kernel 5, stride 2), two residual blocks x + GN(conv(SiLU(GN(conv(x))))) with
+    GroupNorm(8), SiLU, global average pool, Linear."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.stem = nn.Conv1d(1, width, 5, stride=2, padding=2)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv1d(width, width, 3, padding=1), nn.GroupNorm(8, width), nn.SiLU(),
+                          nn.Conv1d(width, width, 3, padding=1), nn.GroupNorm(8, width)) for _ in range(2))
+        self.head = nn.Sequential(nn.SiLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(width, 10))
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
+class PreNormResidualMLP(nn.Module):
+    """Transformer-MLP-like: Linear(40, 128), two pre-norm residual blocks x + Linear(GELU(Linear(LayerNorm(x))))
+    with a hidden width of 256, LayerNorm, Linear head."""
+
+    def __init__(self, inputs: int = 40, width: int = 128):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(inputs, width))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(),
+                                                  nn.Linear(2 * width, width)) for _ in range(2))
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 10))
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
 # net name -> (dataset, constructor)
 IN_REPO = {
     "SmallConvNet (digits)": ("digits", lambda: SmallConvNet(in_channels=1)),
@@ -417,12 +502,21 @@ HELD_OUT_FROM_MOMENTUM_WORK = {
     "Hardswish separable Conv1d no norm (MNIST-1D)": ("mnist1d", HardswishSeparableConv1d),
     "dropout MLP no norm (MNIST-1D)": ("mnist1d", DropoutMLP),
 }
-NETS = {**IN_REPO, **HELD_OUT, **HELD_OUT_FROM_BOUND, **HELD_OUT_FROM_NO_NORM_WORK, **HELD_OUT_FROM_MOMENTUM_WORK}
+HELD_OUT_FROM_DEFAULTS = {
+    "BatchNorm VGG (digits)": ("digits", BNVGG),
+    "SELU strided CNN no norm (digits)": ("digits", SELUStridedCNN),
+    "wide ReLU MLP no norm (digits)": ("digits", WideReLUMLP),
+    "GroupNorm residual Conv1d (MNIST-1D)": ("mnist1d", GroupNormResidualConv1d),
+    "pre-norm residual MLP (MNIST-1D)": ("mnist1d", PreNormResidualMLP),
+}
+NETS = {**IN_REPO, **HELD_OUT, **HELD_OUT_FROM_BOUND, **HELD_OUT_FROM_NO_NORM_WORK, **HELD_OUT_FROM_MOMENTUM_WORK,
+        **HELD_OUT_FROM_DEFAULTS}
 # the report's groups of nets
 GROUPS = {**{n: "in-repo nets" for n in IN_REPO}, **{n: "held-out nets" for n in HELD_OUT},
           **{n: "nets held out from the graft bound" for n in HELD_OUT_FROM_BOUND},
           **{n: "nets held out from the no-normalisation work" for n in HELD_OUT_FROM_NO_NORM_WORK},
-          **{n: "nets held out from the momentum work" for n in HELD_OUT_FROM_MOMENTUM_WORK}}
+          **{n: "nets held out from the momentum work" for n in HELD_OUT_FROM_MOMENTUM_WORK},
+          **{n: "nets held out from the defaults" for n in HELD_OUT_FROM_DEFAULTS}}
 
 
 def load(dataset: str):
