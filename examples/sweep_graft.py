@@ -764,9 +764,9 @@ def _cell_columns(cell: dict, optimizers: list[str], per_seed: bool) -> list[str
         return _fmt_loss(by_seed["loss"])
 
     row = [loss(cell["SGD"])]
-    for opt in (o for o in optimizers if o != "SGD"):
-        row += [loss(cell[opt]), _fmt_ratio(_ratio(cell[opt]["loss"], cell["SGD"]["loss"]))]
-    return row + [" / ".join(f"{100 * cell[o]['acc']:.1f}" for o in optimizers)]
+    for opt in (o for o in optimizers if o != "SGD"):  # "—": not run on this cell
+        row += [loss(cell[opt]), _fmt_ratio(_ratio(cell[opt]["loss"], cell["SGD"]["loss"]))] if opt in cell else ["—", "—"]
+    return row + [" / ".join(f"{100 * cell[o]['acc']:.1f}" if o in cell else "—" for o in optimizers)]
 
 
 def _cell_header(optimizers: list[str], per_seed: bool) -> list[str]:
@@ -844,7 +844,7 @@ def report(*datas: dict) -> str:
     for group, pairs in groups:
         for scope, keys in (("SGD's best lr", [(n, s, best[(n, s)]) for n, s in pairs]),
                             ("every lr", [(n, s, lr) for n, s in pairs for lr in lrs if (n, s, lr) in table])):
-            for opt in others:
+            for opt in (o for o in others if all(o in table[k] for k in keys)):  # rows only where it ran
                 s = summary(table, keys, opt)
                 rows.append([group, scope, opt, f"{s['wins']} of {s['cells']}",
                              f"{s['seed_wins']} of {s['seed_total']}",
@@ -886,6 +886,7 @@ def report(*datas: dict) -> str:
     for n in nets:
         runs = {o: [r for r in records if r["net"] == n and r["optimizer"] == o and not r["diverged"]]
                 for o in optimizers}
+        runs = {o: rs for o, rs in runs.items() if rs}  # an optimizer not run (or always diverged) on the net: "—"
         median = {o: 1e3 * statistics.median(r["seconds_per_step"] for r in rs) for o, rs in runs.items()}
         mean = {o: 1e3 * sum(r["total_step_seconds"] for r in rs) / sum(r["steps"] for r in rs)
                 for o, rs in runs.items()}
@@ -893,7 +894,8 @@ def report(*datas: dict) -> str:
         rows.append([n, f"{parameters:,}" if parameters is not None else "—",
                      f"{median['SGD']:.2f} / {mean['SGD']:.2f}"]
                     + [f"{median[o]:.2f} / {mean[o]:.2f} "
-                       f"({median[o] / median['SGD']:.2f}× / {mean[o] / mean['SGD']:.2f}×)" for o in others])
+                       f"({median[o] / median['SGD']:.2f}× / {mean[o] / mean['SGD']:.2f}×)" if o in runs else "—"
+                       for o in others])
     out += _md_table(["net", "parameters", "SGD ms (median / mean)"]
                      + [f"{o} ms (median / mean; ÷ SGD's)" for o in others], rows)
     out.append("")
