@@ -634,7 +634,7 @@ def grafted_blocks(blocks):
     return [b for b in blocks if (b.precond is not None or b.eigvecs is not None) and b.params[0].grad is not None]
 
 
-def test_grafted_scale_is_bounded_by_ten_damping(fused_only):
+def test_grafted_scale_is_bounded_by_three_damping(fused_only):
     """A preconditioner that shrinks every direction 1000-fold: the graft would scale U by about 1000 · ‖P‖,
     the bound 3λ takes over (the float64 oracle bounds it the same way)."""
     gen = torch.Generator().manual_seed(26)
