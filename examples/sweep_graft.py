@@ -6,7 +6,7 @@
 Each cell is a net, a learning-rate schedule, an SGD learning rate lr and a seed. In a cell three runs
 start from the same initial weights and see the same batches (and, where a net has dropout, the same
 masks): `torch.optim.SGD(lr=lr, momentum=0.9)`, default FOOF `fastfoof.FOOF(model, lr=lr, momentum=0.9)`
-(graft="sgd", damping 1, nothing else), and the paper's eq. 6 update `FOOF(..., lr=λ·lr, graft=None)`
+(graft="sgd", damping 3, nothing else), and the paper's eq. 6 update `FOOF(..., lr=λ·lr, graft=None)`
 at λ = 1, the rule before grafting. The schedule is stepped every batch. At the end the final training
 loss is measured on the whole training set (eval mode: BatchNorm's running statistics, no dropout),
 and the test accuracy on the test set. Every run's numbers and the machine go to one JSON file;
@@ -22,6 +22,8 @@ meant to win there ran on them: the nets a change made for those two is judged o
 diverged on a residual net without normalisation where SGD trained; HELD_OUT_FROM_MOMENTUM_WORK were
 written then, fixed before any change meant for that ran on them. FOOF's defaults (DESIGN §11.6) were then
 chosen on all of those nets; HELD_OUT_FROM_DEFAULTS were written after that, fixed before any of them ran.
+They lost cells at the largest lr SGD survives; HELD_OUT_FROM_STEP_RULE were written before any change to
+the step's size meant for that was chosen, fixed before any of them ran.
 """
 from __future__ import annotations
 
@@ -447,6 +449,100 @@ class PreNormResidualMLP(ResidualNet):
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 10))
 
 
+# ---- held out from the step-rule work: written after the nets above lost cells at the largest lr SGD
+# survives, before any change to the step's size meant for that was chosen; fixed before any of them ran ----
+
+class InstanceNormGELUCNN(nn.Module):
+    """Instance normalisation (GroupNorm with a group per channel): 3x3 convs 32, 64 (stride 2), 64 (stride 2),
+    each with GELU, global average pool, Linear."""
+
+    def __init__(self):
+        super().__init__()
+
+        def conv_in(cin, cout, stride):
+            return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.GroupNorm(cout, cout), nn.GELU()]
+
+        self.net = nn.Sequential(*conv_in(1, 32, 1), *conv_in(32, 64, 2), *conv_in(64, 64, 2),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class GlobalMaxPoolWideCNN(nn.Module):
+    """No normalisation, wide and shallow: a 5x5 conv of 128 channels, a 3x3 conv of 64, both ReLU, global
+    max-pool, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 128, 5, padding=2), nn.ReLU(), nn.Conv2d(128, 64, 3, padding=1),
+                                 nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BottleneckResidualCNN(ResidualNet):
+    """Pre-activation bottleneck residual blocks with BatchNorm: a 3x3 stem of 32 channels, two blocks
+    x + conv1x1(BN-ReLU(conv3x3(BN-ReLU(conv1x1(BN-ReLU(x)))))) through 16 channels, BN-ReLU, average pool,
+    Linear."""
+
+    def __init__(self, width: int = 32, inner: int = 16):
+        super().__init__()
+
+        def bn_relu(c):
+            return [nn.BatchNorm2d(c), nn.ReLU()]
+
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*bn_relu(width), nn.Conv2d(width, inner, 1), *bn_relu(inner),
+                          nn.Conv2d(inner, inner, 3, padding=1), *bn_relu(inner), nn.Conv2d(inner, width, 1))
+            for _ in range(2))
+        self.head = nn.Sequential(*bn_relu(width), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
+
+
+class BatchNormDeepConv1d(nn.Module):
+    """Four Conv1d of 32 channels, kernel 5, strides 1, 2, 2, 2, each with BatchNorm and ReLU, a Linear head on
+    the flattened map."""
+
+    def __init__(self, width: int = 32, length: int = 40):
+        super().__init__()
+        layers, cin = [], 1
+        for stride in (1, 2, 2, 2):
+            layers += [nn.Conv1d(cin, width, 5, stride=stride, padding=2), nn.BatchNorm1d(width), nn.ReLU()]
+            cin = width
+        self.net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * (length // 8), 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class SigmoidMLP(nn.Module):
+    """No normalisation, saturating: two hidden layers of 256 sigmoid units."""
+
+    def __init__(self, inputs: int = 40, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.Sigmoid(), nn.Linear(hidden, hidden),
+                                 nn.Sigmoid(), nn.Linear(hidden, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class LayerNormTanhConv1d(nn.Module):
+    """Conv1d 24 (kernel 7) and 48 (kernel 5, stride 2), each with LayerNorm over channels and positions
+    (GroupNorm(1)) and tanh, max-pool 2, Linear head."""
+
+    def __init__(self, length: int = 40):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv1d(1, 24, 7, padding=3), nn.GroupNorm(1, 24), nn.Tanh(),
+                                 nn.Conv1d(24, 48, 5, stride=2, padding=2), nn.GroupNorm(1, 48), nn.Tanh(),
+                                 nn.MaxPool1d(2), nn.Flatten(), nn.Linear(48 * (length // 4), 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
 # net name -> (dataset, constructor)
 IN_REPO = {
     "SmallConvNet (digits)": ("digits", lambda: SmallConvNet(in_channels=1)),
@@ -489,14 +585,23 @@ HELD_OUT_FROM_DEFAULTS = {
     "GroupNorm residual Conv1d (MNIST-1D)": ("mnist1d", GroupNormResidualConv1d),
     "pre-norm residual MLP (MNIST-1D)": ("mnist1d", PreNormResidualMLP),
 }
+HELD_OUT_FROM_STEP_RULE = {
+    "InstanceNorm-GELU CNN (digits)": ("digits", InstanceNormGELUCNN),
+    "global max-pool wide CNN no norm (digits)": ("digits", GlobalMaxPoolWideCNN),
+    "BN bottleneck residual CNN (digits)": ("digits", BottleneckResidualCNN),
+    "BatchNorm deep Conv1d (MNIST-1D)": ("mnist1d", BatchNormDeepConv1d),
+    "sigmoid MLP no norm (MNIST-1D)": ("mnist1d", SigmoidMLP),
+    "LayerNorm-tanh Conv1d (MNIST-1D)": ("mnist1d", LayerNormTanhConv1d),
+}
 NETS = {**IN_REPO, **HELD_OUT, **HELD_OUT_FROM_BOUND, **HELD_OUT_FROM_NO_NORM_WORK, **HELD_OUT_FROM_MOMENTUM_WORK,
-        **HELD_OUT_FROM_DEFAULTS}
+        **HELD_OUT_FROM_DEFAULTS, **HELD_OUT_FROM_STEP_RULE}
 # the report's groups of nets
 GROUPS = {**{n: "in-repo nets" for n in IN_REPO}, **{n: "held-out nets" for n in HELD_OUT},
           **{n: "nets held out from the graft bound" for n in HELD_OUT_FROM_BOUND},
           **{n: "nets held out from the no-normalisation work" for n in HELD_OUT_FROM_NO_NORM_WORK},
           **{n: "nets held out from the momentum work" for n in HELD_OUT_FROM_MOMENTUM_WORK},
-          **{n: "nets held out from the defaults" for n in HELD_OUT_FROM_DEFAULTS}}
+          **{n: "nets held out from the defaults" for n in HELD_OUT_FROM_DEFAULTS},
+          **{n: "nets held out from the step-rule work" for n in HELD_OUT_FROM_STEP_RULE}}
 
 
 def load(dataset: str):
