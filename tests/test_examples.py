@@ -302,6 +302,21 @@ SWEEP_RECORD_KEYS = {"net", "held_out", "group", "held_out_schedule", "dataset",
                      "test_accuracy", "last_epoch_mean_loss", "diverged", "seconds_per_step", "total_step_seconds"}
 
 
+def test_sweep_graft_kfac_is_kfacs_defaults():
+    """"KFAC" in the sweep is fastfoof.KFAC with nothing but SGD's lr and momentum: its own defaults (damping 1,
+    graft="sgd"), whatever they are, and the constructor the report prints."""
+    model = sweep_graft.NETS["SmallConvNet (digits)"][1]()
+    optimizer = sweep_graft.make_optimizer("KFAC", model, 0.1)
+    defaults = inspect.signature(fastfoof.KFAC).parameters
+    assert type(optimizer) is fastfoof.KFAC and optimizer.damping == defaults["damping"].default == 1.0
+    assert optimizer.graft == defaults["graft"].default == "sgd"
+    assert [(g["lr"], g["momentum"]) for g in optimizer.param_groups] == [(0.1, sweep_graft.MOMENTUM)]
+    assert sweep_graft.describe("KFAC") == f"fastfoof.KFAC(model, lr=lr, momentum={sweep_graft.MOMENTUM})"
+    record = sweep_graft.train("SmallConvNet (digits)", "constant", 0.1, 0, "KFAC", epochs=1, steps_per_epoch=3)
+    assert record["optimizer"] == "KFAC" and record["steps"] == 3
+    assert record["final_train_loss"] < record["initial_train_loss"]
+
+
 def test_sweep_graft_tiny_end_to_end(tmp_path):
     """The sweep at a tiny size: every run in the JSON with the machine, and the markdown generated from it."""
     nets, schedules, lrs = ["SmallConvNet (digits)", "LayerNorm-GELU MLP (digits)"], ["constant", "step"], [0.1, 0.3]
