@@ -64,6 +64,13 @@ KFAC = "KFAC"
 DATA = {"digits": (10, 64), "mnist1d": (20, 100)}
 
 
+class SequentialNet(nn.Module):
+    """Layers applied in order: subclasses build them as `self.net`."""
+
+    def forward(self, x):
+        return self.net(x)
+
+
 # ---- held-out nets: written for this sweep, not tuned on it ----
 
 class VGGNoBN(nn.Module):
@@ -81,7 +88,7 @@ class VGGNoBN(nn.Module):
         return self.classifier(self.features(x))
 
 
-class LayerNormGELUMLP(nn.Module):
+class LayerNormGELUMLP(SequentialNet):
     """Flattened 8x8 images, two hidden layers of 128 with LayerNorm and GELU."""
 
     def __init__(self, inputs: int = 64, hidden: int = 128):
@@ -89,11 +96,8 @@ class LayerNormGELUMLP(nn.Module):
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.LayerNorm(hidden), nn.GELU(),
                                  nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, 10))
 
-    def forward(self, x):
-        return self.net(x)
 
-
-class TanhMLP(nn.Module):
+class TanhMLP(SequentialNet):
     """Flattened length-40 signals, two hidden layers of 256 tanh units."""
 
     def __init__(self, inputs: int = 40, hidden: int = 256):
@@ -101,11 +105,8 @@ class TanhMLP(nn.Module):
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, hidden),
                                  nn.Tanh(), nn.Linear(hidden, 10))
 
-    def forward(self, x):
-        return self.net(x)
 
-
-class GELUDropoutConv1d(nn.Module):
+class GELUDropoutConv1d(SequentialNet):
     """Three Conv1d (32, 32, 64 channels; the last two stride 2) with GELU and dropout 0.1, a Linear head."""
 
     def __init__(self):
@@ -115,9 +116,6 @@ class GELUDropoutConv1d(nn.Module):
             nn.Conv1d(32, 32, 3, stride=2, padding=1), nn.GELU(), nn.Dropout(0.1),
             nn.Conv1d(32, 64, 3, stride=2, padding=1), nn.GELU(), nn.Dropout(0.1),
             nn.Flatten(), nn.Linear(64 * 10, 10))
-
-    def forward(self, x):
-        return self.net(x)
 
 
 class SeparableConvNet(nn.Module):
@@ -146,7 +144,7 @@ class SeparableConvNet(nn.Module):
 # ---- held out from the graft bound: written after the bound (DESIGN §1.4) was set on VGG no BN, fixed before
 # any of them ran ----
 
-class GroupNormSiLUCNN(nn.Module):
+class GroupNormSiLUCNN(SequentialNet):
     """Three 3x3 convolutions (16, 32, 32 channels; the last two stride 2) with GroupNorm(4) and SiLU, global
     average pool, Linear."""
 
@@ -158,11 +156,8 @@ class GroupNormSiLUCNN(nn.Module):
             nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.GroupNorm(4, 32), nn.SiLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
-    def forward(self, x):
-        return self.net(x)
 
-
-class ELUWideCNN(nn.Module):
+class ELUWideCNN(SequentialNet):
     """No normalisation: 64, 64 (stride 2), 128 (stride 2) channels of 3x3 convolutions with ELU, a Linear head
     on the flattened 2x2 map."""
 
@@ -171,9 +166,6 @@ class ELUWideCNN(nn.Module):
         self.net = nn.Sequential(
             nn.Conv2d(1, 64, 3, padding=1), nn.ELU(), nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ELU(),
             nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.ELU(), nn.Flatten(), nn.Linear(128 * 2 * 2, 10))
-
-    def forward(self, x):
-        return self.net(x)
 
 
 class ResidualNet(nn.Module):
@@ -197,7 +189,7 @@ class ResidualMLP(ResidualNet):
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(width, 10))
 
 
-class MaxPoolTanhConv1d(nn.Module):
+class MaxPoolTanhConv1d(SequentialNet):
     """No normalisation: two Conv1d (16, 32 channels, kernel 5) each with tanh and max-pool 2, a Linear head."""
 
     def __init__(self):
@@ -206,14 +198,11 @@ class MaxPoolTanhConv1d(nn.Module):
             nn.Conv1d(1, 16, 5, padding=2), nn.Tanh(), nn.MaxPool1d(2),
             nn.Conv1d(16, 32, 5, padding=2), nn.Tanh(), nn.MaxPool1d(2), nn.Flatten(), nn.Linear(32 * 10, 10))
 
-    def forward(self, x):
-        return self.net(x)
-
 
 # ---- held out from the no-normalisation work: written after the sweep above lost on two nets without
 # normalisation, fixed before any change meant to win there ran on them ----
 
-class LeNet(nn.Module):
+class LeNet(SequentialNet):
     """LeNet-5 for 8x8 images, no normalisation: 5x5 conv (6) and 3x3 conv (16), each ReLU and max-pool 2,
     then Linear 64-120-84-10 with ReLU."""
 
@@ -224,11 +213,8 @@ class LeNet(nn.Module):
             nn.Conv2d(6, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
             nn.Linear(16 * 2 * 2, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
 
-    def forward(self, x):
-        return self.net(x)
 
-
-class MishAvgPoolCNN(nn.Module):
+class MishAvgPoolCNN(SequentialNet):
     """No normalisation: 5x5 conv (32) and 3x3 conv (64), each Mish and average-pool 2, a Linear head on the
     flattened 2x2 map."""
 
@@ -238,11 +224,8 @@ class MishAvgPoolCNN(nn.Module):
             nn.Conv2d(1, 32, 5, padding=2), nn.Mish(), nn.AvgPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.Mish(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(64 * 2 * 2, 10))
 
-    def forward(self, x):
-        return self.net(x)
 
-
-class BNLeakyDropoutCNN(nn.Module):
+class BNLeakyDropoutCNN(SequentialNet):
     """3x3 convs 32, 64 (stride 2), 64 (stride 2) with BatchNorm and LeakyReLU(0.1), Dropout2d(0.1) after the
     second, global average pool, Linear."""
 
@@ -253,9 +236,6 @@ class BNLeakyDropoutCNN(nn.Module):
             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.LeakyReLU(0.1), nn.Dropout2d(0.1),
             nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.LeakyReLU(0.1),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-
-    def forward(self, x):
-        return self.net(x)
 
 
 class DilatedResidualConv1d(ResidualNet):
@@ -271,7 +251,7 @@ class DilatedResidualConv1d(ResidualNet):
         self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(width, 10))
 
 
-class WideSiLUMLP(nn.Module):
+class WideSiLUMLP(SequentialNet):
     """No normalisation: flattened length-40 signals, three hidden layers of 512 SiLU units."""
 
     def __init__(self, inputs: int = 40, hidden: int = 512):
@@ -279,20 +259,14 @@ class WideSiLUMLP(nn.Module):
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
                                  nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 10))
 
-    def forward(self, x):
-        return self.net(x)
 
-
-class BatchNormMLP(nn.Module):
+class BatchNormMLP(SequentialNet):
     """Flattened length-40 signals, two hidden layers of 256 with BatchNorm1d and ReLU."""
 
     def __init__(self, inputs: int = 40, hidden: int = 256):
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
                                  nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, 10))
-
-    def forward(self, x):
-        return self.net(x)
 
 
 # ---- held out from the momentum work: written after the group above diverged on a residual net without
@@ -321,7 +295,7 @@ class BNResidualCNN(nn.Module):
         return self.head(h)
 
 
-class SoftplusMaxPoolCNN(nn.Module):
+class SoftplusMaxPoolCNN(SequentialNet):
     """No normalisation: three 3x3 convs (24, 48, 48 channels, stride 1) with Softplus, global max pool,
     Linear."""
 
@@ -330,9 +304,6 @@ class SoftplusMaxPoolCNN(nn.Module):
         self.net = nn.Sequential(
             nn.Conv2d(1, 24, 3, padding=1), nn.Softplus(), nn.Conv2d(24, 48, 3, padding=1), nn.Softplus(),
             nn.Conv2d(48, 48, 3, padding=1), nn.Softplus(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(48, 10))
-
-    def forward(self, x):
-        return self.net(x)
 
 
 class LayerNormResidualCNN(ResidualNet):
@@ -348,7 +319,7 @@ class LayerNormResidualCNN(ResidualNet):
                                   nn.Linear(width, 10))
 
 
-class HardswishSeparableConv1d(nn.Module):
+class HardswishSeparableConv1d(SequentialNet):
     """No normalisation: a Conv1d stem (24, kernel 5), two depthwise (kernel 5, stride 2) + pointwise (48)
     pairs with Hardswish, flattened into a Linear head."""
 
@@ -360,11 +331,8 @@ class HardswishSeparableConv1d(nn.Module):
             nn.Conv1d(48, 48, 5, stride=2, padding=2, groups=48), nn.Conv1d(48, 48, 1), nn.Hardswish(),
             nn.Flatten(), nn.Linear(48 * 10, 10))
 
-    def forward(self, x):
-        return self.net(x)
 
-
-class DropoutMLP(nn.Module):
+class DropoutMLP(SequentialNet):
     """No normalisation: flattened length-40 signals, three hidden layers of 256 ReLU units, dropout 0.2
     after each."""
 
@@ -374,14 +342,11 @@ class DropoutMLP(nn.Module):
                                  nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(0.2),
                                  nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 10))
 
-    def forward(self, x):
-        return self.net(x)
-
 
 # ---- held out from the defaults of DESIGN §11.6 (damping 3, bound 3λ): written after they were set, fixed
 # before any of them ran ----
 
-class BNVGG(nn.Module):
+class BNVGG(SequentialNet):
     """VGG-style for 8x8 images with BatchNorm: conv-BN-ReLU ×2 (32), max-pool, ×2 (64), max-pool, then Linear
     256-128 with ReLU and dropout 0.3, Linear 128-10."""
 
@@ -395,11 +360,8 @@ class BNVGG(nn.Module):
                                  *conv_bn(64, 64), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 2 * 2, 128),
                                  nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, 10))
 
-    def forward(self, x):
-        return self.net(x)
 
-
-class SELUStridedCNN(nn.Module):
+class SELUStridedCNN(SequentialNet):
     """No normalisation, self-normalising: 3x3 convs 32, 64 (stride 2), 64 (stride 2) with SELU, a Linear head
     on the flattened 2x2 map."""
 
@@ -409,20 +371,14 @@ class SELUStridedCNN(nn.Module):
             nn.Conv2d(1, 32, 3, padding=1), nn.SELU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SELU(),
             nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SELU(), nn.Flatten(), nn.Linear(64 * 2 * 2, 10))
 
-    def forward(self, x):
-        return self.net(x)
 
-
-class WideReLUMLP(nn.Module):
+class WideReLUMLP(SequentialNet):
     """No normalisation: flattened 8x8 images, two hidden layers of 512 ReLU units."""
 
     def __init__(self, inputs: int = 64, hidden: int = 512):
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
                                  nn.ReLU(), nn.Linear(hidden, 10))
-
-    def forward(self, x):
-        return self.net(x)
 
 
 class GroupNormResidualConv1d(ResidualNet):
@@ -453,7 +409,7 @@ class PreNormResidualMLP(ResidualNet):
 # ---- held out from the step-rule work: written after the nets above lost cells at the largest lr SGD
 # survives, before any change to the step's size meant for that was chosen; fixed before any of them ran ----
 
-class InstanceNormGELUCNN(nn.Module):
+class InstanceNormGELUCNN(SequentialNet):
     """Instance normalisation (GroupNorm with a group per channel): 3x3 convs 32, 64 (stride 2), 64 (stride 2),
     each with GELU, global average pool, Linear."""
 
@@ -466,11 +422,8 @@ class InstanceNormGELUCNN(nn.Module):
         self.net = nn.Sequential(*conv_in(1, 32, 1), *conv_in(32, 64, 2), *conv_in(64, 64, 2),
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
 
-    def forward(self, x):
-        return self.net(x)
 
-
-class GlobalMaxPoolWideCNN(nn.Module):
+class GlobalMaxPoolWideCNN(SequentialNet):
     """No normalisation, wide and shallow: a 5x5 conv of 128 channels, a 3x3 conv of 64, both ReLU, global
     max-pool, Linear."""
 
@@ -478,9 +431,6 @@ class GlobalMaxPoolWideCNN(nn.Module):
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(1, 128, 5, padding=2), nn.ReLU(), nn.Conv2d(128, 64, 3, padding=1),
                                  nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-
-    def forward(self, x):
-        return self.net(x)
 
 
 class BottleneckResidualCNN(ResidualNet):
@@ -502,7 +452,7 @@ class BottleneckResidualCNN(ResidualNet):
         self.head = nn.Sequential(*bn_relu(width), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
 
 
-class BatchNormDeepConv1d(nn.Module):
+class BatchNormDeepConv1d(SequentialNet):
     """Four Conv1d of 32 channels, kernel 5, strides 1, 2, 2, 2, each with BatchNorm and ReLU, a Linear head on
     the flattened map."""
 
@@ -514,11 +464,8 @@ class BatchNormDeepConv1d(nn.Module):
             cin = width
         self.net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * (length // 8), 10))
 
-    def forward(self, x):
-        return self.net(x)
 
-
-class SigmoidMLP(nn.Module):
+class SigmoidMLP(SequentialNet):
     """No normalisation, saturating: two hidden layers of 256 sigmoid units."""
 
     def __init__(self, inputs: int = 40, hidden: int = 256):
@@ -526,11 +473,8 @@ class SigmoidMLP(nn.Module):
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.Sigmoid(), nn.Linear(hidden, hidden),
                                  nn.Sigmoid(), nn.Linear(hidden, 10))
 
-    def forward(self, x):
-        return self.net(x)
 
-
-class LayerNormTanhConv1d(nn.Module):
+class LayerNormTanhConv1d(SequentialNet):
     """Conv1d 24 (kernel 7) and 48 (kernel 5, stride 2), each with LayerNorm over channels and positions
     (GroupNorm(1)) and tanh, max-pool 2, Linear head."""
 
@@ -539,9 +483,6 @@ class LayerNormTanhConv1d(nn.Module):
         self.net = nn.Sequential(nn.Conv1d(1, 24, 7, padding=3), nn.GroupNorm(1, 24), nn.Tanh(),
                                  nn.Conv1d(24, 48, 5, stride=2, padding=2), nn.GroupNorm(1, 48), nn.Tanh(),
                                  nn.MaxPool1d(2), nn.Flatten(), nn.Linear(48 * (length // 4), 10))
-
-    def forward(self, x):
-        return self.net(x)
 
 
 # net name -> (dataset, constructor)
