@@ -23,7 +23,9 @@ diverged on a residual net without normalisation where SGD trained; HELD_OUT_FRO
 written then, fixed before any change meant for that ran on them. FOOF's defaults (DESIGN §11.6) were then
 chosen on all of those nets; HELD_OUT_FROM_DEFAULTS were written after that, fixed before any of them ran.
 They lost cells at the largest lr SGD survives; HELD_OUT_FROM_STEP_RULE were written before any change to
-the step's size meant for that was chosen, fixed before any of them ran.
+the step's size meant for that was chosen, fixed before any of them ran. No rule tried on them won all
+but one cell; HELD_OUT_FROM_DAMPING_SCALE were written before any rule scaling the damping per layer ran on
+them, fixed before any of them ran.
 """
 from __future__ import annotations
 
@@ -485,6 +487,82 @@ class LayerNormTanhConv1d(SequentialNet):
                                  nn.MaxPool1d(2), nn.Flatten(), nn.Linear(48 * (length // 4), 10))
 
 
+# ---- held out from the damping-scale work: written after the step-rule group above, before any rule that
+# scales the damping per layer ran on them; fixed before any of them ran ----
+
+class PReLUDropoutStridedCNN(SequentialNet):
+    """No normalisation: 3x3 convs 32, 64 (stride 2), 64 (stride 2), each with PReLU (a slope per channel),
+    channel dropout 0.1 after the second, a Linear head on the flattened 2x2 map."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.PReLU(32),
+                                 nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.PReLU(64), nn.Dropout2d(0.1),
+                                 nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.PReLU(64),
+                                 nn.Flatten(), nn.Linear(64 * 2 * 2, 10))
+
+
+class BatchNormWideKernelCNN(SequentialNet):
+    """Large kernels with BatchNorm: a 7x7 conv of 16 and a 5x5 conv of 32 (stride 2), each BN-ReLU, global
+    average pool, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 16, 7, padding=3), nn.BatchNorm2d(16), nn.ReLU(),
+                                 nn.Conv2d(16, 32, 5, stride=2, padding=2), nn.BatchNorm2d(32), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+class GroupedResidualCNN(ResidualNet):
+    """Grouped convolutions in residual blocks with GroupNorm(8): a 3x3 stem of 32, two blocks
+    x + conv1x1(ReLU(GN(conv3x3 with 8 groups(ReLU(GN(x)))))), GN-ReLU, average pool, Linear."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.GroupNorm(8, width), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, groups=8),
+                          nn.GroupNorm(8, width), nn.ReLU(), nn.Conv2d(width, width, 1)) for _ in range(2))
+        self.head = nn.Sequential(nn.GroupNorm(8, width), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(width, 10))
+
+
+class GlobalAvgPoolConv1d(SequentialNet):
+    """No normalisation: Conv1d 32, 64 (stride 2), 64 (stride 2), kernel 3, ReLU, global average pool, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv1d(1, 32, 3, padding=1), nn.ReLU(),
+                                 nn.Conv1d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+                                 nn.Conv1d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
+                                 nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+class DeepNarrowLeakyMLP(SequentialNet):
+    """No normalisation, deep and narrow: four hidden layers of 64 LeakyReLU(0.1) units."""
+
+    def __init__(self, inputs: int = 40, hidden: int = 64):
+        super().__init__()
+        layers, width = [nn.Flatten()], inputs
+        for _ in range(4):
+            layers += [nn.Linear(width, hidden), nn.LeakyReLU(0.1)]
+            width = hidden
+        self.net = nn.Sequential(*layers, nn.Linear(hidden, 10))
+
+
+class BNResidualConv1d(ResidualNet):
+    """Post-activation residual blocks with BatchNorm: a Conv1d stem (32, kernel 5), two blocks
+    x + BN(conv(ReLU(BN(conv(x))))) (kernel 3), ReLU, max-pool 4, a Linear head on the flattened map."""
+
+    def __init__(self, width: int = 32, length: int = 40):
+        super().__init__()
+        self.stem = nn.Conv1d(1, width, 5, padding=2)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv1d(width, width, 3, padding=1), nn.BatchNorm1d(width), nn.ReLU(),
+                          nn.Conv1d(width, width, 3, padding=1), nn.BatchNorm1d(width)) for _ in range(2))
+        self.head = nn.Sequential(nn.ReLU(), nn.MaxPool1d(4), nn.Flatten(), nn.Linear(width * (length // 4), 10))
+
+
 # net name -> (dataset, constructor)
 IN_REPO = {
     "SmallConvNet (digits)": ("digits", lambda: SmallConvNet(in_channels=1)),
@@ -535,15 +613,24 @@ HELD_OUT_FROM_STEP_RULE = {
     "sigmoid MLP no norm (MNIST-1D)": ("mnist1d", SigmoidMLP),
     "LayerNorm-tanh Conv1d (MNIST-1D)": ("mnist1d", LayerNormTanhConv1d),
 }
+HELD_OUT_FROM_DAMPING_SCALE = {
+    "PReLU-dropout strided CNN no norm (digits)": ("digits", PReLUDropoutStridedCNN),
+    "BatchNorm wide-kernel CNN (digits)": ("digits", BatchNormWideKernelCNN),
+    "GroupNorm grouped residual CNN (digits)": ("digits", GroupedResidualCNN),
+    "global avg-pool Conv1d no norm (MNIST-1D)": ("mnist1d", GlobalAvgPoolConv1d),
+    "deep narrow LeakyReLU MLP no norm (MNIST-1D)": ("mnist1d", DeepNarrowLeakyMLP),
+    "BN residual Conv1d (MNIST-1D)": ("mnist1d", BNResidualConv1d),
+}
 NETS = {**IN_REPO, **HELD_OUT, **HELD_OUT_FROM_BOUND, **HELD_OUT_FROM_NO_NORM_WORK, **HELD_OUT_FROM_MOMENTUM_WORK,
-        **HELD_OUT_FROM_DEFAULTS, **HELD_OUT_FROM_STEP_RULE}
+        **HELD_OUT_FROM_DEFAULTS, **HELD_OUT_FROM_STEP_RULE, **HELD_OUT_FROM_DAMPING_SCALE}
 # the report's groups of nets
 GROUPS = {**{n: "in-repo nets" for n in IN_REPO}, **{n: "held-out nets" for n in HELD_OUT},
           **{n: "nets held out from the graft bound" for n in HELD_OUT_FROM_BOUND},
           **{n: "nets held out from the no-normalisation work" for n in HELD_OUT_FROM_NO_NORM_WORK},
           **{n: "nets held out from the momentum work" for n in HELD_OUT_FROM_MOMENTUM_WORK},
           **{n: "nets held out from the defaults" for n in HELD_OUT_FROM_DEFAULTS},
-          **{n: "nets held out from the step-rule work" for n in HELD_OUT_FROM_STEP_RULE}}
+          **{n: "nets held out from the step-rule work" for n in HELD_OUT_FROM_STEP_RULE},
+          **{n: "nets held out from the damping-scale work" for n in HELD_OUT_FROM_DAMPING_SCALE}}
 
 
 def load(dataset: str):
