@@ -132,13 +132,14 @@ def test_update(benchmark, monkeypatch, model_name, backend, dtype, layout, plac
     blocks = blocks_of(model, placement)
     buffers = [None] * sum(len(b.params) for b in blocks)
     plans = ops.KernelPlans()  # this row's tables, kept between its runs as an optimizer keeps its own
+    bound = None if graft is None else fastfoof.FOOF.GRAFT_BOUND  # graft="sgd": FOOF's default step
     if backend == "triton":
         from fastfoof.kernels import update
 
         monkeypatch.setattr(update, "HOPPER_CONFIG", hopper_config)
 
     def run():
-        ops.preconditioned_update_(blocks, buffers, damping=DAMPING, graft=graft, backend=backend, plans=plans)
+        ops.preconditioned_update_(blocks, buffers, damping=DAMPING, graft=bound, backend=backend, plans=plans)
         synchronize()
 
     run()  # creates the momentum buffers and the device tables

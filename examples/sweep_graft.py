@@ -808,7 +808,7 @@ def run(args) -> None:
                     epochs_override=args.epochs, steps_per_epoch_override=args.steps_per_epoch,
                     optimizers={name: describe(name) for name in args.optimizers},
                     foof_defaults=dict(damping=inspect.signature(fastfoof.FOOF).parameters["damping"].default,
-                                       graft_bound=fastfoof.reference.GRAFT_BOUND))
+                                       graft_bound=fastfoof.FOOF.GRAFT_BOUND))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(dict(machine=info, settings=settings, runs=records), indent=1) + "\n")
     print(f"wrote {len(records)} runs to {args.output} in {info['wall_seconds']:.0f} s")

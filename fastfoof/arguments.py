@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .linalg import INVERSE_METHODS
-from .reference import GRAFTS
+
+GRAFTS = (None, "sgd")  # an optimizer's step: grafted to SGD's norm per layer, or eq. 6 (DESIGN §1.4)
 
 INVERSE_OVERRIDE = "FASTFOOF_INVERSE"  # an environment variable that, where set, overrides `inverse`
 

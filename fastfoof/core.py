@@ -25,7 +25,7 @@ from .arguments import (check_model_and_damping, check_param_group, check_precon
                         inverse_method)
 from .diagnostics import Diagnostics
 from .distributed import Distributor
-from .geometry import batch_size
+from .geometry import batch_size, positions_per_sample
 from .layers import Block, Layer, Skip, find_layers
 from .linalg import KEPT_PREVIOUS, OK, aligned, stat_dtype
 from .observe import Hooks, LayerHook, in_checkpoint_recompute, in_transform, layer_input
@@ -58,6 +58,7 @@ class KroneckerOptimizer(Optimizer):
 
     FACTORS: tuple[Factor, ...] = (INPUTS,)
     KIND = ""  # written into state_dict: a state dict loads only into the kind that saved it
+    GRAFT_BOUND: float  # κ: graft="sgd" scales a layer's U by at most κλ (DESIGN §1.4)
 
     def __init__(self, model: nn.Module, params=None, *, lr: float = required, damping: float = 3.0,
                  momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
@@ -188,8 +189,9 @@ class KroneckerOptimizer(Optimizer):
         return None
 
     def _input_scale(self, x: torch.Tensor, module: nn.Module) -> float:
-        """Weight of one forward's Σ a aᵀ in the input statistic (FOOF: 1)."""
-        return 1.0
+        """Weight of one forward's Σ a aᵀ in the input statistic (DESIGN §1.2): grafted, a mean over the
+        layer's positions R; under eq. 6 (graft=None) their sum, the paper's scale for its dampings."""
+        return 1.0 if self.graft is None else 1.0 / positions_per_sample(x, module)
 
     def _fold_scale(self, statistic: Statistic) -> float:
         """s in C = s·(pending sum): the mean over the samples taken."""
@@ -434,7 +436,8 @@ class KroneckerOptimizer(Optimizer):
                 blocks.append(block)
             else:  # no preconditioner yet (P = I/λ), or a weight without a gradient: one block per parameter
                 blocks += [Block([p], [group]) for p, group in zip(block.params, block.options)]
-        self.distributor.update_(blocks, self.state, damping=self.damping, graft=self.graft, grad_scale=grad_scale,
+        self.distributor.update_(blocks, self.state, damping=self.damping,
+                                 graft=None if self.graft is None else self.GRAFT_BOUND, grad_scale=grad_scale,
                                  found_inf=found_inf, backend=self.backend, plans=self.kernel_plans)
 
     # ---- the rest of the API ----------------------------------------------------------------

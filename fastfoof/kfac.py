@@ -121,7 +121,8 @@ class KFAC(KroneckerOptimizer):
             `backward_fisher(logits)` before your own backward on observed steps).
         rank: as FOOF's, for A: layers with D' > 2r use (Â_r + d_A I)⁻¹ from the top r eigenpairs of
             Â (heuristic and factor damping; damping_mode="exact" takes no rank).
-        graft: as FOOF's: "sgd" (default) rescales each layer's U to its gradient's Frobenius norm.
+        graft: as FOOF's: "sgd" (default) rescales each layer's U to its gradient's Frobenius norm, by at
+            most 3λ (FOOF's bound is 1.5λ: DESIGN §1.4).
         grad_scaler: the GradScaler of an fp16 run whose gradients are unscaled before step() (to clip
             them: `scaler.unscale_(opt)`, Lightning's and accelerate's clipping), for fisher="empirical":
             G is recorded from the scaled backward, and this is where its scale is read then (on the
@@ -134,6 +135,7 @@ class KFAC(KroneckerOptimizer):
 
     KIND = "KFAC"
     FACTORS = (INPUTS, OUTPUT_GRADS)  # A, of the layer's input patches, and G, of its output gradients
+    GRAFT_BOUND = 3.0
 
     def __init__(self, model: nn.Module, params=None, *, lr: float = required, damping: float = 1.0,
                  damping_mode: str = "heuristic", fisher: str = "empirical", momentum: float = 0.0,

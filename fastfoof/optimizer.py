@@ -1,9 +1,9 @@
 """FOOF as a torch.optim.Optimizer: the paper's Algorithm 1 with DESIGN §1's schedule.
 
-Per preconditioned layer, with A the layer's input patches (and a bias row of ones):
-    every observed step      Σ ← mΣ + (1−m)·A·Aᵀ/B,  n ← m·n + (1−m)        (`statistics.INPUTS`)
+Per preconditioned layer, with A the layer's input patches (and a bias row of ones), R per sample:
+    every observed step      Σ ← mΣ + (1−m)·A·Aᵀ/(B·R),  n ← m·n + (1−m)    (`statistics.INPUTS`; eq. 6: /B)
     every T steps            P ← (Σ/n + λI)⁻¹                                  (`preconditioners.DenseInverse`)
-    every step               U = Ĝ·P,  U ← U·min(‖Ĝ‖/‖U‖, 3λ) (graft="sgd"),  then SGD with momentum on U
+    every step               U = Ĝ·P,  U ← U·min(‖Ĝ‖/‖U‖, 1.5λ) (graft="sgd"),  then SGD with momentum on U
 With `rank` = r, a layer with D' > 2r keeps the top r eigenpairs (Q, s) of Σ/n instead of P, and
 steps with U = (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ = Ĝ·(Q diag(s) Qᵀ + λI)⁻¹ (`preconditioners.LowRank`,
 DESIGN §1.3). `KroneckerOptimizer` runs the schedule; FOOF says what it observes and inverts.
@@ -30,7 +30,8 @@ class FOOF(KroneckerOptimizer):
             (weight decay is decoupled, as AdamW). With the default `graft="sgd"`, lr is the SGD learning
             rate (and schedule) you already use.
         damping: λ > 0 (default 3), added to the averaged statistic before inversion: with grafting it
-            shapes the direction only (larger: closer to SGD's).
+            shapes the direction only (larger: closer to SGD's), against a statistic averaged over the
+            layer's positions, so the same λ suits every layer.
         ema_decay: m in Σ ← mΣ + (1−m)C (bias-corrected).
         inv_period: T, steps between inversions; stats_steps: S, steps observed before each.
         precondition_bias: treat a layer's bias as the last column of [Ŵ | b].
@@ -42,9 +43,10 @@ class FOOF(KroneckerOptimizer):
             of their statistic plus λI (its top r eigenpairs, by a randomized method), so that the
             update costs 4·O·D'·r flops instead of 2·O·D'² and no D'×D' P is kept.
         graft: "sgd" (default): each preconditioned layer's U is rescaled to its gradient's Frobenius
-            norm (weight and bias together), U ← U·min(‖Ĝ‖/‖U‖, 3λ), and the other parameters step with
+            norm (weight and bias together), U ← U·min(‖Ĝ‖/‖U‖, 1.5λ), and the other parameters step with
             U = G, so the step has SGD's size per layer and FOOF's direction (DESIGN §1.4). None: the
-            paper's eq. 6, U = Ĝ·P and U = G/λ, for which lr = λ × your SGD lr.
+            paper's eq. 6 with its statistic (a sum over positions), U = Ĝ·P and U = G/λ, for which
+            lr = λ × your SGD lr.
         inverse: how the inversion round factors (Σ̂ + λI): "cholesky" (default: batched LAPACK/cuSOLVER),
             "blocked" (recursive blocked Cholesky, matmuls past 512×512 leaves), "blocked_tf32x3" (those
             matmuls as three TF32 products on CUDA) or "newton_schulz" (refines the previous P, kept only
@@ -56,6 +58,7 @@ class FOOF(KroneckerOptimizer):
 
     KIND = "FOOF"
     FACTORS = (INPUTS,)  # Σ, of the layer's input patches
+    GRAFT_BOUND = 1.5
 
     def _preconditioner(self, layer: Layer) -> Preconditioner:
         """P, or (Q, s) for a layer with D' > 2r."""

@@ -146,11 +146,8 @@ def damped_inverse(mats: list[torch.Tensor], damping: float) -> list[torch.Tenso
     return damped_inverse_with_status(mats, damping)[0]
 
 
-GRAFTS = (None, "sgd")
-
-
 def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | None], *, damping: float,
-                           graft: str | None = None, grad_scale: torch.Tensor | None = None,
+                           graft: float | None = None, grad_scale: torch.Tensor | None = None,
                            found_inf: torch.Tensor | None = None, reduce_norms=None) -> None:
     """DESIGN §1.4: U = Ĝ·P per block (low rank: from (Q, s), §1.3; G/λ without P), then each
     parameter's SGD epilogue.
@@ -158,8 +155,8 @@ def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | N
     `blocks` are `fastfoof.layers.Block`s; each parameter's lr, momentum, dampening, nesterov and
     weight_decay come from its param group. `momentum_buffers` is aligned with the blocks'
     parameters in order and updated in place (None entries are created on a first step).
-    `graft="sgd"`: each preconditioned block's U takes its gradient's Frobenius norm, the others step
-    with U = G (`grafted_updates`). `grad_scale` is GradScaler's scale of the gradients, divided out of
+    `graft` = κ (the optimizer's `graft="sgd"`): each preconditioned block's U takes its gradient's
+    Frobenius norm, scaled by at most κλ, the others step with U = G (`grafted_updates`); None: eq. 6. `grad_scale` is GradScaler's scale of the gradients, divided out of
     U; with `found_inf` ≠ 0 (its flag of non-finite gradients, a device scalar) no parameter or buffer
     changes, decided on the device. A step that creates a momentum buffer is decided on the host (the
     optimizer reads found_inf then), so found_inf never has to undo a buffer's creation.
@@ -167,7 +164,7 @@ def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | N
     skip = None if found_inf is None else found_inf != 0
     # without grafting one block's U is alive at a time; grafting needs every norm before the first step
     updates = (block_updates(block, damping) for block in blocks) if graft is None else \
-        grafted_updates(blocks, damping, reduce_norms)
+        grafted_updates(blocks, damping, graft, reduce_norms)
     slot = 0
     for block, block_us in zip(blocks, updates):
         step_block_(block, block_us, momentum_buffers, slot, grad_scale, skip)
@@ -190,20 +187,21 @@ def grafted(block) -> bool:
     return (block.precond is not None or block.eigvecs is not None) and block.params[0].grad is not None
 
 
-# Grafting's bound on its scale, in units of λ: a grafted step is at most GRAFT_BOUND times eq. 6's at
-# lr = λ·lr (DESIGN §1.4): along a direction its inputs barely vary in, at most 3× SGD's
-GRAFT_BOUND = 3.0
+def check_graft(graft) -> None:
+    """ValueError unless `graft` is None (eq. 6) or grafting's bound κ > 0 (DESIGN §1.4)."""
+    if graft is not None and not (isinstance(graft, (int, float)) and graft > 0):
+        raise ValueError(f"graft: expected None or grafting's bound κ > 0, got {graft!r}")
 
 
-def graft_scales(squares: torch.Tensor, damping: float) -> torch.Tensor:
-    """min(‖Ĝ‖_F / ‖U‖_F, GRAFT_BOUND·λ) per row of [‖Ĝ‖², ‖U‖²] (DESIGN §1.4), 0 where U = 0."""
+def graft_scales(squares: torch.Tensor, cap: float) -> torch.Tensor:
+    """min(‖Ĝ‖_F / ‖U‖_F, cap) per row of [‖Ĝ‖², ‖U‖²] (DESIGN §1.4: cap = κλ), 0 where U = 0."""
     g, u = squares.unbind(-1)
-    return torch.where(u > 0, (g / u).sqrt(), 0.0).clamp_(max=GRAFT_BOUND * damping)
+    return torch.where(u > 0, (g / u).sqrt(), 0.0).clamp_(max=cap)
 
 
-def grafted_updates(blocks: list, damping: float, reduce_norms=None) -> list[list[torch.Tensor | None]]:
+def grafted_updates(blocks: list, damping: float, bound: float, reduce_norms=None) -> list[list[torch.Tensor | None]]:
     """Per block the U of `block_updates`, grafted (DESIGN §1.4): a preconditioned block's U rescaled to
-    its gradient's Frobenius norm (at most by GRAFT_BOUND·λ), all groups, weight and bias together; U = G
+    its gradient's Frobenius norm (at most by κλ, κ = `bound`), all groups, weight and bias together; U = G
     for the others.
 
     `reduce_norms(squares, blocks)`, if given, is called once with [‖Ĝ‖², ‖U‖²] of the grafted blocks
@@ -214,7 +212,7 @@ def grafted_updates(blocks: list, damping: float, reduce_norms=None) -> list[lis
     squares = graft_squares([blocks[i] for i in rows], [updates[i] for i in rows], blocks[0].params[0])
     if reduce_norms is not None:
         squares = reduce_norms(squares, [blocks[i] for i in rows])
-    scale_updates_([updates[i] for i in rows], graft_scales(squares, damping))
+    scale_updates_([updates[i] for i in rows], graft_scales(squares, bound * damping))
     return updates
 
 

@@ -33,8 +33,8 @@ Parameters without a preconditioner (U = G/λ) take `plain_update_kernel`: one l
 variant over a table of entries. float64 parameters, and weights, grads and buffers with different
 layouts (or neither DESIGN nor channels_last order) take the reference path, block by block.
 
-Grafting (`graft="sgd"`, DESIGN §1.4: each preconditioned block's U, weight and bias of all groups,
-rescaled by min(‖Ĝ‖_F/‖U‖_F, 3λ); U = G for the other parameters) needs a reduction over a whole layer before
+Grafting (`graft` = κ, the optimizers' graft="sgd", DESIGN §1.4: each preconditioned block's U, weight
+and bias of all groups, rescaled by min(‖Ĝ‖_F/‖U‖_F, κλ); U = G for the other parameters) needs a reduction over a whole layer before
 any of its tiles may step, and FSDP2's `reduce_norms` between the two. So it runs in two passes:
 1. The GEMM kernels above with GRAFT on (a constexpr: the same K loops, tiles and schedule) store
    their tile of U (fp32, GradScaler's scale still in it) into an update workspace, [rows, D' rounded
@@ -917,19 +917,19 @@ def _launch_plain(device: torch.device, dtype: torch.dtype, launch: _Launches, s
 
 
 def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | None], *, damping: float,
-                           graft: str | None = None, grad_scale: torch.Tensor | None = None,
+                           graft: float | None = None, grad_scale: torch.Tensor | None = None,
                            found_inf: torch.Tensor | None = None, reduce_norms=None, plans: Plans | None = None
                            ) -> None:
     """DESIGN §1.4 for all blocks: U = Ĝ·P (low rank: (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ; G/λ without
-    either), grafted where `graft="sgd"` (two passes, module docstring), then each parameter's SGD epilogue.
+    either), grafted with the bound κ = `graft` where it is not None (two passes, module docstring), then
+    each parameter's SGD epilogue.
 
     Same contract as `fastfoof.reference.preconditioned_update_`: with found_inf ≠ 0 (a device
     scalar; GradScaler's non-finite gradients) nothing is written, decided on the device; `reduce_norms`
     is called once with the grafted blocks' [‖Ĝ‖², ‖U‖²] (`reference.grafted_updates`). `plans`: the
     caller's kernel plans (tables, workspaces), kept between its calls; None builds them for this call.
     """
-    if graft not in reference.GRAFTS:
-        raise ValueError(f"graft: expected one of {reference.GRAFTS}, got {graft!r}")
+    reference.check_graft(graft)
     if not blocks:
         return
     plans = Plans() if plans is None else plans
@@ -953,7 +953,7 @@ def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | N
         for run in (_launch_grouped, _launch_low_rank, _launch_plain):
             run(device, dtype, launch, scalars, scale, skip, call)
     if grafting is not None:
-        grafting.finish(momentum_buffers, grad_scale, found_inf, reduce_norms, damping)
+        grafting.finish(momentum_buffers, grad_scale, found_inf, reduce_norms, graft * damping)
 
 
 def _lay_out(block, slot: int, launch: _Launches, call: _Call) -> None:
@@ -1068,11 +1068,11 @@ class _Grafting:
         return squares
 
     def finish(self, buffers: list, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
-               reduce_norms, damping: float) -> None:
+               reduce_norms, cap: float) -> None:
         squares = self.squares()
         if reduce_norms is not None:
             squares = reduce_norms(squares, self.blocks)
-        scales = reference.graft_scales(squares, damping)
+        scales = reference.graft_scales(squares, cap)
         if self.second_pass:
             factors = scales.to(torch.float32)
             if grad_scale is not None:

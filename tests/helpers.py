@@ -57,10 +57,21 @@ def patches64(x: torch.Tensor, module: nn.Module, bias: bool) -> torch.Tensor:
     return a
 
 
+def positions64(x: torch.Tensor, module: nn.Module) -> int:
+    """Patch vectors per sample of a batched input (`patches64`'s rows over the batch size)."""
+    return patches64(x, module, False).shape[1] // x.shape[0]
+
+
 def gram64(x: torch.Tensor, module: nn.Module, bias: bool) -> torch.Tensor:
     """Σ a aᵀ over samples and positions, [groups, D', D'], float64."""
     a = patches64(x, module, bias)
     return a.transpose(1, 2) @ a
+
+
+def position_mean_gram64(x: torch.Tensor, module: nn.Module, bias: bool) -> torch.Tensor:
+    """Σ a aᵀ over samples, averaged over each sample's positions: one forward's share of grafted FOOF's
+    statistic and of KFAC's A (DESIGN §1.2, §6), [groups, D', D'], float64."""
+    return gram64(x, module, bias) / positions64(x, module)
 
 
 def damped_inverse64(m: torch.Tensor, damping: float) -> torch.Tensor:
@@ -88,7 +99,9 @@ def with_condition(groups: int, dim: int, cond: float, damping: float, generator
     return (0.5 * (m + m.mT)).float()
 
 
-def preconditioner64(x, module, damping):
-    """(C/B + λI)⁻¹ of one batch, [groups, D', D'] float64: a layer's first P (the EMA is bias corrected)."""
-    stat = gram64(x, module, module.bias is not None) / x.shape[0]
+def preconditioner64(x, module, damping, graft="sgd"):
+    """(C + λI)⁻¹ of one batch, [groups, D', D'] float64: a layer's first P (the EMA is bias corrected); C the
+    mean over samples of the sum over positions, divided by the positions per sample where grafted (§1.2)."""
+    gram = gram64 if graft is None else position_mean_gram64
+    stat = gram(x, module, module.bias is not None) / x.shape[0]
     return torch.linalg.inv(stat + damping * torch.eye(stat.shape[-1], dtype=torch.float64))

@@ -236,7 +236,7 @@ def test_graft_specs_carry_the_launchers_arguments():
     blocks = update_blocks(low_rank=False) + update_blocks(low_rank=True)
     names = ["grouped_update_kernel", "low_rank_project_kernel", "low_rank_update_kernel", "graft_step_kernel"]
     launches = recorded_launches(update, names, lambda: update.preconditioned_update_(blocks, [None] * 16, damping=1.0,
-                                                                                      graft="sgd"))
+                                                                                      graft=2.5))
     passes = sorted((name, constexprs.get("GRAFT"), constexprs.get("FIELDS"), constexprs["VEC"])
                     for name, _, constexprs, _ in launches)
     fields = {"dense": update.PROBLEM_FIELDS.value, "low_rank": update.LOW_RANK_FIELDS.value}

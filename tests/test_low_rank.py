@@ -200,7 +200,7 @@ def test_low_rank_steps_are_the_truncated_preconditioner(graft):
     assert rel_error(state["top_eigvals"], top) <= 1e-8  # 3 batch vectors: the spectrum has a gap after 3
     expected = grads @ dense_from_pairs(state["top_eigvals"], state["top_eigvecs"], 0.5)[0]
     if graft == "sgd":
-        expected *= min(grads.norm() / expected.norm(), 3 * 0.5)
+        expected *= min(grads.norm() / expected.norm(), fastfoof.FOOF.GRAFT_BOUND * 0.5)
     assert rel_error(before[0] - weight, expected[:, :-1]) <= 1e-12
     assert rel_error(before[1] - bias, expected[:, -1]) <= 1e-12
 

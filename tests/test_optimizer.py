@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fastfoof
-from helpers import gram64
+from helpers import gram64, position_mean_gram64
 from nets import assert_same_params, grouped_net, grouped_net_batches, loss_fn, run_foof
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -40,7 +40,8 @@ class MiniFOOF:
         if observed:
             for m in self.layers:
                 xs = self.inputs[m]
-                stat = sum(gram64(x, m, m.bias is not None) for x in xs) / sum(x.shape[0] for x in xs)
+                gram = position_mean_gram64 if self.graft else gram64  # grafted: a mean over positions (§1.2)
+                stat = sum(gram(x, m, m.bias is not None) for x in xs) / sum(x.shape[0] for x in xs)
                 self.ema[m] = self.m * self.ema[m] + (1 - self.m) * stat
                 self.n[m] = self.m * self.n[m] + (1 - self.m)
         for m in self.layers:
@@ -56,8 +57,8 @@ class MiniFOOF:
             groups = getattr(m, "groups", 1)
             rows = g.shape[0] // groups
             u = torch.cat([g[i * rows:(i + 1) * rows] @ self.P[m][i] for i in range(groups)])
-            if self.graft:  # the layer's U with its gradient's Frobenius norm, scaled by at most 3λ
-                u = u * min(torch.linalg.norm(g) / torch.linalg.norm(u), 3 * self.damping)
+            if self.graft:  # the layer's U with its gradient's Frobenius norm, scaled by at most κλ, κ = 1.5
+                u = u * min(torch.linalg.norm(g) / torch.linalg.norm(u), 1.5 * self.damping)
             updates[m.weight] = u[:, :m.weight[0].numel()].reshape(m.weight.shape)
             if m.bias is not None:
                 updates[m.bias] = u[:, -1]

@@ -104,12 +104,12 @@ def test_layer_unfrozen_later_is_preconditioned(backend, graft):
     conv_net_step(model, opt, 1)
     hook.remove()
     # its first P comes from its first observed batch, and serves that very step (DESIGN §1.5)
-    p = preconditioner64(h[0], model[3], 0.5)
+    p = preconditioner64(h[0], model[3], 0.5, graft)
     assert torch.allclose(opt.state[model[3].weight]["precond"].double(), p, rtol=1e-4, atol=1e-6)
     g = torch.cat([model[3].weight.grad, model[3].bias.grad[:, None]], 1).double()
     u = g @ p[0]
-    if graft == "sgd":  # the layer's U with its gradient's norm, scaled by at most 3λ
-        u *= min(g.norm() / u.norm(), 3 * 0.5)
+    if graft == "sgd":  # the layer's U with its gradient's norm, scaled by at most κλ (a Linear: R = 1, §1.2)
+        u *= min(g.norm() / u.norm(), fastfoof.FOOF.GRAFT_BOUND * 0.5)
     expected = before - 0.2 * u[:, :-1]
     assert ((model[3].weight.double() - expected).norm() / expected.norm()).item() < 1e-5
 

@@ -7,7 +7,7 @@ from torch import nn
 
 import fastfoof
 from fastfoof.statistics import INPUTS, OUTPUT_GRADS
-from helpers import gram64, rel_error
+from helpers import position_mean_gram64, rel_error
 
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -37,7 +37,7 @@ def test_foof_statistic_is_the_mean_over_the_first_samples():
     for layer, inp in zip(opt.layers, layer_inputs(model, x)):
         statistic = opt.statistics.of(layer)
         assert statistic.samples == 3
-        assert rel_error(statistic.pending / statistic.samples, gram64(inp[:3], layer.module, True) / 3) <= 1e-12
+        assert rel_error(statistic.pending / statistic.samples, position_mean_gram64(inp[:3], layer.module, True) / 3) <= 1e-12
 
 
 def test_a_batch_smaller_than_stats_batch_is_taken_whole():
@@ -52,7 +52,7 @@ def test_the_subsampled_statistic_is_unbiased():
     """Over every ordering of a batch, the mean of the first-k statistics is the full statistic."""
     model = make_model()
     x, _ = data(4)
-    full = gram64(x, model[0], True) / 4
+    full = position_mean_gram64(x, model[0], True) / 4
     total = 0
     perms = [torch.roll(torch.arange(4), shift) for shift in range(4)]  # each sample first-or-second equally often
     for perm in perms:
@@ -72,7 +72,7 @@ def test_accumulation_takes_the_first_samples_of_each_forward():
     used = torch.cat([xs[:2] for xs in x.chunk(3)])
     statistic = opt.statistics.of(opt.layers[0])
     assert statistic.samples == 6
-    assert rel_error(statistic.pending / statistic.samples, gram64(used, model[0], True) / 6) <= 1e-12
+    assert rel_error(statistic.pending / statistic.samples, position_mean_gram64(used, model[0], True) / 6) <= 1e-12
 
 
 @pytest.mark.parametrize("fisher", ["empirical", "mc"])
@@ -94,10 +94,9 @@ def test_kfac_takes_a_and_g_from_the_same_samples(fisher):
     if fisher == "empirical":
         grads = [out.grad for out in outputs]
     for layer, inp, g in zip(opt.layers, layer_inputs(model, x), grads):
-        positions = 16 if layer.module is model[0] else 1
         a, g_stat = opt.statistics.of(layer, INPUTS), opt.statistics.of(layer, OUTPUT_GRADS)
         assert a.samples == g_stat.samples == 3
-        assert rel_error(a.pending / 3, gram64(inp[:3], layer.module, True) / (3 * positions)) <= 1e-12
+        assert rel_error(a.pending / 3, position_mean_gram64(inp[:3], layer.module, True) / 3) <= 1e-12
         rows = g[:3].movedim(1, -1).reshape(-1, g.shape[1]) * 8  # ĝ = B·∂L/∂s, B the whole batch
         expected = rows.T @ rows / 3
         scale = opt._fold_scale(g_stat)
