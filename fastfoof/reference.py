@@ -156,10 +156,11 @@ def preconditioned_update_(blocks: list, momentum_buffers: list[torch.Tensor | N
     weight_decay come from its param group. `momentum_buffers` is aligned with the blocks'
     parameters in order and updated in place (None entries are created on a first step).
     `graft` = κ (the optimizer's `graft="sgd"`): each preconditioned block's U takes its gradient's
-    Frobenius norm, scaled by at most κλ, the others step with U = G (`grafted_updates`); None: eq. 6. `grad_scale` is GradScaler's scale of the gradients, divided out of
-    U; with `found_inf` ≠ 0 (its flag of non-finite gradients, a device scalar) no parameter or buffer
-    changes, decided on the device. A step that creates a momentum buffer is decided on the host (the
-    optimizer reads found_inf then), so found_inf never has to undo a buffer's creation.
+    Frobenius norm, scaled by at most κλ, the others step with U = G (`grafted_updates`); None: eq. 6.
+    `grad_scale` is GradScaler's scale of the gradients, divided out of U; with `found_inf` ≠ 0 (its
+    flag of non-finite gradients, a device scalar) no parameter or buffer changes, decided on the device.
+    A step that creates a momentum buffer is decided on the host (the optimizer reads found_inf then), so
+    found_inf never has to undo a buffer's creation.
     """
     skip = None if found_inf is None else found_inf != 0
     # without grafting one block's U is alive at a time; grafting needs every norm before the first step
@@ -189,7 +190,7 @@ def grafted(block) -> bool:
 
 def check_graft(graft) -> None:
     """ValueError unless `graft` is None (eq. 6) or grafting's bound κ > 0 (DESIGN §1.4)."""
-    if graft is not None and not (isinstance(graft, (int, float)) and graft > 0):
+    if graft is not None and not (isinstance(graft, (int, float)) and not isinstance(graft, bool) and graft > 0):
         raise ValueError(f"graft: expected None or grafting's bound κ > 0, got {graft!r}")
 
 
