@@ -351,8 +351,9 @@ def test_foof_statistic_is_the_gram_of_the_true_patches(case):
             bad[name] = "a statistic, but its forward never ran"
             continue
         m = modules[name]
-        a = [true_patches(x, m, bias_row) for x in inputs]
-        ref = sum(p.mT @ p for p in a) / sum(x.shape[0] for x in inputs)
+        # grafted FOOF (the default): each forward's gram averaged over its positions per sample (DESIGN §1.2)
+        a = [(true_patches(x, m, bias_row), x.shape[0]) for x in inputs]
+        ref = sum(p.mT @ p * (b / p.shape[1]) for p, b in a) / sum(b for _, b in a)
         if tuple(stat.shape) != tuple(ref.shape):
             bad[name] = f"statistic {tuple(stat.shape)}, true patches give {tuple(ref.shape)}"
             continue
