@@ -139,9 +139,10 @@ def damped_inverse(mats: list[torch.Tensor], damping: float, *, backend: str | N
 def preconditioned_update_(blocks, momentum_buffers, *, damping, graft=None, grad_scale=None, found_inf=None,
                            reduce_norms=None, backend=None, plans=None) -> None:
     """DESIGN §1.4 for all blocks: U = Ĝ·P (low rank: (Ĝ − (Ĝ·Q)·diag(s/(s+λ))·Qᵀ)/λ, §1.3; G/λ without
-    either), grafted to the gradient's norm per preconditioned block with the bound κ = `graft` (None: eq. 6;
-    U = G for the others), then each parameter's SGD epilogue; nothing changes where `found_inf` ≠ 0
-    (decided on the device). `reduce_norms`: see `reference.grafted_updates` (FSDP2 sums the norms over ranks)."""
+    either), grafted to the gradient's norm per preconditioned block with the bound κ = `graft` (None:
+    eq. 6; U = G for the others), then each parameter's SGD epilogue; nothing changes where `found_inf` ≠ 0
+    (decided on the device). `reduce_norms`: see `reference.grafted_updates` (FSDP2 sums the norms over
+    ranks)."""
     reference.check_graft(graft)
     if not blocks:
         return

@@ -34,8 +34,9 @@ variant over a table of entries. float64 parameters, and weights, grads and buff
 layouts (or neither DESIGN nor channels_last order) take the reference path, block by block.
 
 Grafting (`graft` = κ, the optimizers' graft="sgd", DESIGN §1.4: each preconditioned block's U, weight
-and bias of all groups, rescaled by min(‖Ĝ‖_F/‖U‖_F, κλ); U = G for the other parameters) needs a reduction over a whole layer before
-any of its tiles may step, and FSDP2's `reduce_norms` between the two. So it runs in two passes:
+and bias of all groups, rescaled by min(‖Ĝ‖_F/‖U‖_F, κλ); U = G for the other parameters) needs a
+reduction over a whole layer before any of its tiles may step, and FSDP2's `reduce_norms` between the
+two. So it runs in two passes:
 1. The GEMM kernels above with GRAFT on (a constexpr: the same K loops, tiles and schedule) store
    their tile of U (fp32, GradScaler's scale still in it) into an update workspace, [rows, D' rounded
    up to 4] per problem at an offset in the problem table, and the tile's Σu² into its own slot of a
