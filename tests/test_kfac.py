@@ -149,6 +149,23 @@ def test_monte_carlo_mse_factor_is_the_gauss_newton_scale():
         assert rel_error(opt.state[layer.weight]["ema"][0], kfac._input_covariances[name]) <= 1e-10
 
 
+@pytest.mark.parametrize("graft", ["sgd", None])
+def test_grafted_foof_statistic_is_kfacs_a(graft):
+    """Grafted FOOF averages each forward's patch gram over its positions, as KFAC's A does (DESIGN §1.2, §6);
+    under eq. 6 FOOF keeps the sum, R times A (R = 12 positions of the conv, 1 of the Linear)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 3 * 4, 4))
+    x, y = torch.randn(5, 2, 7, 9, dtype=torch.float64), torch.randint(0, 4, (5,))
+    model = model.double()
+    foof = fastfoof.FOOF(model, lr=0.1, graft=graft, backend="reference")
+    kfac = fastfoof.KFAC(model, lr=0.1, backend="reference")
+    F.cross_entropy(model(x), y).backward()
+    for layer_f, layer_k, positions in zip(foof.layers, kfac.layers, (12, 1)):
+        stat_f, stat_k = foof.statistics.of(layer_f), kfac.statistics.of(layer_k)
+        scale = 1 if graft else positions
+        assert rel_error(stat_f.pending / stat_f.samples, scale * stat_k.pending / stat_k.samples) <= 1e-13
+
+
 def test_kfac_trains_like_its_schedule_says():
     # Several periods with momentum and weight decay: finite, every layer preconditioned, no fallbacks.
     model = make_net().float()
