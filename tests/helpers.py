@@ -57,11 +57,6 @@ def patches64(x: torch.Tensor, module: nn.Module, bias: bool) -> torch.Tensor:
     return a
 
 
-def positions64(x: torch.Tensor, module: nn.Module) -> int:
-    """Patch vectors per sample of a batched input (`patches64`'s rows over the batch size)."""
-    return patches64(x, module, False).shape[1] // x.shape[0]
-
-
 def gram64(x: torch.Tensor, module: nn.Module, bias: bool) -> torch.Tensor:
     """Σ a aᵀ over samples and positions, [groups, D', D'], float64."""
     a = patches64(x, module, bias)
@@ -71,7 +66,8 @@ def gram64(x: torch.Tensor, module: nn.Module, bias: bool) -> torch.Tensor:
 def position_mean_gram64(x: torch.Tensor, module: nn.Module, bias: bool) -> torch.Tensor:
     """Σ a aᵀ over samples, averaged over each sample's positions: one forward's share of grafted FOOF's
     statistic and of KFAC's A (DESIGN §1.2, §6), [groups, D', D'], float64."""
-    return gram64(x, module, bias) / positions64(x, module)
+    a = patches64(x, module, bias)
+    return a.transpose(1, 2) @ a / (a.shape[1] // x.shape[0])  # rows per sample: its positions
 
 
 def damped_inverse64(m: torch.Tensor, damping: float) -> torch.Tensor:
